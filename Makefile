@@ -1,0 +1,28 @@
+# Entry points. Every target runs the idempotent setup first, so each works on a fresh machine.
+#   make demo    the main job (see README)
+#   make test    formatting, lints and the whole test suite
+#   make setup   install OpenMPI, libclang and libtorch 2.11.0 (COSINE_WITH_CUDA=1 adds CUDA + NCCL)
+SHELL := /bin/bash
+ENV := source launch/env.sh
+CARGO_FEATURES ?=
+
+.PHONY: setup build demo test lint fmt
+
+setup:
+	@bash launch/setup.sh
+
+build: setup
+	$(ENV) && cargo build --release --workspace $(CARGO_FEATURES)
+
+demo: build
+	$(ENV) && bash launch/demo.sh
+
+lint: setup
+	$(ENV) && cargo fmt --all -- --check
+	$(ENV) && cargo clippy --workspace --all-targets $(CARGO_FEATURES) -- -D warnings
+
+test: lint
+	$(ENV) && cargo test --workspace $(CARGO_FEATURES)
+
+fmt:
+	cargo fmt --all

@@ -1,0 +1,107 @@
+//! `cosine-train check-dist`: exercises every collective across the job's ranks and reports what
+//! each rank saw. Users run it to check a new cluster (MPI, NCCL, GPU binding) before training;
+//! the test suite runs it under `mpirun`.
+
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use crate::cli::CheckDistArgs;
+use crate::dist;
+
+/// What one rank reports.
+#[derive(Debug, Serialize)]
+pub struct RankReport {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pub local_size: usize,
+    pub backend: String,
+    pub device: String,
+    pub hostname: String,
+    /// The first elements of the reduced tensor (the test recomputes them).
+    pub all_reduce_head: Vec<f32>,
+    /// Sum of all reduced elements, in f64.
+    pub all_reduce_total: f64,
+    /// Whether every element equals the expected sum exactly.
+    pub all_reduce_exact: bool,
+    pub all_reduce_secs: f64,
+    pub broadcast_len: usize,
+    pub broadcast_intact: bool,
+    pub barrier_ok: bool,
+}
+
+/// The value rank `rank` contributes at element `i`: small integers, so f32 sums are exact.
+pub fn contribution(rank: usize, i: usize) -> f32 {
+    ((rank + 1) * (i % 7 + 1)) as f32
+}
+
+/// The byte rank 0 broadcasts at position `i`.
+pub fn broadcast_byte(i: usize) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 8)) as u8
+}
+
+pub fn run(args: &CheckDistArgs) -> anyhow::Result<bool> {
+    args.device.ensure_available()?;
+    let comm = dist::connect(args.dist, args.device.provisional())
+        .with_context(|| format!("cannot set up the {} backend", args.dist))?;
+    let device = match args.device.resolve(comm.local_rank()) {
+        Ok(d) => d,
+        Err(e) => bail!("rank {}: {e:#}", comm.rank()),
+    };
+    let (rank, size) = (comm.rank(), comm.size());
+
+    let values: Vec<f32> = (0..args.elements).map(|i| contribution(rank, i)).collect();
+    let mut tensor = Tensor::from_slice(&values).to_device(device);
+    let start = Instant::now();
+    comm.all_reduce_sum(&mut tensor).context("all-reduce")?;
+    let reduced = Vec::<f32>::try_from(tensor.to_device(tch::Device::Cpu).to_kind(Kind::Float))
+        .context("reading the reduced tensor")?;
+    let all_reduce_secs = start.elapsed().as_secs_f64();
+    let rank_sum = (size * (size + 1) / 2) as f32;
+    let all_reduce_exact = reduced
+        .iter()
+        .enumerate()
+        .all(|(i, &v)| v == rank_sum * (i % 7 + 1) as f32);
+
+    let mut bytes = if rank == 0 {
+        (0..args.bytes).map(broadcast_byte).collect()
+    } else {
+        vec![0xAB; 17]
+    };
+    comm.broadcast_bytes(&mut bytes, 0).context("broadcast")?;
+    let broadcast_intact = bytes.len() == args.bytes
+        && bytes
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == broadcast_byte(i));
+
+    comm.barrier().context("barrier")?;
+
+    let report = RankReport {
+        rank,
+        size,
+        local_rank: comm.local_rank(),
+        local_size: comm.local_size(),
+        backend: comm.backend().to_string(),
+        device: format!("{device:?}"),
+        hostname: hostname(),
+        all_reduce_head: reduced.iter().take(8).copied().collect(),
+        all_reduce_total: reduced.iter().map(|&v| f64::from(v)).sum(),
+        all_reduce_exact,
+        all_reduce_secs,
+        broadcast_len: bytes.len(),
+        broadcast_intact,
+        barrier_ok: true,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(report.all_reduce_exact && report.broadcast_intact)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,119 @@
+//! Which device a rank computes on (`--device`).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The device a user asks for. `cuda` without an index means "the GPU of my local rank".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(Option<usize>),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(None)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Self::Cuda(Some(i))),
+                _ => Err(format!(
+                    "unknown device '{s}': expected cpu, cuda or cuda:N"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Cuda(Some(i)) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl DeviceChoice {
+    /// Resolves the choice for a rank, checking that the device exists. A bare `cuda` picks the
+    /// GPU numbered by the rank's local rank.
+    pub fn resolve(self, local_rank: usize) -> anyhow::Result<tch::Device> {
+        match self {
+            Self::Cpu => Ok(tch::Device::Cpu),
+            Self::Cuda(index) => {
+                self.ensure_available()?;
+                let gpu = index.unwrap_or(local_rank);
+                let count = tch::Cuda::device_count() as usize;
+                if gpu >= count {
+                    anyhow::bail!(
+                        "--device {self} resolves to GPU {gpu}, but only {count} GPU(s) are visible \
+                         (one rank per GPU; check CUDA_VISIBLE_DEVICES)"
+                    );
+                }
+                Ok(tch::Device::Cuda(gpu))
+            }
+        }
+    }
+
+    /// Fails with a clear message when CUDA is asked for but libtorch cannot use it. Cheap;
+    /// call it before anything expensive (MPI, data loading) starts.
+    pub fn ensure_available(self) -> anyhow::Result<()> {
+        if matches!(self, Self::Cuda(_)) && !tch::Cuda::is_available() {
+            anyhow::bail!(
+                "--device {self} was requested but CUDA is not available: {}",
+                cuda_unavailable_reason()
+            );
+        }
+        Ok(())
+    }
+
+    /// The tch device to tell the communicator about before ranks are known.
+    pub fn provisional(self) -> tch::Device {
+        match self {
+            Self::Cpu => tch::Device::Cpu,
+            Self::Cuda(i) => tch::Device::Cuda(i.unwrap_or(0)),
+        }
+    }
+}
+
+/// Whether this binary force-links libtorch_cuda (feature `cuda`).
+pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
+
+/// A sentence on why libtorch sees no GPU.
+pub fn cuda_unavailable_reason() -> String {
+    if !BUILT_WITH_CUDA {
+        "this binary was built without the `cuda` feature, so libtorch's CUDA kernels are not \
+         linked (rebuild with `cargo build --release --features cuda` against a CUDA libtorch)"
+            .to_string()
+    } else if !tch::utils::has_cuda() {
+        "the libtorch this binary loaded is a CPU-only build".to_string()
+    } else {
+        "libtorch found no CUDA device (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides the GPUs)"
+            .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("cpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(None)));
+        assert_eq!(
+            "cuda:3".parse::<DeviceChoice>(),
+            Ok(DeviceChoice::Cuda(Some(3)))
+        );
+        let err = "tpu".parse::<DeviceChoice>().unwrap_err();
+        assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn cpu_always_resolves() {
+        assert_eq!(DeviceChoice::Cpu.resolve(5).unwrap(), tch::Device::Cpu);
+    }
+}

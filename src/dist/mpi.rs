@@ -1,0 +1,134 @@
+//! The MPI backend (rsmpi over OpenMPI): CPU buffers and tensors.
+//!
+//! Rank and size come from MPI itself, under `mpirun`, `srun --mpi=pmix` or as a singleton; the
+//! local rank comes from splitting the world communicator by shared-memory domain, so no
+//! launcher-specific environment variable is read. MPI's default error handler
+//! (`MPI_ERRORS_ARE_FATAL`) aborts the whole job on a communication error, which is what we want:
+//! a failed collective never leaves the other ranks waiting.
+
+use std::cell::RefCell;
+
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::environment::Universe;
+use mpi::topology::{Communicator as _, SimpleCommunicator};
+use tch::Tensor;
+
+use super::{Backend, Communicator, DistError, Result, check_reducible};
+
+/// MPI counts are C ints; larger buffers go in pieces of this many elements.
+const MAX_ELEMENTS_PER_CALL: usize = 1 << 30;
+
+/// A job's ranks connected through MPI.
+pub struct MpiCommunicator {
+    // Field order matters: communicators are freed on drop, before the universe finalises MPI.
+    world: SimpleCommunicator,
+    local: SimpleCommunicator,
+    /// Receive buffer for all-reduces (rsmpi 0.8 has no `MPI_IN_PLACE`); grows to the largest
+    /// buffer reduced and is then reused, so steady-state training allocates nothing here.
+    scratch: RefCell<Vec<f32>>,
+    _universe: Universe,
+}
+
+impl MpiCommunicator {
+    /// Initialises MPI (once per process) and splits off the node-local communicator.
+    pub fn init() -> Result<Self> {
+        let (universe, _threading) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+            .ok_or_else(|| {
+                DistError::MpiInit("MPI was already initialised in this process".into())
+            })?;
+        let world = universe.world();
+        let local = world.split_shared(world.rank());
+        Ok(Self {
+            world,
+            local,
+            scratch: RefCell::new(Vec::new()),
+            _universe: universe,
+        })
+    }
+}
+
+/// The MPI library's own version string, e.g. "Open MPI v4.1.4, ...". Needs no initialisation.
+pub fn library_version() -> String {
+    match mpi::environment::library_version() {
+        Ok(v) => v.trim_end_matches(['\0', '\n', ' ']).to_string(),
+        Err(e) => format!("unreadable ({e})"),
+    }
+}
+
+impl Communicator for MpiCommunicator {
+    fn backend(&self) -> Backend {
+        Backend::Mpi
+    }
+    fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+    fn size(&self) -> usize {
+        self.world.size() as usize
+    }
+    fn local_rank(&self) -> usize {
+        self.local.rank() as usize
+    }
+    fn local_size(&self) -> usize {
+        self.local.size() as usize
+    }
+
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        if self.size() == 1 {
+            return Ok(());
+        }
+        let mut scratch = self.scratch.borrow_mut();
+        for chunk in buf.chunks_mut(MAX_ELEMENTS_PER_CALL) {
+            if scratch.len() < chunk.len() {
+                scratch.resize(chunk.len(), 0.0);
+            }
+            let out = &mut scratch[..chunk.len()];
+            self.world
+                .all_reduce_into(&*chunk, out, SystemOperation::sum());
+            chunk.copy_from_slice(out);
+        }
+        Ok(())
+    }
+
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        let n = check_reducible("MPI all-reduce", tensor, false)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: `check_reducible` established a contiguous CPU f32 tensor of `n` elements, and
+        // we hold the only `&mut` to it for the duration of the call.
+        let data = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut f32, n) };
+        self.all_reduce_sum_f32(data)
+    }
+
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+        if root >= self.size() {
+            return Err(DistError::BadArgument {
+                op: "broadcast",
+                expected: format!("a root rank below {}", self.size()),
+                got: root.to_string(),
+            });
+        }
+        let root_process = self.world.process_at_rank(root as i32);
+        let mut len = bytes.len() as u64;
+        root_process.broadcast_into(&mut len);
+        let len = usize::try_from(len).map_err(|_| DistError::Failed {
+            op: "broadcast",
+            detail: format!("rank {root} sent {len} bytes, more than this machine can address"),
+        })?;
+        bytes.resize(len, 0);
+        for chunk in bytes.chunks_mut(MAX_ELEMENTS_PER_CALL) {
+            root_process.broadcast_into(chunk);
+        }
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.world.barrier();
+        Ok(())
+    }
+
+    fn abort(&self, message: &str, code: i32) -> ! {
+        eprintln!("rank {}: {message}", self.rank());
+        self.world.abort(code)
+    }
+}

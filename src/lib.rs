@@ -1,0 +1,10 @@
+//! cosine-train: train image classifiers from scratch on small datasets with cosine loss (Barz &
+//! Denzler, WACV 2020) and the usual alternatives, on one CPU or many GPU nodes.
+//!
+//! The binary (`src/main.rs`) only parses the command line and dispatches to the modules here.
+
+pub mod check_dist;
+pub mod cli;
+pub mod device;
+pub mod dist;
+pub mod doctor;

@@ -1,0 +1,63 @@
+//! `cosine-train`: parse the command line, dispatch, print errors once, set the exit code.
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
+use cosine_train::cli::{Cli, Command};
+use cosine_train::{check_dist, doctor};
+
+fn main() -> ExitCode {
+    init_logging();
+    let mut command = Cli::command();
+    // The long version describes the environment; only probe it when asked for.
+    if std::env::args().any(|a| a == "--version") {
+        let line: &'static str = Box::leak(doctor::collect().summary_line().into_boxed_str());
+        command = command.long_version(line);
+    }
+    let matches = command.get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("cosine-train: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Doctor(args) => {
+            let report = doctor::collect();
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.to_text());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckDist(args) => {
+            let ok = check_dist::run(&args)?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// Log lines go to stderr; `COSINE_LOG` (or `RUST_LOG`) sets the filter, default `info`.
+fn init_logging() {
+    let filter = std::env::var("COSINE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,107 @@
+//! The binary's own reports and its refusals on a machine without CUDA.
+
+use std::time::Duration;
+
+use crate::util::{cosine_train, run, show, stderr, stdout};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn doctor_reports_libtorch_mpi_and_threads() {
+    let out = run(cosine_train().args(["doctor", "--json"]), LIMIT);
+    assert!(out.status.success(), "{}", show(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("doctor --json");
+    let libtorch = report["libtorch_version"].as_str().unwrap();
+    assert!(
+        libtorch.starts_with("2.11.0"),
+        "libtorch version {libtorch}"
+    );
+    assert!(
+        report["mpi_library"].as_str().unwrap().contains("Open MPI"),
+        "{report}"
+    );
+    assert!(report["torch_threads"].as_i64().unwrap() >= 1);
+    assert_eq!(
+        report["cuda_available"],
+        serde_json::json!(tch::Cuda::is_available())
+    );
+    assert_eq!(
+        report["cuda_device_count"],
+        serde_json::json!(tch::Cuda::device_count())
+    );
+    if !tch::Cuda::is_available() {
+        let why = report["cuda_unavailable_reason"].as_str().unwrap();
+        assert!(!why.is_empty());
+        assert!(
+            report["nccl_unavailable_reason"]
+                .as_str()
+                .unwrap()
+                .contains("CUDA")
+        );
+    }
+}
+
+#[test]
+fn version_flag_describes_the_environment() {
+    let out = run(cosine_train().arg("--version"), LIMIT);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+    assert!(text.contains("libtorch 2.11.0"), "{text}");
+    assert!(text.contains("CUDA"), "{text}");
+    assert!(text.contains("Open MPI"), "{text}");
+}
+
+#[test]
+fn nccl_backend_without_cuda_is_a_clear_error() {
+    if tch::Cuda::is_available() {
+        eprintln!("skipped: this machine has CUDA");
+        return;
+    }
+    let out = run(
+        cosine_train().args(["check-dist", "--dist", "nccl", "--device", "cpu"]),
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+    let err = stderr(&out);
+    assert!(err.contains("NCCL not available"), "{err}");
+    assert!(err.contains("CUDA"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn cuda_device_without_cuda_is_a_clear_error() {
+    if tch::Cuda::is_available() {
+        eprintln!("skipped: this machine has CUDA");
+        return;
+    }
+    for device in ["cuda", "cuda:0"] {
+        let out = run(
+            cosine_train().args(["check-dist", "--device", device]),
+            LIMIT,
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", show(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "--device {device} was requested but CUDA is not available"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn bad_option_values_are_usage_errors() {
+    let out = run(
+        cosine_train().args(["check-dist", "--device", "tpu"]),
+        LIMIT,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", show(&out));
+    assert!(
+        stderr(&out).contains("expected cpu, cuda or cuda:N"),
+        "{}",
+        show(&out)
+    );
+}

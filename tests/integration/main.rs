@@ -1,0 +1,8 @@
+//! Integration tests: the real binaries, real libtorch, real `mpirun`. One test crate (every
+//! test binary links libtorch, which is slow to link and large), one module per theme.
+
+mod cli;
+mod libtorch_cpu;
+mod mpi;
+mod setup;
+mod util;
