@@ -4,7 +4,10 @@
 #
 #   bash launch/setup.sh                 # CPU: OpenMPI, libclang, libtorch 2.11.0 (CPU use)
 #   COSINE_WITH_CUDA=1 bash launch/setup.sh   # GPU machine: also CUDA libraries and NCCL
-#   COSINE_WITH_DATA=1 bash launch/setup.sh   # also the Fashion-MNIST package (demo data)
+#
+# Also installed: the real image data the demo and tests use (../shared/docs/datasets.md):
+# Fashion-MNIST from Debian (/usr/share/datasets/fashion-mnist) and the foolbox sample photos
+# (CIFAR/ImageNet PNG and JPEG files) into $PREFIX/data/foolbox.
 #
 # libtorch comes from the PyPI torch==2.11.0 wheel (a CUDA 13.0 build; its libtorch_cpu.so
 # itself needs libcudart and libcupti, hence the two small nvidia wheels even for CPU use).
@@ -14,7 +17,6 @@ set -euo pipefail
 
 TORCH_VERSION=2.11.0
 WITH_CUDA="${COSINE_WITH_CUDA:-0}"
-WITH_DATA="${COSINE_WITH_DATA:-0}"
 if [ "$WITH_CUDA" = 1 ]; then flavour=cuda; else flavour=cpu; fi
 PREFIX="${COSINE_LIBTORCH_PREFIX:-/opt/cosine-train}"
 TORCH_DIR="$PREFIX/torch-$TORCH_VERSION-$flavour"
@@ -23,8 +25,7 @@ say() { printf 'setup: %s\n' "$*"; }
 installed_anything=0
 
 # 1. Debian packages: OpenMPI (runtime + headers) and libclang (bindgen in mpi-sys).
-APT_PKGS=(libopenmpi-dev openmpi-bin libclang-dev)
-if [ "$WITH_DATA" = 1 ]; then APT_PKGS+=(dataset-fashion-mnist); fi
+APT_PKGS=(libopenmpi-dev openmpi-bin libclang-dev dataset-fashion-mnist)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -73,6 +74,29 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   printf '%s' "$want" >"$tmp/.installed"
   rm -rf "$TORCH_DIR"
   mv "$tmp" "$TORCH_DIR"
+  installed_anything=1
+fi
+
+# 3. Real sample photos (20 CIFAR-10, 20 CIFAR-100 PNGs, 20 ImageNet JPEGs) from the foolbox wheel.
+PHOTOS="$PREFIX/data/foolbox"
+if [ ! -f "$PHOTOS/.installed" ]; then
+  say "installing sample photos into $PHOTOS"
+  tmp="$PHOTOS.partial"
+  rm -rf "$tmp" && mkdir -p "$tmp/wheel"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 "${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: \
+    foolbox==3.3.4 -d "$tmp/wheel"
+  "${PYTHON:-python3}" - "$tmp" <<'PY'
+import glob, os, sys, zipfile
+out = sys.argv[1]
+with zipfile.ZipFile(glob.glob(os.path.join(out, "wheel", "*.whl"))[0]) as z:
+    for name in z.namelist():
+        if name.startswith("foolbox/data/") and not name.endswith("/"):
+            with open(os.path.join(out, os.path.basename(name)), "wb") as f:
+                f.write(z.read(name))
+PY
+  rm -rf "$tmp/wheel"
+  touch "$tmp/.installed"
+  rm -rf "$PHOTOS" && mv "$tmp" "$PHOTOS"
   installed_anything=1
 fi
 

@@ -1,2 +1,22 @@
 //! datasets-prep: packs image datasets into verified, memory-mapped shard directories that
-//! cosine-train reads without copying. The shard format is defined here and only here.
+//! cosine-train reads without copying.
+//!
+//! * [`format`] defines the bytes of a shard file (the only place that does; see `FORMAT.md`),
+//!   [`manifest`] the `manifest.json` beside them, [`reader`] opens and validates both.
+//! * [`sources`] reads each raw dataset layout; [`pack`] turns a listing into a shard directory.
+//! * [`mat`] and [`pickle`] are safe readers for the MATLAB and Python files some datasets ship.
+
+pub mod format;
+pub mod image_ops;
+pub mod manifest;
+pub mod mat;
+pub mod pack;
+pub mod pickle;
+pub mod reader;
+pub mod rng;
+pub mod sources;
+pub mod verify;
+
+pub use format::ShardError;
+pub use manifest::{Encoding, Manifest, Split};
+pub use reader::{Record, ShardDir, SplitReader};

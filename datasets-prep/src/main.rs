@@ -1,14 +1,181 @@
-//! `datasets-prep`: pack, verify and describe shard directories.
+//! `datasets-prep`: parse the command line, dispatch, print errors once, set the exit code.
 
-use clap::Parser;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use datasets_prep::pack::{PackOptions, pack};
+use datasets_prep::sources::{SOURCE_NAMES, Source};
+use datasets_prep::{Encoding, verify};
+
+const EXIT_CODES: &str = "\
+EXIT STATUS:
+    0  success
+    1  failure (bad input; damage found by verify)
+    2  usage error";
 
 /// Pack image datasets into verified, memory-mapped shard files for cosine-train.
 #[derive(Debug, Parser)]
-#[command(name = "datasets-prep", version)]
-struct Cli {}
+#[command(name = "datasets-prep", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!("datasets-prep: no subcommand is implemented yet (see the README's roadmap)");
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pack a raw dataset into a new shard directory.
+    Pack(PackArgs),
+    /// Check every checksum and record of a shard directory; exit 1 on damage.
+    Verify {
+        /// The shard directory.
+        dir: PathBuf,
+    },
+    /// Print a JSON summary of a shard directory.
+    Info {
+        /// The shard directory.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EncodingArg {
+    Raw,
+    Jpeg,
+}
+
+#[derive(Debug, clap::Args)]
+struct PackArgs {
+    /// Raw layout: cub, cub-sub:X, nab, cars, flowers, mit67, cifar100, cifar10, idx, folder.
+    #[arg(long, value_parser = parse_source)]
+    source: Source,
+    /// The dataset's root folder, as downloaded and extracted.
+    #[arg(long)]
+    root: PathBuf,
+    /// The shard directory to create.
+    #[arg(long)]
+    out: PathBuf,
+    /// Dataset name recorded in the manifest (default: the source).
+    #[arg(long)]
+    name: Option<String>,
+    /// Resize the shorter side to this many pixels; 0 keeps sizes. Default: 512 for cub, nab,
+    /// cars and flowers, 256 for mit67, none for cifar, idx and folder.
+    #[arg(long)]
+    short_side: Option<u32>,
+    /// How records are stored.
+    #[arg(long, value_enum, default_value_t = EncodingArg::Raw)]
+    encoding: EncodingArg,
+    /// JPEG quality for --encoding jpeg (1-100).
+    #[arg(long, default_value_t = 90)]
+    quality: u8,
+    /// Keep K training images per class (the small-data regime); the test split stays whole.
+    #[arg(long, value_name = "K")]
+    per_class: Option<usize>,
+    /// Seed of the --per-class selection.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave out images that cannot be read or decoded (listed in the manifest) instead of failing.
+    #[arg(long)]
+    skip_bad: bool,
+    /// Replace an existing output directory.
+    #[arg(long)]
+    force: bool,
+    /// Decode/resize threads (default: all cores). The output does not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Target size of one shard file in MiB.
+    #[arg(long, default_value_t = 256)]
+    shard_mib: u64,
+}
+
+fn parse_source(s: &str) -> Result<Source, String> {
+    s.parse()
+        .map_err(|e: String| format!("{e}\n(expected one of {SOURCE_NAMES})"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("datasets-prep: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Pack(args) => {
+            if let Some(n) = args.threads {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .build_global()?;
+            }
+            let mut opts = PackOptions::new(args.source, args.root, args.out);
+            opts.name = args.name;
+            opts.short_side = args.short_side.map(|s| (s > 0).then_some(s));
+            opts.encoding = match args.encoding {
+                EncodingArg::Raw => Encoding::Raw,
+                EncodingArg::Jpeg => Encoding::Jpeg,
+            };
+            opts.jpeg_quality = args.quality;
+            opts.per_class = args.per_class;
+            opts.seed = args.seed;
+            opts.skip_bad = args.skip_bad;
+            opts.force = args.force;
+            opts.shard_bytes = args.shard_mib.max(1) << 20;
+            opts.progress = std::io::stderr().is_terminal();
+            let start = std::time::Instant::now();
+            let m = pack(&opts)?;
+            eprintln!(
+                "datasets-prep: packed {} train + {} test images of {} classes into {} in {:.1}s{}",
+                m.train.count,
+                m.test.count,
+                m.classes.len(),
+                opts.out.display(),
+                start.elapsed().as_secs_f64(),
+                if m.skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} skipped)", m.skipped.len())
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { dir } => {
+            let problems = verify::verify(&dir);
+            for p in &problems {
+                eprintln!("datasets-prep: {p}");
+            }
+            if problems.is_empty() {
+                println!("{}: ok", dir.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "datasets-prep: {}: {} problem(s) found",
+                    dir.display(),
+                    problems.len()
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Info { dir } => {
+            let info = verify::info(&dir)?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
 }

@@ -1,0 +1,171 @@
+//! Decoding, pre-resizing and JPEG re-encoding of single images.
+
+use fast_image_resize::images::Image;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::DynamicImage;
+
+/// Row-major HWC u8 pixels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pixels {
+    pub height: u32,
+    pub width: u32,
+    /// 1 (grey) or 3 (RGB).
+    pub channels: u8,
+    pub data: Vec<u8>,
+}
+
+/// Name of the resize filter recorded in manifests.
+pub const RESIZE_FILTER: &str = "bilinear-antialiased (Pillow BILINEAR equivalent)";
+
+/// Decodes any JPEG or PNG into 1 (grey) or 3 (RGB) u8 channels. Alpha is dropped, 16-bit
+/// samples are reduced to 8 bits, and EXIF orientation is ignored (as the reference does).
+pub fn decode_image(bytes: &[u8]) -> Result<Pixels, String> {
+    // `load_from_memory` never applies EXIF orientation; that takes an explicit call.
+    let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    Ok(from_dynamic(img))
+}
+
+/// Decodes a JPEG record.
+pub fn decode_jpeg(bytes: &[u8]) -> Result<Pixels, String> {
+    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
+        .map_err(|e| e.to_string())?;
+    Ok(from_dynamic(img))
+}
+
+fn from_dynamic(img: DynamicImage) -> Pixels {
+    let (width, height) = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageLuma8(g) => Pixels {
+            height,
+            width,
+            channels: 1,
+            data: g.into_raw(),
+        },
+        DynamicImage::ImageLumaA8(_)
+        | DynamicImage::ImageLuma16(_)
+        | DynamicImage::ImageLumaA16(_) => Pixels {
+            height,
+            width,
+            channels: 1,
+            data: img.to_luma8().into_raw(),
+        },
+        DynamicImage::ImageRgb8(rgb) => Pixels {
+            height,
+            width,
+            channels: 3,
+            data: rgb.into_raw(),
+        },
+        other => Pixels {
+            height,
+            width,
+            channels: 3,
+            data: other.to_rgb8().into_raw(),
+        },
+    }
+}
+
+/// The size after scaling the shorter side to `target`: the longer side is rounded half to even,
+/// like Python's `round`, which the reference uses.
+pub fn short_side_size(height: u32, width: u32, target: u32) -> (u32, u32) {
+    let scale = |long: u32, short: u32| -> u32 {
+        let v = (f64::from(long) * f64::from(target) / f64::from(short)).round_ties_even();
+        (v as u32).max(1)
+    };
+    if height <= width {
+        (target, scale(width, height))
+    } else {
+        (scale(height, width), target)
+    }
+}
+
+/// Resizes so that the shorter side is `target` (up or down), with Pillow's antialiased
+/// bilinear filter. Returns the input unchanged when it already has that size.
+pub fn resize_short_side(p: Pixels, target: u32, resizer: &mut Resizer) -> Result<Pixels, String> {
+    let (height, width) = short_side_size(p.height, p.width, target);
+    if (height, width) == (p.height, p.width) {
+        return Ok(p);
+    }
+    let pixel_type = if p.channels == 1 {
+        PixelType::U8
+    } else {
+        PixelType::U8x3
+    };
+    let src =
+        Image::from_vec_u8(p.width, p.height, p.data, pixel_type).map_err(|e| e.to_string())?;
+    let mut dst = Image::new(width, height, pixel_type);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    resizer
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| e.to_string())?;
+    Ok(Pixels {
+        height,
+        width,
+        channels: p.channels,
+        data: dst.into_vec(),
+    })
+}
+
+/// Encodes as a baseline JPEG of the given quality (1..=100).
+pub fn encode_jpeg(p: &Pixels, quality: u8) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    let color = if p.channels == 1 {
+        image::ExtendedColorType::L8
+    } else {
+        image::ExtendedColorType::Rgb8
+    };
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .encode(&p.data, p.width, p.height, color)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_side_rounding_matches_python() {
+        assert_eq!(short_side_size(375, 500, 512), (512, 683)); // 682.67
+        assert_eq!(short_side_size(500, 375, 512), (683, 512));
+        assert_eq!(short_side_size(2, 5, 4), (4, 10));
+        assert_eq!(short_side_size(4, 6, 2), (2, 3));
+        assert_eq!(short_side_size(4, 10, 1), (1, 2)); // 2.5 rounds to even
+        assert_eq!(short_side_size(4, 14, 1), (1, 4)); // 3.5 rounds to even
+    }
+
+    #[test]
+    fn resizing_a_constant_image_keeps_its_value() {
+        let p = Pixels {
+            height: 40,
+            width: 60,
+            channels: 3,
+            data: vec![77; 40 * 60 * 3],
+        };
+        let mut r = Resizer::new();
+        let out = resize_short_side(p, 10, &mut r).unwrap();
+        assert_eq!((out.height, out.width, out.channels), (10, 15, 3));
+        assert!(out.data.iter().all(|&v| v == 77));
+    }
+
+    #[test]
+    fn jpeg_round_trip_keeps_shape_and_roughly_the_pixels() {
+        let data: Vec<u8> = (0..32 * 24).map(|i| (i % 32 * 8) as u8).collect();
+        let p = Pixels {
+            height: 24,
+            width: 32,
+            channels: 1,
+            data,
+        };
+        let bytes = encode_jpeg(&p, 95).unwrap();
+        let back = decode_jpeg(&bytes).unwrap();
+        assert_eq!((back.height, back.width, back.channels), (24, 32, 1));
+        let max_err = back
+            .data
+            .iter()
+            .zip(&p.data)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(max_err < 24, "max error {max_err}");
+    }
+}

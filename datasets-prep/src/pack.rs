@@ -1,0 +1,524 @@
+//! `datasets-prep pack`: decode, pre-resize and store every image of a source into a new shard
+//! directory, atomically.
+//!
+//! Images are processed in parallel in fixed-size chunks and written in listing order, so the
+//! output is byte-identical whatever the thread count. The directory is built under a temporary
+//! sibling name and renamed into place only once complete: an interrupted pack leaves nothing
+//! that `verify` or the trainer would accept.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use fast_image_resize::Resizer;
+use rayon::prelude::*;
+
+use crate::format::{RecordEntry, data_offset_for, encode_shard_head};
+use crate::image_ops::{self, Pixels};
+use crate::manifest::{
+    ClassInfo, Encoding, FORMAT_NAME, Manifest, Resize, Selection, ShardInfo, SkippedImage, Split,
+    SplitInfo, Storage,
+};
+use crate::rng::SplitMix64;
+use crate::sources::{ImageData, Item, Listing, Source};
+
+/// What `pack` was asked to do.
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    pub source: Source,
+    pub root: PathBuf,
+    pub out: PathBuf,
+    /// Dataset name for the manifest; the source name when `None`.
+    pub name: Option<String>,
+    /// `Some(None)` keeps sizes; `None` uses the source's default.
+    pub short_side: Option<Option<u32>>,
+    pub encoding: Encoding,
+    pub jpeg_quality: u8,
+    pub per_class: Option<usize>,
+    pub seed: u64,
+    pub skip_bad: bool,
+    pub force: bool,
+    /// Target size of one shard file.
+    pub shard_bytes: u64,
+    pub progress: bool,
+}
+
+impl PackOptions {
+    pub fn new(source: Source, root: PathBuf, out: PathBuf) -> Self {
+        PackOptions {
+            source,
+            root,
+            out,
+            name: None,
+            short_side: None,
+            encoding: Encoding::Raw,
+            jpeg_quality: 90,
+            per_class: None,
+            seed: 0,
+            skip_bad: false,
+            force: false,
+            shard_bytes: 256 << 20,
+            progress: false,
+        }
+    }
+}
+
+/// Images processed per parallel batch: bounds memory, not results.
+const CHUNK: usize = 256;
+
+/// Packs and returns the manifest written.
+pub fn pack(opts: &PackOptions) -> anyhow::Result<Manifest> {
+    if opts.out.exists() && !opts.force {
+        bail!(
+            "{}: already exists; pass --force to replace it",
+            opts.out.display()
+        );
+    }
+    if opts.jpeg_quality == 0 || opts.jpeg_quality > 100 {
+        bail!(
+            "--quality {} is out of range: expected 1..=100",
+            opts.jpeg_quality
+        );
+    }
+    let mut listing = opts.source.load(&opts.root)?;
+    if let Some(k) = opts.per_class {
+        if k == 0 {
+            bail!("--per-class 0 would leave no training images: expected at least 1");
+        }
+        listing.train = select_per_class(
+            std::mem::take(&mut listing.train),
+            listing.classes.len(),
+            k,
+            opts.seed,
+        );
+    }
+    check_every_class_trains(&listing)?;
+    let short_side = opts.short_side.unwrap_or(listing.default_short_side);
+
+    let parent = match opts.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = opts
+        .out
+        .file_name()
+        .context("--out has no file name")?
+        .to_string_lossy()
+        .into_owned();
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let tmp = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let result = pack_into(opts, &listing, short_side, &tmp).and_then(|m| {
+        replace_dir(&tmp, &opts.out)?;
+        Ok(m)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn pack_into(
+    opts: &PackOptions,
+    listing: &Listing,
+    short_side: Option<u32>,
+    dir: &Path,
+) -> anyhow::Result<Manifest> {
+    let total = (listing.train.len() + listing.test.len()) as u64;
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {pos}/{len} images, {per_sec}, eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    let mut skipped = Vec::new();
+    let mut stats = PixelStats::default();
+    let mut splits = Vec::new();
+    for (split, items) in [(Split::Train, &listing.train), (Split::Test, &listing.test)] {
+        bar.set_prefix(split.name());
+        let mut writer = SplitWriter::new(dir, split, opts.shard_bytes, listing.classes.len());
+        for chunk in items.chunks(CHUNK) {
+            let processed: Vec<Result<Stored, String>> = chunk
+                .par_iter()
+                .map_init(Resizer::new, |r, item| store(item, short_side, opts, r))
+                .collect();
+            for (item, result) in chunk.iter().zip(processed) {
+                match result {
+                    Ok(stored) => {
+                        if split == Split::Train {
+                            stats.add(&stored.pixels_for_stats);
+                        }
+                        writer.push(item.label, stored)?;
+                    }
+                    Err(reason) if opts.skip_bad => skipped.push(SkippedImage {
+                        split: split.name().into(),
+                        path: item.name.clone(),
+                        reason,
+                    }),
+                    Err(reason) => bail!(
+                        "{}: {reason} (pass --skip-bad to leave such images out)",
+                        item.name
+                    ),
+                }
+                bar.inc(1);
+            }
+        }
+        splits.push(writer.finish()?);
+    }
+    bar.finish_and_clear();
+    let test = splits.pop().expect("two splits");
+    let train = splits.pop().expect("two splits");
+    if train.count == 0 {
+        bail!(
+            "no training image could be stored ({} skipped)",
+            skipped.len()
+        );
+    }
+    let channels = stats.channels();
+    let (train_mean, train_std) = stats.mean_std(channels);
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        format_version: crate::format::FORMAT_VERSION,
+        dataset: opts
+            .name
+            .clone()
+            .unwrap_or_else(|| opts.source.to_string().replace(':', "-")),
+        source: opts.source.to_string(),
+        created_by: format!("datasets-prep {}", env!("CARGO_PKG_VERSION")),
+        storage: Storage {
+            encoding: opts.encoding,
+            jpeg_quality: (opts.encoding == Encoding::Jpeg).then_some(opts.jpeg_quality),
+        },
+        resize: Resize {
+            short_side,
+            filter: image_ops::RESIZE_FILTER.into(),
+        },
+        channels,
+        classes: listing.classes.clone(),
+        selection: opts.per_class.map(|per_class| Selection {
+            per_class,
+            seed: opts.seed,
+        }),
+        train,
+        test,
+        train_mean,
+        train_std,
+        skipped,
+    };
+    check_classes_after_skips(&manifest.classes, &manifest.train)?;
+    write_file_synced(&dir.join("manifest.json"), manifest.to_json().as_bytes())?;
+    sync_dir(dir)?;
+    Ok(manifest)
+}
+
+/// Keeps `k` training images per class, chosen by a seeded shuffle per class, in listing order.
+pub fn select_per_class(items: Vec<Item>, classes: usize, k: usize, seed: u64) -> Vec<Item> {
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    for (i, item) in items.iter().enumerate() {
+        by_class[item.label].push(i);
+    }
+    let mut keep = vec![false; items.len()];
+    for (class, mut indices) in by_class.into_iter().enumerate() {
+        SplitMix64::stream(seed, class as u64).shuffle(&mut indices);
+        for &i in indices.iter().take(k) {
+            keep[i] = true;
+        }
+    }
+    items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(item, k)| k.then_some(item))
+        .collect()
+}
+
+fn check_every_class_trains(listing: &Listing) -> anyhow::Result<()> {
+    let mut counts = vec![0usize; listing.classes.len()];
+    for item in &listing.train {
+        counts[item.label] += 1;
+    }
+    check_counts(&listing.classes, &counts)
+}
+
+fn check_classes_after_skips(classes: &[ClassInfo], train: &SplitInfo) -> anyhow::Result<()> {
+    let counts: Vec<usize> = train.per_class.iter().map(|&c| c as usize).collect();
+    check_counts(classes, &counts).context("after leaving out unreadable images")
+}
+
+fn check_counts(classes: &[ClassInfo], counts: &[usize]) -> anyhow::Result<()> {
+    let empty: Vec<String> = classes
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| **n == 0)
+        .map(|(c, _)| format!("{} ({})", c.id, c.name))
+        .collect();
+    if !empty.is_empty() {
+        bail!(
+            "{} class(es) have no training images: {}",
+            empty.len(),
+            empty.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// One image ready to be written.
+struct Stored {
+    bytes: Vec<u8>,
+    height: u32,
+    width: u32,
+    channels: u8,
+    /// The pixels as stored (before JPEG encoding), for the train statistics.
+    pixels_for_stats: Pixels,
+}
+
+fn store(
+    item: &Item,
+    short_side: Option<u32>,
+    opts: &PackOptions,
+    resizer: &mut Resizer,
+) -> Result<Stored, String> {
+    let pixels = match &item.data {
+        ImageData::Pixels(p) => p.clone(),
+        ImageData::File(path) => {
+            let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+            image_ops::decode_image(&bytes).map_err(|e| format!("cannot decode image: {e}"))?
+        }
+    };
+    let pixels = match short_side {
+        Some(target) => image_ops::resize_short_side(pixels, target, resizer)?,
+        None => pixels,
+    };
+    let bytes = match opts.encoding {
+        Encoding::Raw => pixels.data.clone(),
+        Encoding::Jpeg => image_ops::encode_jpeg(&pixels, opts.jpeg_quality)?,
+    };
+    if bytes.len() > u32::MAX as usize {
+        return Err(format!("{} bytes is too large for one record", bytes.len()));
+    }
+    Ok(Stored {
+        bytes,
+        height: pixels.height,
+        width: pixels.width,
+        channels: pixels.channels,
+        pixels_for_stats: pixels,
+    })
+}
+
+/// Writes one split's shard files, starting a new one when the current one is full.
+struct SplitWriter<'a> {
+    dir: &'a Path,
+    split: Split,
+    shard_bytes: u64,
+    pending: Vec<(RecordEntry, Vec<u8>)>,
+    pending_bytes: u64,
+    shards: Vec<ShardInfo>,
+    per_class: Vec<u64>,
+}
+
+impl<'a> SplitWriter<'a> {
+    fn new(dir: &'a Path, split: Split, shard_bytes: u64, classes: usize) -> Self {
+        SplitWriter {
+            dir,
+            split,
+            shard_bytes,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            shards: Vec::new(),
+            per_class: vec![0; classes],
+        }
+    }
+
+    fn push(&mut self, label: usize, s: Stored) -> anyhow::Result<()> {
+        if !self.pending.is_empty() && self.pending_bytes + s.bytes.len() as u64 > self.shard_bytes
+        {
+            self.flush()?;
+        }
+        let entry = RecordEntry {
+            offset: 0, // assigned in flush
+            length: s.bytes.len() as u32,
+            label: label as u32,
+            height: s.height,
+            width: s.width,
+            channels: s.channels,
+        };
+        self.pending_bytes += s.bytes.len() as u64;
+        self.per_class[label] += 1;
+        self.pending.push((entry, s.bytes));
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let file = format!("{}-{:05}.shard", self.split.name(), self.shards.len());
+        let path = self.dir.join(&file);
+        let mut offset =
+            data_offset_for(self.pending.len() as u64).context("too many records for one shard")?;
+        let mut entries = Vec::with_capacity(self.pending.len());
+        for (e, bytes) in &self.pending {
+            entries.push(RecordEntry { offset, ..*e });
+            offset += bytes.len() as u64;
+        }
+        let head = encode_shard_head(&entries);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut out = std::io::BufWriter::with_capacity(
+            1 << 20,
+            File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?,
+        );
+        let mut write = |bytes: &[u8]| -> anyhow::Result<()> {
+            hasher.update(bytes);
+            out.write_all(bytes)
+                .with_context(|| format!("{}: write failed", path.display()))
+        };
+        write(&head)?;
+        for (_, bytes) in &self.pending {
+            write(bytes)?;
+        }
+        let file_handle = out
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("{}: write failed", path.display()))?;
+        file_handle
+            .sync_all()
+            .with_context(|| format!("{}: fsync failed", path.display()))?;
+        self.shards.push(ShardInfo {
+            file,
+            records: entries.len() as u64,
+            bytes: offset,
+            xxh3: format!("{:016x}", hasher.digest()),
+        });
+        self.pending.clear();
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    fn finish(mut self) -> anyhow::Result<SplitInfo> {
+        if !self.pending.is_empty() || self.shards.is_empty() {
+            self.flush()?;
+        }
+        let count = self.shards.iter().map(|s| s.records).sum();
+        Ok(SplitInfo {
+            count,
+            per_class: self.per_class,
+            shards: self.shards,
+        })
+    }
+}
+
+/// Exact per-channel pixel sums of the train split (integers, so order does not matter).
+#[derive(Default)]
+struct PixelStats {
+    rgb: [(u128, u128); 3],
+    rgb_count: u128,
+    grey: (u128, u128),
+    grey_count: u128,
+}
+
+impl PixelStats {
+    fn add(&mut self, p: &Pixels) {
+        if p.channels == 1 {
+            for &v in &p.data {
+                self.grey.0 += u128::from(v);
+                self.grey.1 += u128::from(v) * u128::from(v);
+            }
+            self.grey_count += p.data.len() as u128;
+        } else {
+            // u64 per image cannot overflow: 255^2 * 2^40 pixels would be needed.
+            let mut acc = [(0u64, 0u64); 3];
+            for px in p.data.chunks_exact(3) {
+                for (a, &v) in acc.iter_mut().zip(px) {
+                    a.0 += u64::from(v);
+                    a.1 += u64::from(v) * u64::from(v);
+                }
+            }
+            for (total, a) in self.rgb.iter_mut().zip(acc) {
+                total.0 += u128::from(a.0);
+                total.1 += u128::from(a.1);
+            }
+            self.rgb_count += (p.data.len() / 3) as u128;
+        }
+    }
+
+    /// 3 if any stored image is RGB, else 1.
+    fn channels(&self) -> u8 {
+        if self.rgb_count > 0 { 3 } else { 1 }
+    }
+
+    /// Grey images count as equal R, G and B in an RGB dataset.
+    fn mean_std(&self, channels: u8) -> (Vec<f64>, Vec<f64>) {
+        let finish = |sum: u128, sq: u128, n: u128| -> (f64, f64) {
+            if n == 0 {
+                return (0.0, 0.0);
+            }
+            let mean = sum as f64 / n as f64;
+            let var = (sq as f64 / n as f64 - mean * mean).max(0.0);
+            (mean, var.sqrt())
+        };
+        if channels == 1 {
+            let (m, s) = finish(self.grey.0, self.grey.1, self.grey_count);
+            return (vec![m], vec![s]);
+        }
+        (0..3)
+            .map(|c| {
+                finish(
+                    self.rgb[c].0 + self.grey.0,
+                    self.rgb[c].1 + self.grey.1,
+                    self.rgb_count + self.grey_count,
+                )
+            })
+            .unzip()
+    }
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("{}: write failed", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("{}: fsync failed", path.display()))
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: fsync failed", dir.display()))
+}
+
+/// Moves the finished `tmp` directory to `out`, replacing an existing `out` (only reached with
+/// `--force`) so that at every moment one complete directory exists under one of the names.
+fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        let old = out.with_file_name(format!(
+            ".{}.old-{}",
+            out.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        std::fs::rename(out, &old)
+            .with_context(|| format!("{}: cannot move aside", out.display()))?;
+        std::fs::rename(tmp, out)
+            .with_context(|| format!("{}: cannot rename to {}", tmp.display(), out.display()))?;
+        if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+                .with_context(|| format!("{}: cannot remove", old.display()))?;
+        } else {
+            std::fs::remove_file(&old)
+                .with_context(|| format!("{}: cannot remove", old.display()))?;
+        }
+    } else {
+        std::fs::rename(tmp, out)
+            .with_context(|| format!("{}: cannot rename to {}", tmp.display(), out.display()))?;
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! MNIST-family IDX files (MNIST, Fashion-MNIST, KMNIST), gzipped or not.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::{ImageData, Item, Listing, Source, SourceError, integer_classes, read_file};
+use crate::image_ops::Pixels;
+
+/// Largest decompressed IDX file accepted.
+const MAX_IDX_BYTES: u64 = 8 << 30;
+
+fn find(source: &Source, root: &Path, stem: &str) -> Result<PathBuf, SourceError> {
+    for name in [stem.to_string(), format!("{stem}.gz")] {
+        let path = root.join(name);
+        if path.is_file() {
+            return Ok(path);
+        }
+    }
+    Err(SourceError::MissingFile {
+        path: root.join(stem),
+        source_name: source.to_string(),
+        layout: source.layout(),
+    })
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, SourceError> {
+    let raw = read_file(path)?;
+    if !raw.starts_with(&[0x1f, 0x8b]) {
+        return Ok(raw);
+    }
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(&raw[..])
+        .take(MAX_IDX_BYTES)
+        .read_to_end(&mut out)
+        .map_err(|e| SourceError::invalid(path, format!("gzip data does not decompress: {e}")))?;
+    Ok(out)
+}
+
+/// Parses an IDX u8 array: (dimensions, data).
+fn parse_idx(
+    path: &Path,
+    bytes: &[u8],
+    want_dims: usize,
+) -> Result<(Vec<usize>, Vec<u8>), SourceError> {
+    let bad = |reason: String| SourceError::invalid(path, reason);
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("not an IDX file (bad magic)".into()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!(
+            "IDX element type 0x{:02x}; only unsigned bytes (0x08) are supported",
+            bytes[2]
+        )));
+    }
+    let ndim = usize::from(bytes[3]);
+    if ndim != want_dims {
+        return Err(bad(format!("{ndim} dimensions, expected {want_dims}")));
+    }
+    let header = 4 + 4 * ndim;
+    let dims_raw = bytes
+        .get(4..header)
+        .ok_or_else(|| bad("truncated header".into()))?;
+    let dims: Vec<usize> = dims_raw
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+        .collect();
+    let count = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("dimensions overflow".into()))?;
+    let data = &bytes[header..];
+    if data.len() != count {
+        return Err(bad(format!(
+            "dimensions {dims:?} need {count} bytes of data, the file has {}",
+            data.len()
+        )));
+    }
+    Ok((dims, data.to_vec()))
+}
+
+fn split(
+    source: &Source,
+    root: &Path,
+    prefix: &str,
+) -> Result<Vec<(u8, Pixels, String)>, SourceError> {
+    let images_path = find(source, root, &format!("{prefix}-images-idx3-ubyte"))?;
+    let labels_path = find(source, root, &format!("{prefix}-labels-idx1-ubyte"))?;
+    let (dims, pixels) = parse_idx(&images_path, &read_maybe_gz(&images_path)?, 3)?;
+    let (ldims, labels) = parse_idx(&labels_path, &read_maybe_gz(&labels_path)?, 1)?;
+    if ldims[0] != dims[0] {
+        return Err(SourceError::invalid(
+            &labels_path,
+            format!(
+                "{} labels for {} images in {}",
+                ldims[0],
+                dims[0],
+                images_path.display()
+            ),
+        ));
+    }
+    let (h, w) = (dims[1], dims[2]);
+    if h == 0 || w == 0 {
+        return Err(SourceError::invalid(&images_path, "images of size zero"));
+    }
+    Ok(labels
+        .iter()
+        .zip(pixels.chunks_exact(h * w))
+        .enumerate()
+        .map(|(i, (&label, px))| {
+            let p = Pixels {
+                height: h as u32,
+                width: w as u32,
+                channels: 1,
+                data: px.to_vec(),
+            };
+            (label, p, format!("{}#{i}", images_path.display()))
+        })
+        .collect())
+}
+
+pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError> {
+    let train = split(source, root, "train")?;
+    let test = split(source, root, "t10k")?;
+    // Classes are 0..=max label; a class without training images is reported by the packer.
+    let max = train.iter().chain(&test).map(|t| t.0).max().unwrap_or(0);
+    let classes = integer_classes(0..=i64::from(max), |_| None);
+    let items = |v: Vec<(u8, Pixels, String)>| -> Vec<Item> {
+        v.into_iter()
+            .map(|(label, p, name)| Item {
+                name,
+                label: label.into(),
+                data: ImageData::Pixels(p),
+            })
+            .collect()
+    };
+    Ok(Listing {
+        classes,
+        train: items(train),
+        test: items(test),
+        default_short_side: None,
+    })
+}

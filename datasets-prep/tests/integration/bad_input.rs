@@ -1,0 +1,282 @@
+//! Bad input: each gives an error naming the file, record or option, and nothing half-written.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use datasets_prep::{ShardDir, ShardError};
+
+use crate::fixtures::*;
+
+fn folder_dataset(root: &Path, per_class: u32, size: u32) {
+    for (c, class) in ["a", "b"].iter().enumerate() {
+        for k in 0..per_class {
+            write_jpeg(
+                &root.join(format!("train/{class}/{k:04}.jpg")),
+                c as u32 * 1000 + k,
+                size,
+                size + 3,
+                3,
+            );
+        }
+        write_jpeg(
+            &root.join(format!("test/{class}/t.jpg")),
+            c as u32 + 77,
+            size,
+            size,
+            3,
+        );
+    }
+}
+
+fn fails_with(o: &std::process::Output, needles: &[&str]) {
+    assert_eq!(o.status.code(), Some(1), "{}", show(o));
+    let err = stderr(o);
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in:\n{}", show(o));
+    }
+    assert!(!err.contains("panicked"), "{}", show(o));
+}
+
+#[test]
+fn metadata_errors_name_the_file_and_expected_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    std::fs::create_dir_all(root.join("images")).unwrap();
+    let out = tmp.path().join("out");
+    fails_with(
+        &pack("cub", &root, &out, &[]),
+        &[
+            "images.txt: missing",
+            "train_test_split.txt (<id> <1=train|0=test>)",
+        ],
+    );
+    fails_with(
+        &pack("cars", &root, &out, &[]),
+        &["cars_annos.mat: missing", "relative_im_path"],
+    );
+    fails_with(
+        &pack("flowers", &root, &out, &[]),
+        &["imagelabels.mat: missing", "setid.mat"],
+    );
+    fails_with(
+        &pack("mit67", &root, &out, &[]),
+        &["Images: missing", "TrainImages.txt"],
+    );
+    fails_with(
+        &pack("cifar100", &root, &out, &[]),
+        &["test: missing", "cifar-100-python"],
+    );
+    fails_with(
+        &pack("idx", &root, &out, &[]),
+        &["train-images-idx3-ubyte: missing"],
+    );
+    fails_with(
+        &pack("folder", &root, &out, &[]),
+        &["train: missing", "train.txt and test.txt"],
+    );
+    fails_with(
+        &pack("cub", &tmp.path().join("nope"), &out, &[]),
+        &["nope: not a directory"],
+    );
+    assert!(!out.exists());
+
+    // Usage errors list the valid values.
+    let o = pack("imagenet", &root, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(stderr(&o).contains("cub-sub:X"), "{}", show(&o));
+}
+
+#[test]
+fn duplicate_ids_absent_images_bad_labels_and_empty_classes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("cub");
+    write_jpeg(&root.join("images/a/1.jpg"), 1, 8, 8, 3);
+    write_jpeg(&root.join("images/b/2.jpg"), 2, 8, 8, 3);
+    let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    write_text(
+        &root.join("images.txt"),
+        &lines(&["1 a/1.jpg", "2 b/2.jpg", "1 a/1.jpg"]),
+    );
+    write_text(
+        &root.join("image_class_labels.txt"),
+        &lines(&["1 1", "2 2"]),
+    );
+    write_text(&root.join("train_test_split.txt"), &lines(&["1 1", "2 1"]));
+    let out = tmp.path().join("out");
+    fails_with(
+        &pack("cub", &root, &out, &[]),
+        &["images.txt:3: duplicate id \"1\""],
+    );
+
+    write_text(
+        &root.join("images.txt"),
+        &lines(&["1 a/1.jpg", "2 b/2.jpg", "3 b/3.jpg"]),
+    );
+    write_text(
+        &root.join("image_class_labels.txt"),
+        &lines(&["1 1", "2 2", "3 2"]),
+    );
+    write_text(
+        &root.join("train_test_split.txt"),
+        &lines(&["1 1", "2 1", "3 0"]),
+    );
+    fails_with(
+        &pack("cub", &root, &out, &[]),
+        &["b/3.jpg: listed in the metadata but absent"],
+    );
+
+    write_text(
+        &root.join("image_class_labels.txt"),
+        &lines(&["1 1", "2 two", "3 2"]),
+    );
+    fails_with(
+        &pack("cub", &root, &out, &[]),
+        &["image_class_labels.txt:2", "expected an integer"],
+    );
+
+    // Class 2 only has a test image: no training images.
+    write_jpeg(&root.join("images/b/3.jpg"), 3, 8, 8, 3);
+    write_text(
+        &root.join("image_class_labels.txt"),
+        &lines(&["1 1", "2 2", "3 2"]),
+    );
+    write_text(
+        &root.join("train_test_split.txt"),
+        &lines(&["1 1", "2 0", "3 0"]),
+    );
+    fails_with(
+        &pack("cub", &root, &out, &["--short-side", "4"]),
+        &["have no training images: 2 (2)"],
+    );
+    // A split file naming an unknown image.
+    write_text(
+        &root.join("train_test_split.txt"),
+        &lines(&["1 1", "2 1", "3 0", "44 1"]),
+    );
+    fails_with(
+        &pack("cub", &root, &out, &[]),
+        &["train_test_split.txt", "\"44\""],
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn corrupt_images_fail_or_are_skipped_and_listed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 3, 10);
+    let bad = root.join("train/a/0001.jpg");
+    let bytes = std::fs::read(&bad).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 3]).unwrap(); // truncated
+    std::fs::write(root.join("train/b/zz.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let out = tmp.path().join("out");
+    fails_with(
+        &pack("folder", &root, &out, &[]),
+        &["0001.jpg", "--skip-bad"],
+    );
+    assert!(!out.exists());
+
+    pack_ok("folder", &root, &out, &["--skip-bad"]);
+    let m = manifest(&out);
+    let skipped = m["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{m}");
+    assert!(
+        skipped[0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("train/a/0001.jpg")
+    );
+    assert!(
+        skipped[1]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("train/b/zz.png")
+    );
+    assert_eq!(m["train"]["per_class"], serde_json::json!([2, 3]));
+    assert!(
+        run(datasets_prep().arg("verify").arg(&out))
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn existing_output_is_kept_without_force_and_replaced_with_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    let before = dir_bytes(&out);
+    fails_with(
+        &pack("folder", &root, &out, &["--per-class", "1"]),
+        &["already exists", "--force"],
+    );
+    assert_eq!(dir_bytes(&out), before, "nothing changed without --force");
+    pack_ok("folder", &root, &out, &["--per-class", "1", "--force"]);
+    assert_eq!(manifest(&out)["train"]["count"], 2);
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        2,
+        "only raw/ and out/ remain: {leftovers:?}"
+    );
+}
+
+#[test]
+fn an_interrupted_pack_leaves_nothing_that_passes_as_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 150, 64);
+    let out = tmp.path().join("out");
+    // Upscaling to 600 pixels makes each image slow enough; 1 MiB shards appear as it goes.
+    let mut child = datasets_prep()
+        .args([
+            "pack",
+            "--source",
+            "folder",
+            "--short-side",
+            "600",
+            "--shard-mib",
+            "1",
+            "--threads",
+            "1",
+            "--root",
+        ])
+        .arg(&root)
+        .arg("--out")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = tmp.path().join(format!(".out.partial-{}", child.id()));
+    let start = Instant::now();
+    while !partial.join("train-00000.shard").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no shard appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "pack finished before it could be interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.exists(),
+        "no output directory after an interrupted pack"
+    );
+    for dir in [&out, &partial] {
+        let o = run(datasets_prep().arg("verify").arg(dir));
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(matches!(
+            ShardDir::open(dir),
+            Err(ShardError::NotAShardDir { .. })
+        ));
+    }
+}

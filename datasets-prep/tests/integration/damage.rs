@@ -1,0 +1,185 @@
+//! Damaged shard directories: `verify` and the reader name the file and record, never panic.
+
+use std::path::Path;
+
+use datasets_prep::format::{HEADER_BYTES, parse_shard};
+use datasets_prep::{Manifest, ShardDir, ShardError};
+use proptest::prelude::*;
+
+use crate::fixtures::*;
+
+/// A small packed IDX dataset: 12 train, 4 test images of 6x5 in 3 classes.
+fn packed(dir: &Path) -> std::path::PathBuf {
+    let raw = dir.join("raw");
+    let labels: Vec<u8> = (0..12).map(|i| (i % 3) as u8).collect();
+    let images: Vec<u8> = (0..12 * 30).map(|i| (i * 7 % 256) as u8).collect();
+    write_idx(
+        &raw.join("train-images-idx3-ubyte"),
+        &[12, 6, 5],
+        &images,
+        false,
+    );
+    write_idx(&raw.join("train-labels-idx1-ubyte"), &[12], &labels, false);
+    write_idx(
+        &raw.join("t10k-images-idx3-ubyte"),
+        &[4, 6, 5],
+        &images[..120],
+        false,
+    );
+    write_idx(
+        &raw.join("t10k-labels-idx1-ubyte"),
+        &[4],
+        &labels[..4],
+        false,
+    );
+    let out = dir.join("packed");
+    pack_ok("idx", &raw, &out, &[]);
+    out
+}
+
+fn verify_fails(dir: &Path, needles: &[&str]) {
+    let o = run(datasets_prep().arg("verify").arg(dir));
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    for n in needles {
+        assert!(stderr(&o).contains(n), "expected {n:?}:\n{}", show(&o));
+    }
+    assert!(!stderr(&o).contains("panicked"), "{}", show(&o));
+}
+
+#[test]
+fn flipped_byte_truncation_and_edited_manifest_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = packed(tmp.path());
+    let shard = out.join("train-00000.shard");
+    let good = std::fs::read(&shard).unwrap();
+    let o = run(datasets_prep().arg("verify").arg(&out));
+    assert!(o.status.success(), "{}", show(&o));
+
+    // A flipped pixel byte: only the checksum can tell.
+    let mut b = good.clone();
+    let last = b.len() - 1;
+    b[last] ^= 0x40;
+    std::fs::write(&shard, &b).unwrap();
+    verify_fails(&out, &["train-00000.shard: checksum", "1 problem(s)"]);
+    assert!(
+        ShardDir::open(&out).is_ok(),
+        "structure is intact, so the reader opens it"
+    );
+
+    // A flipped byte in the record table: the reader names the record.
+    let mut b = good.clone();
+    b[HEADER_BYTES + 32 * 5 + 12] = 9; // label of record 5
+    std::fs::write(&shard, &b).unwrap();
+    verify_fails(
+        &out,
+        &["train-00000.shard: record 5: label 9 out of range for 3 classes"],
+    );
+
+    // Truncated: the size disagrees with the manifest.
+    std::fs::write(&shard, &good[..good.len() - 10]).unwrap();
+    verify_fails(&out, &["train-00000.shard: file is", "the manifest says"]);
+    assert!(matches!(
+        ShardDir::open(&out),
+        Err(ShardError::SizeMismatch { .. })
+    ));
+
+    // An edited manifest: counts no longer add up.
+    std::fs::write(&shard, &good).unwrap();
+    let path = out.join("manifest.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"count\": 12", "\"count\": 13", 1)).unwrap();
+    verify_fails(
+        &out,
+        &["manifest.json: invalid manifest: train.count is 13"],
+    );
+    std::fs::write(&path, "{ not json").unwrap();
+    verify_fails(&out, &["manifest.json: invalid manifest"]);
+    std::fs::remove_file(out.join("test-00000.shard")).unwrap();
+    std::fs::write(&path, text).unwrap();
+    verify_fails(&out, &["test-00000.shard"]);
+}
+
+#[test]
+fn reader_rejects_out_of_range_indices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shards = ShardDir::open(&packed(tmp.path())).unwrap();
+    let train = shards.split(datasets_prep::Split::Train);
+    assert_eq!(train.len(), 12);
+    assert!(train.record(11).is_ok());
+    let err = train.record(12).unwrap_err().to_string();
+    assert!(
+        err.contains("record index 12 out of range: the train split has 12 records"),
+        "{err}"
+    );
+}
+
+/// (shard bytes, manifest bytes) of one packed sample, made once.
+fn sample() -> &'static (Vec<u8>, Vec<u8>) {
+    static SAMPLE: std::sync::OnceLock<(Vec<u8>, Vec<u8>)> = std::sync::OnceLock::new();
+    SAMPLE.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = packed(tmp.path());
+        (
+            std::fs::read(out.join("train-00000.shard")).unwrap(),
+            std::fs::read(out.join("manifest.json")).unwrap(),
+        )
+    })
+}
+
+fn sample_shard() -> Vec<u8> {
+    sample().0.clone()
+}
+
+fn sample_manifest() -> Vec<u8> {
+    sample().1.clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// Any bytes: an error or a layout whose every record lies inside the file.
+    #[test]
+    fn shard_parser_never_panics_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
+        if let Ok(layout) = parse_shard(Path::new("x"), &bytes, 7) {
+            for e in layout.entries {
+                prop_assert!(e.offset + u64::from(e.length) <= bytes.len() as u64);
+            }
+        }
+    }
+
+    /// A valid shard with a few bytes overwritten in the header and table.
+    #[test]
+    fn shard_parser_survives_mutations(edits in proptest::collection::vec((0usize..700, any::<u8>()), 1..6)) {
+        let mut bytes = sample_shard();
+        for (at, v) in edits {
+            bytes[at] = v;
+        }
+        if let Ok(layout) = parse_shard(Path::new("x"), &bytes, 3) {
+            for e in layout.entries {
+                prop_assert!(e.offset + u64::from(e.length) <= bytes.len() as u64);
+                prop_assert!(e.label < 3);
+            }
+        }
+    }
+
+    #[test]
+    fn manifest_parser_never_panics(edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+                                    cut in any::<prop::sample::Index>()) {
+        let mut bytes = sample_manifest();
+        for (at, v) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = v;
+        }
+        let cut = cut.index(bytes.len() + 1);
+        let _ = Manifest::parse(Path::new("m"), &bytes[..cut]);
+    }
+
+    #[test]
+    fn mat_and_pickle_readers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+        let _ = datasets_prep::pickle::parse(&bytes);
+        let mut mat = vec![b' '; 126];
+        mat.extend_from_slice(b"IM");
+        mat.extend_from_slice(&bytes);
+        let _ = datasets_prep::mat::read_mat(&mat);
+    }
+}
