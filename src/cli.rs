@@ -1,5 +1,7 @@
 //! The command line: clap definitions only. Each subcommand's work lives in its own module.
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
 
 use crate::device::DeviceChoice;
@@ -32,6 +34,95 @@ pub enum Command {
     /// Check collectives across the ranks of this job (run under mpirun/srun): all-reduce,
     /// byte broadcast, barrier. Prints one JSON line per rank.
     CheckDist(CheckDistArgs),
+    /// Train a model on a shard directory and write a run directory.
+    Train(Box<TrainArgs>),
+}
+
+/// `train` options. Every option left out comes from `--preset`, then from the defaults shown.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Shard directory written by `datasets-prep pack`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory to create (config.json, metrics.jsonl, log.txt).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A paper protocol, e.g. paper-cub-cosine (sets arch, loss, crop, batch, schedule, lr).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Architecture [default: resnet20]: resnet50, resnet8, resnet20, resnet32, resnet56, resnet110, resnet110-wfc.
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Objective [default: cosine]: ce, ce-ls, cosine, cosine-ce.
+    #[arg(long)]
+    pub loss: Option<String>,
+    /// Label smoothing of ce-ls.
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f64,
+    /// Weight of the cross-entropy head in cosine-ce.
+    #[arg(long, default_value_t = 0.1)]
+    pub cls_weight: f64,
+    /// Class embeddings of the cosine losses: onehot, a .npy C x D matrix in class order, or a
+    /// reference pickle (embedding + ind2label).
+    #[arg(long, default_value = "onehot")]
+    pub embedding: String,
+    /// Maximum learning rate [default: 0.1].
+    #[arg(long)]
+    pub lr_max: Option<f64>,
+    /// Minimum learning rate of the schedule.
+    #[arg(long, default_value_t = 1e-6)]
+    pub lr_min: f64,
+    /// Learning-rate schedule: sgdr (per epoch, restarts) or cosine-steps (one decay, per step).
+    #[arg(long, default_value = "sgdr")]
+    pub schedule: String,
+    /// Epochs [default: 372 with a preset; else 2 SGDR cycles].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Length of the first SGDR cycle in epochs.
+    #[arg(long, default_value_t = 12)]
+    pub sgdr_base: usize,
+    /// Growth factor of SGDR cycle lengths.
+    #[arg(long, default_value_t = 2)]
+    pub sgdr_mul: usize,
+    /// Global batch size [default: 100].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Global gradient-norm clip; 0 disables.
+    #[arg(long, default_value_t = 10.0)]
+    pub clip_norm: f64,
+    /// Square crop size; 0 keeps the stored size [default: from the dataset's source].
+    #[arg(long)]
+    pub crop: Option<u32>,
+    /// Horizontal flips: on or off [default: from the dataset's source].
+    #[arg(long)]
+    pub flip: Option<bool>,
+    /// Random-erasing probability [default: from the dataset's source].
+    #[arg(long)]
+    pub erase_prob: Option<f64>,
+    /// Random shift as a fraction of the size [default: from the dataset's source].
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Evaluate every N epochs (and after the last).
+    #[arg(long, default_value_t = 1)]
+    pub eval_every: usize,
+    /// Seed of initialisation, data order and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device: cpu, cuda (the local rank's GPU) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Precision: fp32, or bf16 (autocast, CUDA only).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    pub precision: String,
+    /// Loader threads (results do not depend on it).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// libtorch intra-op threads [default: libtorch's choice].
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Replace a run already in --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

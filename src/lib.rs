@@ -5,6 +5,14 @@
 
 pub mod check_dist;
 pub mod cli;
+pub mod config;
+pub mod data;
 pub mod device;
 pub mod dist;
 pub mod doctor;
+pub mod embedding;
+pub mod model;
+pub mod objective;
+pub mod optim;
+pub mod schedule;
+pub mod train;

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use cosine_train::cli::{Cli, Command};
 use cosine_train::{check_dist, doctor};
@@ -37,6 +38,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{}", report.to_text());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(args) => {
+            args.device.ensure_available()?;
+            if let Some(n) = args.threads {
+                tch::set_num_threads(n.max(1));
+            }
+            let manifest = datasets_prep::ShardDir::open(&args.data).with_context(|| {
+                format!(
+                    "--data {}: not a usable shard directory",
+                    args.data.display()
+                )
+            })?;
+            let config = cosine_train::config::resolve(&args, &manifest.manifest().source)?;
+            drop(manifest);
+            let opts = cosine_train::train::RunOptions {
+                out: args.out.clone(),
+                device: args.device.resolve(0)?,
+                workers: args.workers,
+                force: args.force,
+            };
+            cosine_train::train::train(&config, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckDist(args) => {

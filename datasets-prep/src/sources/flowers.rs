@@ -41,7 +41,10 @@ pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError>
     for (var, train) in [("trnid", true), ("valid", true), ("tstid", false)] {
         for id in numbers(&setid_path, var)? {
             if !seen.insert(id.to_bits()) {
-                return Err(SourceError::invalid(&setid_path, format!("image {id} is listed twice (again in {var})")));
+                return Err(SourceError::invalid(
+                    &setid_path,
+                    format!("image {id} is listed twice (again in {var})"),
+                ));
             }
             if id < 1.0 || id.fract() != 0.0 || id as usize > labels.len() {
                 return Err(SourceError::invalid(

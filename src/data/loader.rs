@@ -1,0 +1,161 @@
+//! Worker threads that turn records into ready batches, in order, through bounded queues.
+//!
+//! Worker k builds batches k, k + W, k + 2W, ... of an epoch and sends them through its own
+//! bounded channel; the consumer takes batch b from worker b mod W. So batches arrive in order,
+//! at most `prefetch` are buffered, and which thread built a batch never changes its content.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, bail};
+use datasets_prep::{ShardDir, Split};
+use tch::Tensor;
+
+use super::augment::{self, AugmentConfig, Normalize, Source};
+
+/// A batch on the host: images (N, C, H, W) f32 and labels (N) i64.
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+/// What every worker needs to know.
+#[derive(Clone)]
+pub struct LoaderSpec {
+    pub shards: Arc<ShardDir>,
+    pub split: Split,
+    pub augment: AugmentConfig,
+    /// Channels of the batches (grey records are repeated into 3 when this is 3).
+    pub channels: usize,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    pub seed: u64,
+    pub workers: usize,
+    pub prefetch: usize,
+}
+
+/// The batches of one pass, in order.
+pub struct EpochBatches {
+    receivers: Vec<Receiver<anyhow::Result<Batch>>>,
+    handles: Vec<JoinHandle<()>>,
+    next: usize,
+    total: usize,
+}
+
+impl LoaderSpec {
+    /// Starts the workers for one pass over `indices` (dataset record indices) in batches of
+    /// `batch`; `train` turns augmentation on with draws seeded by (seed, epoch, record index).
+    pub fn start(
+        &self,
+        epoch: u64,
+        indices: Vec<usize>,
+        batch: usize,
+        train: bool,
+    ) -> EpochBatches {
+        let indices = Arc::new(indices);
+        let total = super::batches(indices.len(), batch);
+        let workers = self.workers.max(1).min(total.max(1));
+        let per_worker = (self.prefetch / workers).max(1);
+        let mut receivers = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        for k in 0..workers {
+            let (send, receive) = sync_channel(per_worker);
+            let spec = self.clone();
+            let indices = Arc::clone(&indices);
+            handles.push(std::thread::spawn(move || {
+                for b in (k..total).step_by(workers) {
+                    let chunk = &indices[b * batch..((b + 1) * batch).min(indices.len())];
+                    if send.send(spec.build(epoch, chunk, train)).is_err() {
+                        return; // the consumer stopped early
+                    }
+                }
+            }));
+            receivers.push(receive);
+        }
+        EpochBatches {
+            receivers,
+            handles,
+            next: 0,
+            total,
+        }
+    }
+
+    fn build(&self, epoch: u64, indices: &[usize], train: bool) -> anyhow::Result<Batch> {
+        let reader = self.shards.split(self.split);
+        let first = reader.record(indices[0])?;
+        let (h, w) = match self.augment.crop {
+            Some(c) => (c as usize, c as usize),
+            None => (first.height as usize, first.width as usize),
+        };
+        let c = self.channels;
+        let per_image = c * h * w;
+        let mut buf = vec![0f32; indices.len() * per_image];
+        let mut labels = Vec::with_capacity(indices.len());
+        let norm = Normalize {
+            mean: &self.mean,
+            std: &self.std,
+        };
+        for (slot, &i) in indices.iter().enumerate() {
+            let r = reader.record(i)?;
+            if self.augment.crop.is_none() && (r.height as usize, r.width as usize) != (h, w) {
+                bail!(
+                    "{} record {i} is {}x{} but the batch's first image is {h}x{w}: images of different sizes need --crop",
+                    self.split.name(),
+                    r.height,
+                    r.width
+                );
+            }
+            let pixels = r
+                .pixels()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("{} record {i}", self.split.name()))?;
+            let src = Source {
+                pixels: &pixels,
+                height: r.height as usize,
+                width: r.width as usize,
+                channels: r.channels as usize,
+            };
+            let mut rng = train.then(|| augment::sample_rng(self.seed, epoch, i as u64));
+            augment::process(
+                &src,
+                c,
+                &norm,
+                &self.augment,
+                rng.as_mut(),
+                &mut buf[slot * per_image..(slot + 1) * per_image],
+            );
+            labels.push(i64::from(r.label));
+        }
+        let n = indices.len() as i64;
+        Ok(Batch {
+            images: Tensor::from_slice(&buf).reshape([n, c as i64, h as i64, w as i64]),
+            labels: Tensor::from_slice(&labels),
+        })
+    }
+}
+
+impl Iterator for EpochBatches {
+    type Item = anyhow::Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.total {
+            return None;
+        }
+        let k = self.next % self.receivers.len();
+        self.next += 1;
+        Some(
+            self.receivers[k]
+                .recv()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a loader thread stopped unexpectedly"))),
+        )
+    }
+}
+
+impl Drop for EpochBatches {
+    fn drop(&mut self) {
+        self.receivers.clear(); // unblocks workers waiting to send
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Class embeddings psi for the cosine objectives (`--embedding`): `onehot`, a `.npy` matrix
+//! whose rows are in the shard manifest's class order, or the reference's pickle files (a dict
+//! with `embedding` and `ind2label`), matched to the manifest's classes by original id.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use datasets_prep::manifest::ClassInfo;
+use datasets_prep::pickle;
+use tch::{Kind, Tensor};
+
+/// The C x D class embedding in manifest class order, rows scaled to unit length.
+pub fn load(spec: &str, classes: &[ClassInfo]) -> anyhow::Result<Tensor> {
+    let c = classes.len() as i64;
+    if spec == "onehot" {
+        return Ok(Tensor::eye(c, (Kind::Float, tch::Device::Cpu)));
+    }
+    let path = Path::new(spec);
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("--embedding {spec}: cannot read (expected onehot or a file)"))?;
+    let (rows, dim, values) = if bytes.starts_with(b"\x93NUMPY") {
+        let (shape, values) =
+            read_npy(&bytes).with_context(|| format!("{spec}: not a readable .npy matrix"))?;
+        let [rows, dim] = shape[..] else {
+            bail!(
+                "{spec}: a {}-D array; expected a 2-D C x D matrix",
+                shape.len()
+            )
+        };
+        if rows != classes.len() {
+            bail!(
+                "{spec}: {rows} rows, but the data has {} classes (one row per class, in the manifest's class order)",
+                classes.len()
+            );
+        }
+        (rows, dim, values)
+    } else {
+        from_reference_pickle(path, &bytes, classes)?
+    };
+    let m = Tensor::from_slice(&values)
+        .reshape([rows as i64, dim as i64])
+        .to_kind(Kind::Float);
+    let norms = m
+        .pow_tensor_scalar(2)
+        .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+        .sqrt();
+    if bool::try_from(norms.le(1e-12).any()).unwrap_or(true) {
+        bail!("{spec}: a class embedding row is zero; every class needs a direction");
+    }
+    Ok(m / norms)
+}
+
+/// The reference pickle: rows in `ind2label` order, reordered to the manifest's classes.
+fn from_reference_pickle(
+    path: &Path,
+    bytes: &[u8],
+    classes: &[ClassInfo],
+) -> anyhow::Result<(usize, usize, Vec<f64>)> {
+    let name = path.display();
+    let root = pickle::parse(bytes)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{name}: neither .npy nor a pickle"))?;
+    let array = root
+        .get("embedding")
+        .with_context(|| format!("{name}: the pickle has no 'embedding' entry"))?;
+    let array = pickle::ndarray(&array)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{name}: 'embedding'"))?;
+    let [rows, dim] = array.shape[..] else {
+        bail!("{name}: 'embedding' is not 2-D")
+    };
+    let values = array
+        .to_f64()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{name}: 'embedding'"))?;
+    let ids: Vec<String> = root
+        .get("ind2label")
+        .and_then(|v| v.items())
+        .with_context(|| format!("{name}: the pickle has no 'ind2label' list"))?
+        .iter()
+        .map(|v| v.as_int().map(|i| i.to_string()).or_else(|| v.as_text()))
+        .collect::<Option<_>>()
+        .with_context(|| format!("{name}: 'ind2label' holds something other than ids"))?;
+    if ids.len() != rows {
+        bail!(
+            "{name}: 'ind2label' has {} ids for {rows} embedding rows",
+            ids.len()
+        );
+    }
+    let missing: Vec<&str> = classes
+        .iter()
+        .filter(|c| !ids.contains(&c.id))
+        .map(|c| c.id.as_str())
+        .collect();
+    let extra: Vec<&str> = ids
+        .iter()
+        .filter(|id| !classes.iter().any(|c| &c.id == *id))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        bail!(
+            "{name}: the embedding's classes do not match the data's ({} vs {}): missing ids {:?}, extra ids {:?}",
+            rows,
+            classes.len(),
+            &missing[..missing.len().min(10)],
+            &extra[..extra.len().min(10)]
+        );
+    }
+    let mut out = Vec::with_capacity(classes.len() * dim);
+    for class in classes {
+        let row = ids
+            .iter()
+            .position(|id| *id == class.id)
+            .expect("checked above");
+        out.extend_from_slice(&values[row * dim..(row + 1) * dim]);
+    }
+    Ok((classes.len(), dim, out))
+}
+
+/// Reads a little-endian f8/f4 `.npy` file in C order: (shape, values).
+fn read_npy(bytes: &[u8]) -> anyhow::Result<(Vec<usize>, Vec<f64>)> {
+    let major = *bytes.get(6).context("truncated")?;
+    let (len, start) = match major {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 => (
+            u32::from_le_bytes(bytes.get(8..12).context("truncated")?.try_into()?) as usize,
+            12,
+        ),
+        v => bail!("npy version {v} is not supported"),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + len).context("truncated header")?)?;
+    let descr = header
+        .split("'descr':")
+        .nth(1)
+        .and_then(|s| s.split('\'').nth(1))
+        .context("no descr")?;
+    if header.contains("'fortran_order': True") {
+        bail!("Fortran-ordered arrays are not supported");
+    }
+    let shape_text = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split(['(', ')']).nth(1))
+        .context("no shape")?;
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let data = &bytes[start + len..];
+    let values: Vec<f64> = match descr {
+        "<f8" => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+        "<f4" => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")).into())
+            .collect(),
+        other => bail!("dtype {other} is not supported (expected <f8 or <f4)"),
+    };
+    if values.len() != shape.iter().product::<usize>() {
+        bail!("{} values for shape {shape:?}", values.len());
+    }
+    Ok((shape, values))
+}

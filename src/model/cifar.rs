@@ -1,0 +1,118 @@
+//! CIFAR-style ResNets (He et al. 2016, section 4.2): a 3x3 stem, three stages of basic blocks,
+//! option-A shortcuts (2x2 average pool, zero channel padding split half before and half after),
+//! glorot-uniform kernels, as the reference's `cifar_resnet.SmallResNet`.
+
+use tch::Tensor;
+use tch::nn::{self, ModuleT};
+
+use super::layers::{BatchNorm, ConvInit, conv2d};
+
+#[derive(Debug)]
+struct BasicBlock {
+    conv1: nn::Conv2D,
+    bn1: BatchNorm,
+    conv2: nn::Conv2D,
+    bn2: BatchNorm,
+    stride: i64,
+    c_in: i64,
+    c_out: i64,
+}
+
+impl BasicBlock {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
+        BasicBlock {
+            conv1: conv2d(
+                &p / "conv1",
+                c_in,
+                c_out,
+                3,
+                stride,
+                1,
+                ConvInit::GlorotUniform,
+            ),
+            bn1: BatchNorm::new(&p / "bn1", c_out),
+            conv2: conv2d(&p / "conv2", c_out, c_out, 3, 1, 1, ConvInit::GlorotUniform),
+            bn2: BatchNorm::new(&p / "bn2", c_out),
+            stride,
+            c_in,
+            c_out,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let out = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let out = out.apply(&self.conv2).apply_t(&self.bn2, train);
+        let mut shortcut = if self.stride > 1 {
+            x.avg_pool2d(
+                [self.stride, self.stride],
+                [self.stride, self.stride],
+                [0, 0],
+                true,
+                true,
+                None,
+            )
+        } else {
+            x.shallow_clone()
+        };
+        if self.c_out > self.c_in {
+            let extra = self.c_out - self.c_in;
+            shortcut = shortcut.constant_pad_nd([0, 0, 0, 0, extra / 2, extra - extra / 2]);
+        }
+        (out + shortcut).relu()
+    }
+}
+
+/// A CIFAR ResNet of depth 6n + 2 with the given stage widths.
+#[derive(Debug)]
+pub struct CifarResNet {
+    conv1: nn::Conv2D,
+    bn1: BatchNorm,
+    blocks: Vec<BasicBlock>,
+    out_dim: i64,
+}
+
+impl CifarResNet {
+    pub fn new(p: &nn::Path, in_channels: i64, blocks_per_stage: usize, widths: [i64; 3]) -> Self {
+        let conv1 = conv2d(
+            p / "conv1",
+            in_channels,
+            widths[0],
+            3,
+            1,
+            1,
+            ConvInit::GlorotUniform,
+        );
+        let bn1 = BatchNorm::new(p / "bn1", widths[0]);
+        let mut blocks = Vec::new();
+        let mut c_in = widths[0];
+        for (stage, &width) in widths.iter().enumerate() {
+            let layer = p / format!("layer{}", stage + 1);
+            for i in 0..blocks_per_stage {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                blocks.push(BasicBlock::new(&layer / i, c_in, width, stride));
+                c_in = width;
+            }
+        }
+        CifarResNet {
+            conv1,
+            bn1,
+            blocks,
+            out_dim: widths[2],
+        }
+    }
+
+    pub fn out_dim(&self) -> i64 {
+        self.out_dim
+    }
+}
+
+impl ModuleT for CifarResNet {
+    /// Images (N, C, H, W) to globally average-pooled features (N, out_dim).
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        for block in &self.blocks {
+            h = block.forward_t(&h, train);
+        }
+        h.mean_dim([2i64, 3].as_slice(), false, tch::Kind::Float)
+    }
+}

@@ -1,0 +1,141 @@
+//! The backbones (`--arch`): ResNet-50 v1 for large images and CIFAR-style ResNets for small
+//! ones. A backbone maps images (N, C, H, W) to pooled features (N, F); the objective's head
+//! (`crate::objective`) sits on top.
+
+pub mod cifar;
+pub mod layers;
+pub mod resnet50;
+
+use std::fmt;
+use std::str::FromStr;
+
+use tch::Tensor;
+use tch::nn::{self, ModuleT};
+
+/// The architectures `--arch` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Arch {
+    ResNet50,
+    /// CIFAR ResNet of depth 6n+2: `blocks` basic blocks per stage with the given widths.
+    Cifar {
+        depth: usize,
+        wide: bool,
+    },
+}
+
+/// Every value `--arch` accepts, for help and error messages.
+pub const ARCH_NAMES: &str = "resnet50, resnet8 (small, for quick CPU runs), resnet20, resnet32, resnet56, resnet110, resnet110-wfc";
+
+impl FromStr for Arch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "resnet50" => Arch::ResNet50,
+            "resnet8" => Arch::Cifar {
+                depth: 8,
+                wide: false,
+            },
+            "resnet20" => Arch::Cifar {
+                depth: 20,
+                wide: false,
+            },
+            "resnet32" => Arch::Cifar {
+                depth: 32,
+                wide: false,
+            },
+            "resnet56" => Arch::Cifar {
+                depth: 56,
+                wide: false,
+            },
+            "resnet110" => Arch::Cifar {
+                depth: 110,
+                wide: false,
+            },
+            "resnet110-wfc" => Arch::Cifar {
+                depth: 110,
+                wide: true,
+            },
+            _ => {
+                return Err(format!(
+                    "unknown architecture '{s}': expected one of {ARCH_NAMES}"
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arch::ResNet50 => f.write_str("resnet50"),
+            Arch::Cifar { depth, wide: false } => write!(f, "resnet{depth}"),
+            Arch::Cifar { depth, wide: true } => write!(f, "resnet{depth}-wfc"),
+        }
+    }
+}
+
+impl From<Arch> for String {
+    fn from(a: Arch) -> String {
+        a.to_string()
+    }
+}
+
+impl TryFrom<String> for Arch {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl Arch {
+    /// The reference's L2 coefficient on conv and dense kernels (Keras `l2(lambda)`, gradient
+    /// 2 lambda w): none for ResNet-50, 2e-4 for the CIFAR ResNets.
+    pub fn kernel_l2(self) -> f64 {
+        match self {
+            Arch::ResNet50 => 0.0,
+            Arch::Cifar { .. } => 2e-4,
+        }
+    }
+}
+
+/// A built backbone.
+#[derive(Debug)]
+pub enum Backbone {
+    ResNet50(resnet50::ResNet50),
+    Cifar(cifar::CifarResNet),
+}
+
+impl Backbone {
+    pub fn new(arch: Arch, p: &nn::Path, in_channels: i64) -> Self {
+        match arch {
+            Arch::ResNet50 => Backbone::ResNet50(resnet50::ResNet50::new(p, in_channels)),
+            Arch::Cifar { depth, wide } => {
+                let widths = if wide { [32, 64, 128] } else { [16, 32, 64] };
+                Backbone::Cifar(cifar::CifarResNet::new(
+                    p,
+                    in_channels,
+                    (depth - 2) / 6,
+                    widths,
+                ))
+            }
+        }
+    }
+
+    /// Width of the pooled features.
+    pub fn out_dim(&self) -> i64 {
+        match self {
+            Backbone::ResNet50(_) => resnet50::RESNET50_FEATURES,
+            Backbone::Cifar(m) => m.out_dim(),
+        }
+    }
+}
+
+impl ModuleT for Backbone {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match self {
+            Backbone::ResNet50(m) => m.forward_t(xs, train),
+            Backbone::Cifar(m) => m.forward_t(xs, train),
+        }
+    }
+}

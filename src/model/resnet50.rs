@@ -1,0 +1,107 @@
+//! ResNet-50 v1 as keras-applications builds it (the reference's backbone for the fine-grained
+//! datasets): stride on the first 1x1 conv of a stage's first block, projection shortcuts, a
+//! padded 3x3/2 max-pool after the stem, truncated he-normal kernels. Parameter names follow
+//! torchvision's `resnet50`, so the weights load there with `strict=True` (torchvision puts the
+//! stride on the 3x3 conv, "v1.5"; shapes are identical, the computation differs).
+
+use tch::Tensor;
+use tch::nn::{self, ModuleT};
+
+use super::layers::{BatchNorm, ConvInit, conv2d};
+
+#[derive(Debug)]
+struct Bottleneck {
+    conv1: nn::Conv2D,
+    bn1: BatchNorm,
+    conv2: nn::Conv2D,
+    bn2: BatchNorm,
+    conv3: nn::Conv2D,
+    bn3: BatchNorm,
+    downsample: Option<(nn::Conv2D, BatchNorm)>,
+}
+
+impl Bottleneck {
+    fn new(p: nn::Path, c_in: i64, width: i64, stride: i64) -> Self {
+        let c_out = width * 4;
+        let init = ConvInit::TruncatedHeNormal;
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            let d = &p / "downsample";
+            (
+                conv2d(&d / "0", c_in, c_out, 1, stride, 0, init),
+                BatchNorm::new(&d / "1", c_out),
+            )
+        });
+        Bottleneck {
+            conv1: conv2d(&p / "conv1", c_in, width, 1, stride, 0, init),
+            bn1: BatchNorm::new(&p / "bn1", width),
+            conv2: conv2d(&p / "conv2", width, width, 3, 1, 1, init),
+            bn2: BatchNorm::new(&p / "bn2", width),
+            conv3: conv2d(&p / "conv3", width, c_out, 1, 1, 0, init),
+            bn3: BatchNorm::new(&p / "bn3", c_out),
+            downsample,
+        }
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let out = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        let out = out.apply(&self.conv2).apply_t(&self.bn2, train).relu();
+        let out = out.apply(&self.conv3).apply_t(&self.bn3, train);
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => x.apply(conv).apply_t(bn, train),
+            None => x.shallow_clone(),
+        };
+        (out + shortcut).relu()
+    }
+}
+
+#[derive(Debug)]
+pub struct ResNet50 {
+    conv1: nn::Conv2D,
+    bn1: BatchNorm,
+    blocks: Vec<Bottleneck>,
+}
+
+/// Output features of the backbone.
+pub const RESNET50_FEATURES: i64 = 2048;
+
+impl ResNet50 {
+    pub fn new(p: &nn::Path, in_channels: i64) -> Self {
+        let conv1 = conv2d(
+            p / "conv1",
+            in_channels,
+            64,
+            7,
+            2,
+            3,
+            ConvInit::TruncatedHeNormal,
+        );
+        let bn1 = BatchNorm::new(p / "bn1", 64);
+        let mut blocks = Vec::new();
+        let mut c_in = 64;
+        for (stage, (&width, &count)) in [64i64, 128, 256, 512]
+            .iter()
+            .zip(&[3usize, 4, 6, 3])
+            .enumerate()
+        {
+            let layer = p / format!("layer{}", stage + 1);
+            for i in 0..count {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                blocks.push(Bottleneck::new(&layer / i, c_in, width, stride));
+                c_in = width * 4;
+            }
+        }
+        ResNet50 { conv1, bn1, blocks }
+    }
+}
+
+impl ModuleT for ResNet50 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+        // Zero padding after a ReLU equals -inf padding: keras' pool1_pad + valid max-pool.
+        h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        for block in &self.blocks {
+            h = block.forward_t(&h, train);
+        }
+        h.mean_dim([2i64, 3].as_slice(), false, tch::Kind::Float)
+    }
+}

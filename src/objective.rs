@@ -1,0 +1,228 @@
+//! The four objectives (`--loss`), their heads and prediction rules (reference-spec section 1).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::model::layers::{BatchNorm, linear};
+
+/// `--loss`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LossKind {
+    /// Softmax cross-entropy.
+    Ce,
+    /// Cross-entropy with label smoothing: 1 - ls on the true class, ls / (C - 1) elsewhere.
+    CeLs,
+    /// 1 - <f / |f|, psi(y)> against unit class embeddings psi.
+    Cosine,
+    /// Cosine plus `cls_weight` x cross-entropy of a head on the normalised embedding.
+    CosineCe,
+}
+
+pub const LOSS_NAMES: &str = "ce, ce-ls, cosine, cosine-ce";
+
+impl FromStr for LossKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "ce" => LossKind::Ce,
+            "ce-ls" => LossKind::CeLs,
+            "cosine" => LossKind::Cosine,
+            "cosine-ce" => LossKind::CosineCe,
+            _ => return Err(format!("unknown loss '{s}': expected one of {LOSS_NAMES}")),
+        })
+    }
+}
+
+impl fmt::Display for LossKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LossKind::Ce => "ce",
+            LossKind::CeLs => "ce-ls",
+            LossKind::Cosine => "cosine",
+            LossKind::CosineCe => "cosine-ce",
+        })
+    }
+}
+
+impl LossKind {
+    pub fn uses_embedding(self) -> bool {
+        matches!(self, LossKind::Cosine | LossKind::CosineCe)
+    }
+}
+
+/// The objective's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ObjectiveConfig {
+    pub loss: LossKind,
+    pub label_smoothing: f64,
+    pub cls_weight: f64,
+}
+
+/// Keras L2 coefficient of the cosine+CE head's dense kernel.
+pub const CLS_HEAD_L2: f64 = 5e-4;
+
+/// What the head produces for a batch.
+pub struct HeadOutput {
+    /// CE: logits (N, C). Cosine: the L2-normalised embedding (N, D).
+    pub primary: Tensor,
+    /// Cosine+CE: the classification head's logits (N, C).
+    pub cls_logits: Option<Tensor>,
+}
+
+/// The layers on top of the backbone's pooled features. Names: `fc` (the classifier or the
+/// embedding layer, torchvision's name for the last layer), `head.bn` and `head.fc` (cosine+CE).
+#[derive(Debug)]
+pub struct Head {
+    config: ObjectiveConfig,
+    fc: nn::Linear,
+    cls: Option<(BatchNorm, nn::Linear)>,
+    /// Class embeddings psi, (C, D), unit rows (cosine objectives).
+    class_embedding: Option<Tensor>,
+    classes: i64,
+}
+
+/// x / sqrt(max(sum x^2, 1e-12)) along the last axis, as `tf.nn.l2_normalize`.
+pub fn l2_normalize(x: &Tensor) -> Tensor {
+    let sq = x
+        .pow_tensor_scalar(2)
+        .sum_dim_intlist([-1i64].as_slice(), true, Kind::Float);
+    x / sq.clamp_min(1e-12).sqrt()
+}
+
+impl Head {
+    /// `class_embedding` (C, D) is required for the cosine objectives.
+    pub fn new(
+        root: &nn::Path,
+        config: ObjectiveConfig,
+        features: i64,
+        classes: i64,
+        class_embedding: Option<Tensor>,
+    ) -> Self {
+        let out = match (&class_embedding, config.loss.uses_embedding()) {
+            (Some(e), true) => e.size()[1],
+            _ => classes,
+        };
+        let fc = linear(root / "fc", features, out);
+        let cls = (config.loss == LossKind::CosineCe).then(|| {
+            let p = root / "head";
+            (
+                BatchNorm::new(&p / "bn", out),
+                linear(&p / "fc", out, classes),
+            )
+        });
+        Head {
+            config,
+            fc,
+            cls,
+            class_embedding: class_embedding.filter(|_| config.loss.uses_embedding()),
+            classes,
+        }
+    }
+
+    pub fn forward_t(&self, features: &Tensor, train: bool) -> HeadOutput {
+        let out = self.fc.forward(features);
+        if !self.config.loss.uses_embedding() {
+            return HeadOutput {
+                primary: out,
+                cls_logits: None,
+            };
+        }
+        let f = l2_normalize(&out);
+        let cls_logits = self
+            .cls
+            .as_ref()
+            .map(|(bn, fc)| f.relu().apply_t(bn, train).apply(fc));
+        HeadOutput {
+            primary: f,
+            cls_logits,
+        }
+    }
+
+    /// The mean loss of a batch (L2 terms excluded: the optimiser adds them to the gradient).
+    pub fn loss(&self, out: &HeadOutput, labels: &Tensor) -> Tensor {
+        match self.config.loss {
+            LossKind::Ce => out.primary.cross_entropy_for_logits(labels),
+            LossKind::CeLs => smoothed_ce(
+                &out.primary,
+                labels,
+                self.config.label_smoothing,
+                self.classes,
+            ),
+            LossKind::Cosine => self.cosine_loss(&out.primary, labels),
+            LossKind::CosineCe => {
+                let cls = out
+                    .cls_logits
+                    .as_ref()
+                    .expect("cosine-ce has a classification head");
+                self.cosine_loss(&out.primary, labels)
+                    + cls.cross_entropy_for_logits(labels) * self.config.cls_weight
+            }
+        }
+    }
+
+    fn cosine_loss(&self, f: &Tensor, labels: &Tensor) -> Tensor {
+        let psi = self
+            .class_embedding
+            .as_ref()
+            .expect("cosine objectives have class embeddings");
+        let targets = psi.index_select(0, labels);
+        let dots = (f * targets).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+        (dots.neg() + 1.0).mean(Kind::Float)
+    }
+
+    /// Predicted classes: the objective's main prediction (CE: argmax; cosine: the class whose
+    /// embedding has the largest dot product; cosine+CE: the head's argmax, which the paper
+    /// reports) and, for cosine+CE, the embedding's prediction as well.
+    pub fn predict(&self, out: &HeadOutput) -> (Tensor, Option<Tensor>) {
+        match self.config.loss {
+            LossKind::Ce | LossKind::CeLs => (out.primary.argmax(1, false), None),
+            LossKind::Cosine => (self.nearest_class(&out.primary), None),
+            LossKind::CosineCe => {
+                let cls = out
+                    .cls_logits
+                    .as_ref()
+                    .expect("cosine-ce has a classification head");
+                (cls.argmax(1, false), Some(self.nearest_class(&out.primary)))
+            }
+        }
+    }
+
+    fn nearest_class(&self, f: &Tensor) -> Tensor {
+        let psi = self
+            .class_embedding
+            .as_ref()
+            .expect("cosine objectives have class embeddings");
+        f.matmul(&psi.transpose(0, 1)).argmax(1, false)
+    }
+
+    /// L2 coefficient of a head parameter by name, `None` if `name` is not the head's.
+    pub fn l2_of(name: &str) -> Option<f64> {
+        if name == "head.fc.weight" {
+            Some(CLS_HEAD_L2)
+        } else if name.starts_with("head.") {
+            Some(0.0)
+        } else {
+            None
+        }
+    }
+}
+
+/// Cross-entropy against smoothed targets: 1 - ls on the true class, ls / (C - 1) elsewhere (the
+/// reference's convention, not PyTorch's ls / C).
+pub fn smoothed_ce(logits: &Tensor, labels: &Tensor, ls: f64, classes: i64) -> Tensor {
+    let off = ls / (classes - 1).max(1) as f64;
+    let targets = Tensor::full(
+        [labels.size()[0], classes],
+        off,
+        (Kind::Float, logits.device()),
+    )
+    .scatter_value(1, &labels.unsqueeze(1), 1.0 - ls);
+    -(logits.log_softmax(1, Kind::Float) * targets)
+        .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+        .mean(Kind::Float)
+}
