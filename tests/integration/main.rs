@@ -3,6 +3,8 @@
 
 mod cli;
 mod libtorch_cpu;
+mod model;
 mod mpi;
 mod setup;
+mod training;
 mod util;

@@ -1,0 +1,333 @@
+//! Architectures, objectives, optimiser and schedule against values derived by hand.
+
+use cosine_train::model::{Arch, Backbone};
+use cosine_train::objective::{
+    Head, HeadOutput, LossKind, ObjectiveConfig, l2_normalize, smoothed_ce,
+};
+use cosine_train::optim::Sgd;
+use cosine_train::schedule::Schedule;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+fn trainable(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum()
+}
+
+/// A conv without bias plus its BatchNorm (weight and bias).
+fn conv_bn(k: i64, c_in: i64, c_out: i64) -> i64 {
+    k * k * c_in * c_out + 2 * c_out
+}
+
+#[test]
+fn resnet50_has_torchvisions_parameter_count() {
+    // Stem, then per stage: the first block has a projection; widths 64..512, 3/4/6/3 blocks.
+    let mut expected = conv_bn(7, 3, 64);
+    let mut c_in = 64;
+    for (w, n) in [(64, 3), (128, 4), (256, 6), (512, 3)] {
+        for i in 0..n {
+            expected += conv_bn(1, c_in, w) + conv_bn(3, w, w) + conv_bn(1, w, 4 * w);
+            if i == 0 {
+                expected += conv_bn(1, c_in, 4 * w);
+            }
+            c_in = 4 * w;
+        }
+    }
+    // torchvision's resnet50 with its 1000-class fc has 25,557,032 parameters.
+    assert_eq!(expected + 2048 * 1000 + 1000, 25_557_032);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let backbone = Backbone::new(Arch::ResNet50, &vs.root(), 3);
+    assert_eq!(trainable(&vs), expected);
+    assert_eq!(backbone.out_dim(), 2048);
+    // Any input size gives pooled features; 448 is the fine-grained crop, 224 MIT-67's.
+    for size in [448, 224, 32] {
+        let x = Tensor::randn([1, 3, size, size], (Kind::Float, Device::Cpu));
+        let f = tch::no_grad(|| backbone.forward_t(&x, false));
+        assert_eq!(f.size(), [1, 2048], "input {size}");
+    }
+    let names: std::collections::HashSet<String> = vs.variables().into_keys().collect();
+    for name in [
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.downsample.0.weight",
+        "layer4.2.bn3.num_batches_tracked",
+    ] {
+        assert!(names.contains(name), "torchvision name {name} missing");
+    }
+}
+
+#[test]
+fn resnet110_wfc_parameter_count_and_shapes() {
+    // 3x3 stem to 32 channels, 3 stages of 18 basic blocks (32, 64, 128), option-A shortcuts
+    // (no parameters), a dense layer from 128 features.
+    let mut expected = conv_bn(3, 3, 32);
+    let mut c_in = 32;
+    for w in [32, 64, 128] {
+        for _ in 0..18 {
+            expected += conv_bn(3, c_in, w) + conv_bn(3, w, w);
+            c_in = w;
+        }
+    }
+    let vs = nn::VarStore::new(Device::Cpu);
+    let backbone = Backbone::new(
+        Arch::Cifar {
+            depth: 110,
+            wide: true,
+        },
+        &vs.root(),
+        3,
+    );
+    assert_eq!(trainable(&vs), expected);
+    assert_eq!(expected, 6_892_192, "6.89 M parameters before the head");
+    let head = Head::new(
+        &vs.root(),
+        ObjectiveConfig {
+            loss: LossKind::Ce,
+            label_smoothing: 0.0,
+            cls_weight: 0.0,
+        },
+        128,
+        100,
+        None,
+    );
+    assert_eq!(trainable(&vs), expected + 128 * 100 + 100);
+    let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let out = tch::no_grad(|| head.forward_t(&backbone.forward_t(&x, false), false));
+    assert_eq!(out.primary.size(), [2, 100]);
+}
+
+fn vec(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+fn close(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+fn softmax(row: &[f64]) -> Vec<f64> {
+    let m = row.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = row.iter().map(|v| (v - m).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|v| v / s).collect()
+}
+
+const LOGITS: [[f64; 3]; 2] = [[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]];
+const LABELS: [i64; 2] = [0, 2];
+
+fn head(loss: LossKind, embedding: Option<Tensor>) -> Head {
+    let vs = nn::VarStore::new(Device::Cpu);
+    Head::new(
+        &vs.root(),
+        ObjectiveConfig {
+            loss,
+            label_smoothing: 0.1,
+            cls_weight: 0.1,
+        },
+        4,
+        3,
+        embedding,
+    )
+}
+
+#[test]
+fn cross_entropy_and_label_smoothing_match_hand_computation() {
+    let flat: Vec<f32> = LOGITS.iter().flatten().map(|&v| v as f32).collect();
+    let labels = Tensor::from_slice(&LABELS);
+    for (loss, ls) in [(LossKind::Ce, 0.0), (LossKind::CeLs, 0.1)] {
+        let logits = Tensor::from_slice(&flat)
+            .reshape([2, 3])
+            .set_requires_grad(true);
+        let value = head(loss, None).loss(
+            &HeadOutput {
+                primary: logits.shallow_clone(),
+                cls_logits: None,
+            },
+            &labels,
+        );
+        value.backward();
+        // Targets: 1 - ls on the true class, ls / (C - 1) = 0.05 elsewhere.
+        let (mut want, mut grad) = (0.0, Vec::new());
+        for (row, &y) in LOGITS.iter().zip(&LABELS) {
+            let p = softmax(row);
+            for (k, pk) in p.iter().enumerate() {
+                let t = if k as i64 == y { 1.0 - ls } else { ls / 2.0 };
+                want -= t * pk.ln() / 2.0;
+                grad.push((pk - t) / 2.0);
+            }
+        }
+        close(&vec(&value), &[want], &format!("{loss} loss"));
+        close(&vec(&logits.grad()), &grad, &format!("{loss} gradient"));
+    }
+    let direct = smoothed_ce(&Tensor::from_slice(&flat).reshape([2, 3]), &labels, 0.0, 3);
+    let plain = Tensor::from_slice(&flat)
+        .reshape([2, 3])
+        .cross_entropy_for_logits(&labels);
+    close(&vec(&direct), &vec(&plain), "ls = 0 is plain CE");
+}
+
+#[test]
+fn cosine_losses_match_hand_computation() {
+    // Raw embedding-layer outputs x (N=2, D=3) and one-hot class embeddings.
+    let x_rows = [[3.0f64, 4.0, 0.0], [1.0, 1.0, 1.0]];
+    let flat: Vec<f32> = x_rows.iter().flatten().map(|&v| v as f32).collect();
+    let labels = Tensor::from_slice(&LABELS);
+    let x = Tensor::from_slice(&flat)
+        .reshape([2, 3])
+        .set_requires_grad(true);
+    let h = head(
+        LossKind::Cosine,
+        Some(Tensor::eye(3, (Kind::Float, Device::Cpu))),
+    );
+    let f = l2_normalize(&x);
+    let value = h.loss(
+        &HeadOutput {
+            primary: f,
+            cls_logits: None,
+        },
+        &labels,
+    );
+    value.backward();
+    // loss = mean(1 - x_y / |x|); d/dx = -(e_y - (x_y/|x|) x/|x|) / |x| / N.
+    let (mut want, mut grad) = (0.0, Vec::new());
+    for (row, &y) in x_rows.iter().zip(&LABELS) {
+        let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let cos = row[y as usize] / norm;
+        want += (1.0 - cos) / 2.0;
+        for (k, xk) in row.iter().enumerate() {
+            let e = if k as i64 == y { 1.0 } else { 0.0 };
+            grad.push(-(e - cos * xk / norm) / norm / 2.0);
+        }
+    }
+    close(&vec(&value), &[want], "cosine loss");
+    close(&vec(&x.grad()), &grad, "cosine gradient");
+
+    // cosine-ce: the same cosine term plus 0.1 x CE of the head's logits.
+    let h = head(
+        LossKind::CosineCe,
+        Some(Tensor::eye(3, (Kind::Float, Device::Cpu))),
+    );
+    let lf: Vec<f32> = LOGITS.iter().flatten().map(|&v| v as f32).collect();
+    let logits = Tensor::from_slice(&lf)
+        .reshape([2, 3])
+        .set_requires_grad(true);
+    let f = l2_normalize(&Tensor::from_slice(&flat).reshape([2, 3]));
+    let value = h.loss(
+        &HeadOutput {
+            primary: f,
+            cls_logits: Some(logits.shallow_clone()),
+        },
+        &labels,
+    );
+    value.backward();
+    let mut ce = 0.0;
+    let mut grad = Vec::new();
+    for (row, &y) in LOGITS.iter().zip(&LABELS) {
+        let p = softmax(row);
+        ce -= p[y as usize].ln() / 2.0;
+        grad.extend((0..3).map(|k| 0.1 * (p[k] - if k as i64 == y { 1.0 } else { 0.0 }) / 2.0));
+    }
+    close(&vec(&value), &[want + 0.1 * ce], "cosine-ce loss");
+    close(
+        &vec(&logits.grad()),
+        &grad,
+        "cosine-ce gradient on the head's logits",
+    );
+
+    // Prediction: the class whose embedding has the largest dot product.
+    let psi = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 0.6, 0.8, 0.0, 0.0, 0.0, 1.0]).reshape([3, 3]);
+    let h = head(LossKind::Cosine, Some(psi));
+    let f = Tensor::from_slice(&[0.7f32, 0.71, 0.0, 0.1, 0.0, 0.99]).reshape([2, 3]);
+    let (pred, _) = h.predict(&HeadOutput {
+        primary: f,
+        cls_logits: None,
+    });
+    assert_eq!(Vec::<i64>::try_from(pred).unwrap(), vec![1, 2]);
+}
+
+#[test]
+fn sgdr_matches_the_reference_sequence_for_a_12_epoch_cycle() {
+    let s = Schedule::Sgdr {
+        max_lr: 1.0,
+        min_lr: 0.0,
+        base: 12,
+        mul: 2,
+    };
+    let got: Vec<f64> = (0..12).map(|e| s.lr_at(e, 0, 10, 372)).collect();
+    // reference-spec 4.2: 1, .933, .854, .75, .629, .5, .371, .25, .146, .067, .017, ~0.
+    let want = [
+        1.0, 0.933, 0.854, 0.75, 0.629, 0.5, 0.371, 0.25, 0.146, 0.067, 0.017, 0.0,
+    ];
+    for (e, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() < 1e-3, "epoch {e}: {g} vs {w}");
+    }
+    assert_eq!(s.lr_at(12, 0, 10, 372), 1.0, "restart at epoch 12");
+    let s = Schedule::Sgdr {
+        max_lr: 0.5,
+        min_lr: 1e-6,
+        base: 12,
+        mul: 2,
+    };
+    assert!(
+        (s.lr_at(35, 0, 10, 372) - 1e-6).abs() < 1e-12,
+        "last epoch of cycle 2 at the minimum"
+    );
+    assert_eq!(
+        s.lr_at(5, 3, 10, 372),
+        s.lr_at(5, 0, 10, 372),
+        "constant within an epoch"
+    );
+}
+
+#[test]
+fn sgd_follows_the_keras_momentum_form_across_a_learning_rate_change() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var("w", &[2], nn::Init::Const(1.0));
+    let mut opt = Sgd::new(&vs, 0.9, None, |_, _| 0.0);
+    // loss = sum(g * w) has the constant gradient g.
+    let g = [0.5f64, -2.0];
+    let gt = Tensor::from_slice(&[0.5f32, -2.0]);
+    let (mut p, mut v) = ([1.0f64, 1.0], [0.0f64, 0.0]);
+    for lr in [0.1, 0.1, 1.0, 0.01] {
+        opt.zero_grad();
+        (&w * &gt).sum(Kind::Float).backward();
+        opt.step(lr);
+        for k in 0..2 {
+            v[k] = 0.9 * v[k] - lr * g[k];
+            p[k] += v[k];
+        }
+        close(&vec(&w), &p, &format!("after a step at lr {lr}"));
+    }
+    // PyTorch's form would differ after the change of rate: check it does.
+    let torch_form = {
+        let (mut p, mut b) = (1.0f64, 0.0f64);
+        for (i, lr) in [0.1, 0.1, 1.0, 0.01].into_iter().enumerate() {
+            b = if i == 0 { 0.5 } else { 0.9 * b + 0.5 };
+            p -= lr * b;
+        }
+        p
+    };
+    assert!(
+        (torch_form - p[0]).abs() > 1e-3,
+        "the test distinguishes the two forms"
+    );
+}
+
+#[test]
+fn l2_and_global_norm_clip_enter_the_update() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var("w", &[2, 1], nn::Init::Const(3.0));
+    let mut opt = Sgd::new(&vs, 0.9, Some(10.0), |_, _| 0.5);
+    opt.zero_grad();
+    (&w * 20.0).sum(Kind::Float).backward();
+    let norm = opt.step(0.1);
+    // Gradient 20 + 2 * 0.5 * 3 = 23 per element; norm 23 sqrt 2 > 10, scaled to 10.
+    let n = 23.0 * 2f64.sqrt();
+    assert!((norm - n).abs() < 1e-4, "{norm}");
+    let step = 0.1 * 23.0 * 10.0 / n;
+    close(&vec(&w), &[3.0 - step, 3.0 - step], "clipped update");
+}

@@ -1,0 +1,288 @@
+//! `cosine-train train` through the real binary on real data (Fashion-MNIST from the Debian
+//! package, packed here with the datasets-prep library).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use datasets_prep::pack::{PackOptions, pack};
+use datasets_prep::sources::Source;
+use serde_json::Value;
+
+use crate::util::{cosine_train, run, show, stderr};
+
+const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+const LIMIT: Duration = Duration::from_secs(600);
+
+/// Fashion-MNIST with `k` training images per class (seed 0), packed once per test process.
+fn fashion(k: usize) -> PathBuf {
+    static DIRS: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let root = DIRS.get_or_init(|| tempfile::tempdir().unwrap()).path();
+    let out = root.join(format!("fmnist-k{k}"));
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap();
+    if !out.exists() {
+        assert!(
+            Path::new(FASHION_MNIST).is_dir(),
+            "{FASHION_MNIST} missing: run `make setup`"
+        );
+        let mut opts = PackOptions::new(Source::Idx, FASHION_MNIST.into(), out.clone());
+        opts.per_class = Some(k);
+        pack(&opts).unwrap();
+    }
+    out
+}
+
+fn metrics(run_dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Metrics without the wall-clock fields, the only ones that may differ between equal runs.
+fn deterministic(lines: &[Value]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|v| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                for k in ["images_per_sec", "train_seconds", "seconds"] {
+                    o.remove(k);
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    run(
+        cosine_train()
+            .arg("train")
+            .arg("--data")
+            .arg(data)
+            .arg("--out")
+            .arg(out)
+            .args(extra),
+        LIMIT,
+    )
+}
+
+/// Each objective learns for real: 100 training images per class, a small ResNet, 480 steps
+/// (12 epochs of batch 25, one libtorch thread: about 20 s per objective).
+/// The bar, 50% top-1 on the full 10,000-image test set, is five times chance; PyTorch on
+/// the same recipe reaches 63-68% (findings.md), and our runs land at 65-78%, so the margin
+/// covers seed noise while any broken loss, gradient, schedule or BatchNorm fails it.
+#[test]
+fn every_objective_learns_fashion_mnist_from_100_images_per_class() {
+    let data = fashion(100);
+    let tmp = tempfile::tempdir().unwrap();
+    for (loss, lr) in [
+        ("ce", "0.1"),
+        ("ce-ls", "0.1"),
+        ("cosine", "0.5"),
+        ("cosine-ce", "0.5"),
+    ] {
+        let out = tmp.path().join(loss);
+        let o = train(
+            &data,
+            &out,
+            &[
+                "--arch",
+                "resnet8",
+                "--loss",
+                loss,
+                "--lr-max",
+                lr,
+                "--epochs",
+                "12",
+                "--sgdr-base",
+                "12",
+                "--batch-size",
+                "25",
+                "--eval-every",
+                "100",
+                "--threads",
+                "1",
+                "--workers",
+                "1",
+            ],
+        );
+        assert!(o.status.success(), "{}", show(&o));
+        let lines = metrics(&out);
+        let summary = lines.last().unwrap();
+        assert_eq!(summary["summary"], true);
+        let best = summary["best_top1"].as_f64().unwrap();
+        assert!(best > 0.5, "{loss}: best test top-1 {best}");
+        let last = &lines[lines.len() - 2];
+        assert_eq!(last["epoch"], 12);
+        assert!(
+            last["test_balanced"].as_f64().unwrap() > 0.45,
+            "{loss}: {last}"
+        );
+        if loss == "cosine-ce" {
+            assert!(
+                last["test_embedding_top1"].as_f64().unwrap() > 0.3,
+                "{last}"
+            );
+            assert_eq!(last["test_head_top1"], last["test_top1"]);
+        }
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["config"]["objective"]["loss"], loss);
+        assert!(
+            std::fs::read_to_string(out.join("log.txt"))
+                .unwrap()
+                .contains("done: best test top-1")
+        );
+    }
+}
+
+#[test]
+fn same_seed_same_metrics_whatever_the_loader_threads() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--arch",
+        "resnet8",
+        "--loss",
+        "cosine-ce",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--seed",
+        "5",
+        "--eval-every",
+        "2",
+        "--threads",
+        "1",
+    ];
+    let mut runs = Vec::new();
+    for workers in ["1", "2", "2"] {
+        let out = tmp.path().join(format!("w{workers}-{}", runs.len()));
+        let o = train(&data, &out, &[&args[..], &["--workers", workers]].concat());
+        assert!(o.status.success(), "{}", show(&o));
+        runs.push(deterministic(&metrics(&out)));
+    }
+    assert_eq!(runs[0].len(), 4, "3 epochs and a summary");
+    assert!(
+        runs[0][1].get("test_top1").is_some() && runs[0][0].get("test_top1").is_none(),
+        "evaluated every 2nd epoch and at the end"
+    );
+    assert_eq!(runs[0], runs[1], "1 vs 2 loader threads");
+    assert_eq!(runs[1], runs[2], "the same run twice");
+    let other = tmp.path().join("seed6");
+    let o = train(
+        &data,
+        &other,
+        &[&args[..8], &args[10..], &["--seed", "6"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_ne!(
+        deterministic(&metrics(&other)),
+        runs[0],
+        "another seed, another run"
+    );
+}
+
+#[test]
+fn bad_options_and_data_are_refused_with_the_valid_choices() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    for (flag, value, expect) in [
+        ("--preset", "paper-imagenet-ce", "paper-cub-cosine"),
+        ("--arch", "vgg16", "resnet110-wfc"),
+        ("--loss", "hinge", "cosine-ce"),
+    ] {
+        let o = train(&data, &out, &[flag, value]);
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(stderr(&o).contains(expect), "{flag} {value}: {}", show(&o));
+    }
+    // An embedding with the wrong number of rows names both counts.
+    let npy = tmp.path().join("e.npy");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (7, 4), }";
+    let padded = format!("{header:<117}\n");
+    bytes.extend((padded.len() as u16).to_le_bytes());
+    bytes.extend(padded.as_bytes());
+    bytes.extend(std::iter::repeat_n(1.0f64.to_le_bytes(), 28).flatten());
+    std::fs::write(&npy, bytes).unwrap();
+    let o = train(
+        &data,
+        &out,
+        &[
+            "--loss",
+            "cosine",
+            "--embedding",
+            npy.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--threads",
+            "1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("7 rows, but the data has 10 classes"),
+        "{}",
+        show(&o)
+    );
+
+    // A damaged shard directory stops before training.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, broken.join(p.file_name().unwrap())).unwrap();
+    }
+    let shard = broken.join("train-00000.shard");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let o = train(&broken, &tmp.path().join("r2"), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("train-00000.shard: file is"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        !tmp.path().join("r2").exists(),
+        "nothing written for a refused run"
+    );
+
+    // A non-finite loss stops the run, naming epoch and step, and keeps what was written.
+    let nan = tmp.path().join("nan");
+    let o = train(
+        &data,
+        &nan,
+        &[
+            "--loss",
+            "ce",
+            "--lr-max",
+            "1e30",
+            "--clip-norm",
+            "0",
+            "--epochs",
+            "3",
+            "--threads",
+            "1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("the loss became") && err.contains("epoch") && err.contains("step"),
+        "{err}"
+    );
+    assert!(nan.join("config.json").exists());
+}
