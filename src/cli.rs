@@ -105,6 +105,11 @@ pub struct TrainArgs {
     /// Evaluate every N epochs (and after the last).
     #[arg(long, default_value_t = 1)]
     pub eval_every: usize,
+    /// BatchNorm statistics for evaluation: ema (the reference's bias-corrected moving average)
+    /// or precise (recomputed over the un-augmented training images before each evaluation;
+    /// better when a run has few steps, cheap on small datasets).
+    #[arg(long, default_value = "ema", value_parser = ["ema", "precise"])]
+    pub bn_stats: String,
     /// Seed of initialisation, data order and augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

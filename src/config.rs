@@ -24,6 +24,9 @@ pub struct RunConfig {
     pub augment: AugmentConfig,
     /// Evaluate on the test split every this many epochs (and after the last).
     pub eval_every: usize,
+    /// BatchNorm statistics used for evaluation: `ema` (the reference's bias-corrected moving
+    /// average) or `precise` (recomputed over the training images before each evaluation).
+    pub bn_stats: String,
     pub seed: u64,
     pub device: String,
     pub precision: String,
@@ -288,6 +291,7 @@ pub fn resolve(args: &crate::cli::TrainArgs, source: &str) -> anyhow::Result<Run
         clip_norm: (args.clip_norm > 0.0).then_some(args.clip_norm),
         augment,
         eval_every: args.eval_every.max(1),
+        bn_stats: args.bn_stats.clone(),
         seed: args.seed,
         device: args.device.to_string(),
         precision: args.precision.clone(),

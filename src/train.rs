@@ -148,6 +148,25 @@ pub fn evaluate(
     Ok(counts)
 }
 
+/// Replaces every BatchNorm's running statistics by their average over one pass of the
+/// training images, preprocessed as test images are (precise BN).
+pub fn recompute_bn_statistics(
+    net: &Network,
+    loader: &LoaderSpec,
+    batch: usize,
+    device: Device,
+) -> anyhow::Result<()> {
+    let n = loader.shards.split(Split::Train).len();
+    tch::no_grad(|| {
+        crate::model::layers::with_precise_bn(|| -> anyhow::Result<()> {
+            for b in loader.start(0, (0..n).collect(), batch, false) {
+                let _ = net.forward_t(&b?.images.to_device(device), true);
+            }
+            Ok(())
+        })
+    })
+}
+
 /// Writes `bytes` to `path` atomically (temp file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
@@ -270,6 +289,7 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
     };
     let train_loader = spec(Split::Train, config.augment.clone());
     let test_loader = spec(Split::Test, config.augment.clone());
+    let stats_loader = spec(Split::Train, config.augment.clone());
 
     let terminal = std::io::stderr().is_terminal();
     let mut files = RunFiles::open(&opts.out, !terminal)?;
@@ -354,6 +374,9 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
             "train_seconds": train_secs,
         });
         if (epoch + 1) % config.eval_every.max(1) == 0 || epoch + 1 == config.epochs {
+            if config.bn_stats == "precise" {
+                recompute_bn_statistics(&net, &stats_loader, config.batch_size, opts.device)?;
+            }
             let counts = evaluate(
                 &net,
                 &test_loader,

@@ -102,6 +102,28 @@ pub struct BatchNorm {
     /// Host copy of `num_batches_tracked` (reading the tensor every step would synchronise a
     /// GPU); `None` until first read, and after `forget_step_count` (e.g. a checkpoint load).
     steps: std::cell::Cell<Option<i64>>,
+    /// Precise-BN pass this layer last took part in, and how many batches it has averaged.
+    precise: std::cell::Cell<(u64, i64)>,
+}
+
+thread_local! {
+    /// Non-zero while `with_precise_bn` runs: the pass's number.
+    static PRECISE_PASS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static PRECISE_PASSES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f` (forward passes in training mode over training data) with every BatchNorm replacing
+/// its running statistics by the plain average of the batch statistics it sees ("precise BN",
+/// Wu & Johnson 2021). Parameters and update counts are untouched.
+pub fn with_precise_bn<T>(f: impl FnOnce() -> T) -> T {
+    let pass = PRECISE_PASSES.with(|n| {
+        n.set(n.get() + 1);
+        n.get()
+    });
+    PRECISE_PASS.with(|p| p.set(pass));
+    let out = f();
+    PRECISE_PASS.with(|p| p.set(0));
+    out
 }
 
 impl BatchNorm {
@@ -117,6 +139,7 @@ impl BatchNorm {
                 false,
             ),
             steps: std::cell::Cell::new(Some(0)),
+            precise: std::cell::Cell::new((0, 0)),
         }
     }
 
@@ -133,7 +156,14 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let momentum = if train {
+        let pass = PRECISE_PASS.with(|p| p.get());
+        let momentum = if train && pass != 0 {
+            // The k-th batch of a precise pass enters the average with weight 1 / k.
+            let (seen_pass, count) = self.precise.get();
+            let k = if seen_pass == pass { count + 1 } else { 1 };
+            self.precise.set((pass, k));
+            1.0 / k as f64
+        } else if train {
             let done = self
                 .steps
                 .get()

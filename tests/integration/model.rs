@@ -331,3 +331,41 @@ fn l2_and_global_norm_clip_enter_the_update() {
     let step = 0.1 * 23.0 * 10.0 / n;
     close(&vec(&w), &[3.0 - step, 3.0 - step], "clipped update");
 }
+
+#[test]
+fn batchnorm_running_statistics_are_bias_corrected_and_precise_bn_averages_batches() {
+    use cosine_train::model::layers::{BN_DECAY, BatchNorm, with_precise_bn};
+    let vs = nn::VarStore::new(Device::Cpu);
+    let bn = BatchNorm::new(vs.root() / "bn", 1);
+    let batch = |values: &[f32]| Tensor::from_slice(values).reshape([values.len() as i64, 1, 1, 1]);
+    let mean = |t: &Tensor| f64::try_from(t.sum(Kind::Float)).unwrap();
+    // Update 1: the corrected average is the batch statistic itself (libtorch alone would give
+    // 0.99 * 0 + 0.01 * 2 = 0.02).
+    let _ = bn.forward_t(&batch(&[1.0, 3.0]), true);
+    assert!((mean(&bn.running_mean) - 2.0).abs() < 1e-6);
+    assert!(
+        (mean(&bn.running_var) - 2.0).abs() < 1e-6,
+        "unbiased variance of [1, 3]"
+    );
+    // Update 2: (0.99 * 0.01 * 2 + 0.01 * 6) / (1 - 0.99^2), the debiased EMA of 2 and 6.
+    let _ = bn.forward_t(&batch(&[5.0, 7.0]), true);
+    let want =
+        (BN_DECAY * (1.0 - BN_DECAY) * 2.0 + (1.0 - BN_DECAY) * 6.0) / (1.0 - BN_DECAY * BN_DECAY);
+    assert!(
+        (mean(&bn.running_mean) - want).abs() < 1e-5,
+        "{}",
+        mean(&bn.running_mean)
+    );
+    assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 2);
+    // Precise BN: the plain average of the pass's batch means (10 and 20), counter untouched.
+    with_precise_bn(|| {
+        let _ = bn.forward_t(&batch(&[9.0, 11.0]), true);
+        let _ = bn.forward_t(&batch(&[19.0, 21.0]), true);
+    });
+    assert!((mean(&bn.running_mean) - 15.0).abs() < 1e-5);
+    assert!((mean(&bn.running_var) - 2.0).abs() < 1e-5);
+    assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 2);
+    // Evaluation uses the running statistics: (15 - 15) / sqrt(2 + 1e-3) = 0.
+    let y = bn.forward_t(&batch(&[15.0]), false);
+    assert!(mean(&y).abs() < 1e-5);
+}
