@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{ImageData, Item, Listing, Source, SourceError, integer_classes, read_file, required};
+use super::{Listing, Source, SourceError, integer_classes, read_file, required};
 use crate::mat::{self, MatValue};
 
 pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError> {
@@ -73,16 +73,7 @@ pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError>
             .position(|c| c.id == class.to_string())
             .expect("class was collected");
         let path = root.join(&rel);
-        let item = Item {
-            name: path.display().to_string(),
-            label,
-            data: ImageData::File(path),
-        };
-        if test {
-            listing.test.push(item)
-        } else {
-            listing.train.push(item)
-        }
+        listing.push_file(!test, label, path);
     }
     Ok(listing)
 }

@@ -4,9 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::{
-    ImageData, Item, Listing, Source, SourceError, integer_classes, key_value_lines, required,
-};
+use super::{Listing, Source, SourceError, integer_classes, key_value_lines, required};
 
 pub(super) fn load(source: &Source, root: &Path, split_file: &str) -> Result<Listing, SourceError> {
     let images_path = required(source, root, "images.txt")?;
@@ -66,16 +64,7 @@ pub(super) fn load(source: &Source, root: &Path, split_file: &str) -> Result<Lis
             reason: format!("image {id:?} has no class in {}", labels_path.display()),
         })?;
         let path = image_dir.join(rel);
-        let item = Item {
-            name: path.display().to_string(),
-            label: index[&label.to_string()],
-            data: ImageData::File(path),
-        };
-        if train {
-            listing.train.push(item)
-        } else {
-            listing.test.push(item)
-        }
+        listing.push_file(train, index[&label.to_string()], path);
     }
     Ok(listing)
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{ImageData, Item, Listing, Source, SourceError, integer_classes, read_file, required};
+use super::{Listing, Source, SourceError, integer_classes, read_file, required};
 use crate::mat;
 
 pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError> {
@@ -63,16 +63,7 @@ pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError>
                 .position(|c| c.id == class)
                 .expect("class was collected");
             let path = jpg.join(format!("image_{id:05}.jpg"));
-            let item = Item {
-                name: path.display().to_string(),
-                label,
-                data: ImageData::File(path),
-            };
-            if train {
-                listing.train.push(item)
-            } else {
-                listing.test.push(item)
-            }
+            listing.push_file(train, label, path);
         }
     }
     Ok(listing)

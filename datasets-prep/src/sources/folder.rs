@@ -141,16 +141,7 @@ pub(super) fn load_lists(
                 return Err(bad(format!("{rel:?} is listed twice")));
             }
             let path = images.join(&rel);
-            let item = Item {
-                name: path.display().to_string(),
-                label,
-                data: ImageData::File(path),
-            };
-            if train {
-                listing.train.push(item)
-            } else {
-                listing.test.push(item)
-            }
+            listing.push_file(train, label, path);
         }
     }
     Ok(listing)

@@ -46,6 +46,22 @@ pub struct Listing {
     pub default_short_side: Option<u32>,
 }
 
+impl Listing {
+    /// Adds an image file to the train or test split.
+    fn push_file(&mut self, train: bool, label: usize, path: PathBuf) {
+        let item = Item {
+            name: path.display().to_string(),
+            label,
+            data: ImageData::File(path),
+        };
+        if train {
+            self.train.push(item)
+        } else {
+            self.test.push(item)
+        }
+    }
+}
+
 /// A raw dataset layout (`--source`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
