@@ -286,6 +286,7 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
         seed: config.seed,
         workers: opts.workers,
         prefetch: 2 * opts.workers.max(1),
+        pin_for: opts.device.is_cuda().then_some(opts.device),
     };
     let train_loader = spec(Split::Train, config.augment.clone());
     let test_loader = spec(Split::Test, config.augment.clone());
@@ -338,8 +339,10 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
             lr = config
                 .schedule
                 .lr_at(epoch, step, steps_per_epoch, config.epochs);
-            let images = batch.images.to_device(opts.device);
-            let labels = batch.labels.to_device(opts.device);
+            let to_device =
+                |t: &Tensor, kind| t.to_device_(opts.device, kind, opts.device.is_cuda(), false);
+            let images = to_device(&batch.images, tch::Kind::Float);
+            let labels = to_device(&batch.labels, tch::Kind::Int64);
             let loss = tch::autocast(autocast, || {
                 let out = net.forward_t(&images, true);
                 net.head.loss(&out, &labels)

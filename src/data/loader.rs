@@ -33,6 +33,9 @@ pub struct LoaderSpec {
     pub seed: u64,
     pub workers: usize,
     pub prefetch: usize,
+    /// The GPU batches go to: workers then put them in page-locked memory, so that the copy
+    /// can run asynchronously (`Tensor::to_device_` with `non_blocking`).
+    pub pin_for: Option<tch::Device>,
 }
 
 /// The batches of one pass, in order.
@@ -128,10 +131,17 @@ impl LoaderSpec {
             labels.push(i64::from(r.label));
         }
         let n = indices.len() as i64;
-        Ok(Batch {
-            images: Tensor::from_slice(&buf).reshape([n, c as i64, h as i64, w as i64]),
-            labels: Tensor::from_slice(&labels),
-        })
+        let mut images = Tensor::from_slice(&buf).reshape([n, c as i64, h as i64, w as i64]);
+        let mut labels = Tensor::from_slice(&labels);
+        if let Some(device) = self.pin_for {
+            images = images
+                .f_pin_memory(device)
+                .context("pinning a batch in host memory")?;
+            labels = labels
+                .f_pin_memory(device)
+                .context("pinning a batch in host memory")?;
+        }
+        Ok(Batch { images, labels })
     }
 }
 
