@@ -36,6 +36,22 @@ pub enum Command {
     CheckDist(CheckDistArgs),
     /// Train a model on a shard directory and write a run directory.
     Train(Box<TrainArgs>),
+    /// Compute the unit-sphere class embedding of a class hierarchy (rows = leaves by id).
+    Embed(EmbedArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Hierarchy file: one `parent child` pair of integer ids per line.
+    #[arg(long)]
+    pub hierarchy: PathBuf,
+    /// The file has `child parent` lines instead (as NABirds' hierarchy.txt).
+    #[arg(long)]
+    pub is_a: bool,
+    /// Output .npy (float64, C x C); the class ids of its rows go to the same name with
+    /// `.ids.txt` instead of `.npy`.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// `train` options. Every option left out comes from `--preset`, then from the defaults shown.

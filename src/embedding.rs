@@ -11,14 +11,16 @@ use tch::{Kind, Tensor};
 
 /// The C x D class embedding in manifest class order, rows scaled to unit length.
 pub fn load(spec: &str, classes: &[ClassInfo]) -> anyhow::Result<Tensor> {
-    let c = classes.len() as i64;
     if spec == "onehot" {
-        return Ok(Tensor::eye(c, (Kind::Float, tch::Device::Cpu)));
+        return Ok(Tensor::eye(
+            classes.len() as i64,
+            (Kind::Float, tch::Device::Cpu),
+        ));
     }
     let path = Path::new(spec);
     let bytes = std::fs::read(path)
         .with_context(|| format!("--embedding {spec}: cannot read (expected onehot or a file)"))?;
-    let (rows, dim, values) = if bytes.starts_with(b"\x93NUMPY") {
+    let (ids, rows, dim, values) = if bytes.starts_with(b"\x93NUMPY") {
         let (shape, values) =
             read_npy(&bytes).with_context(|| format!("{spec}: not a readable .npy matrix"))?;
         let [rows, dim] = shape[..] else {
@@ -27,19 +29,35 @@ pub fn load(spec: &str, classes: &[ClassInfo]) -> anyhow::Result<Tensor> {
                 shape.len()
             )
         };
-        if rows != classes.len() {
+        let ids_file = ids_path(path);
+        if ids_file.exists() {
+            let text = std::fs::read_to_string(&ids_file)
+                .with_context(|| format!("{}: cannot read", ids_file.display()))?;
+            let ids = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from);
+            (Some(ids.collect()), rows, dim, values)
+        } else if rows != classes.len() {
             bail!(
-                "{spec}: {rows} rows, but the data has {} classes (one row per class, in the manifest's class order)",
-                classes.len()
+                "{spec}: {rows} rows, but the data has {} classes (one row per class, in the \
+                 manifest's class order, or class ids in {})",
+                classes.len(),
+                ids_file.display()
             );
+        } else {
+            (None, rows, dim, values)
         }
-        (rows, dim, values)
     } else {
-        from_reference_pickle(path, &bytes, classes)?
+        let (ids, rows, dim, values) = from_reference_pickle(path, &bytes)?;
+        (Some(ids), rows, dim, values)
     };
-    let m = Tensor::from_slice(&values)
-        .reshape([rows as i64, dim as i64])
-        .to_kind(Kind::Float);
+    let values = match ids {
+        Some(ids) => reorder(spec, &ids, rows, dim, &values, classes)?,
+        None => values,
+    };
+    let m = Tensor::from_slice(&values).reshape([classes.len() as i64, dim as i64]);
     let norms = m
         .pow_tensor_scalar(2)
         .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
@@ -47,15 +65,26 @@ pub fn load(spec: &str, classes: &[ClassInfo]) -> anyhow::Result<Tensor> {
     if bool::try_from(norms.le(1e-12).any()).unwrap_or(true) {
         bail!("{spec}: a class embedding row is zero; every class needs a direction");
     }
-    Ok(m / norms)
+    Ok((m / norms).to_kind(Kind::Float))
 }
 
-/// The reference pickle: rows in `ind2label` order, reordered to the manifest's classes.
+/// The class-id list that `cosine-train embed` writes beside an `.npy` embedding.
+pub fn ids_path(npy: &Path) -> std::path::PathBuf {
+    let name = npy
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    npy.with_file_name(format!(
+        "{}.ids.txt",
+        name.strip_suffix(".npy").unwrap_or(&name)
+    ))
+}
+
+/// The reference pickle: (ids in row order, rows, columns, values).
 fn from_reference_pickle(
     path: &Path,
     bytes: &[u8],
-    classes: &[ClassInfo],
-) -> anyhow::Result<(usize, usize, Vec<f64>)> {
+) -> anyhow::Result<(Vec<String>, usize, usize, Vec<f64>)> {
     let name = path.display();
     let root = pickle::parse(bytes)
         .map_err(anyhow::Error::msg)
@@ -81,11 +110,20 @@ fn from_reference_pickle(
         .map(|v| v.as_int().map(|i| i.to_string()).or_else(|| v.as_text()))
         .collect::<Option<_>>()
         .with_context(|| format!("{name}: 'ind2label' holds something other than ids"))?;
+    Ok((ids, rows, dim, values))
+}
+
+/// Rows labelled by `ids`, put in the manifest's class order; every class needs exactly one row.
+fn reorder(
+    name: &str,
+    ids: &[String],
+    rows: usize,
+    dim: usize,
+    values: &[f64],
+    classes: &[ClassInfo],
+) -> anyhow::Result<Vec<f64>> {
     if ids.len() != rows {
-        bail!(
-            "{name}: 'ind2label' has {} ids for {rows} embedding rows",
-            ids.len()
-        );
+        bail!("{name}: {} class ids for {rows} embedding rows", ids.len());
     }
     let missing: Vec<&str> = classes
         .iter()
@@ -99,8 +137,7 @@ fn from_reference_pickle(
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
         bail!(
-            "{name}: the embedding's classes do not match the data's ({} vs {}): missing ids {:?}, extra ids {:?}",
-            rows,
+            "{name}: the embedding's classes do not match the data's ({rows} vs {}): missing ids {:?}, extra ids {:?}",
             classes.len(),
             &missing[..missing.len().min(10)],
             &extra[..extra.len().min(10)]
@@ -114,7 +151,7 @@ fn from_reference_pickle(
             .expect("checked above");
         out.extend_from_slice(&values[row * dim..(row + 1) * dim]);
     }
-    Ok((classes.len(), dim, out))
+    Ok(out)
 }
 
 /// Reads a little-endian f8/f4 `.npy` file in C order: (shape, values).

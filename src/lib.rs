@@ -11,6 +11,7 @@ pub mod device;
 pub mod dist;
 pub mod doctor;
 pub mod embedding;
+pub mod hierarchy;
 pub mod model;
 pub mod objective;
 pub mod optim;

@@ -62,6 +62,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cosine_train::train::train(&config, &opts)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Embed(args) => {
+            let h = cosine_train::hierarchy::Hierarchy::from_file(&args.hierarchy, args.is_a)?;
+            let (ids, e) = cosine_train::hierarchy::unitsphere_embedding(&h)?;
+            cosine_train::hierarchy::write_npy(&args.out, ids.len(), ids.len(), &e)?;
+            let ids_path = cosine_train::embedding::ids_path(&args.out);
+            let text: String = ids.iter().map(|i| format!("{i}\n")).collect();
+            cosine_train::train::write_atomic(&ids_path, text.as_bytes())?;
+            eprintln!(
+                "cosine-train: {} classes -> {} and {}",
+                ids.len(),
+                args.out.display(),
+                ids_path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckDist(args) => {
             let ok = check_dist::run(&args)?;
             Ok(if ok {

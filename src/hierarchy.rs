@@ -1,0 +1,204 @@
+//! Class hierarchies and the unit-sphere class embeddings computed from them (reference-spec
+//! section 5): S_ij = 1 - h(LCS(i, j)) / H over the leaves sorted by integer id, and the embedding
+//! is the lower Cholesky factor of S, so that <e_i, e_j> = S_ij and every row has unit length.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+
+/// A tree of integer node ids.
+#[derive(Clone, Debug)]
+pub struct Hierarchy {
+    parent: HashMap<i64, i64>,
+    children: BTreeMap<i64, Vec<i64>>,
+    root: i64,
+}
+
+impl Hierarchy {
+    /// Parses `parent child` lines (`child parent` with `is_a`) and checks that they form a tree:
+    /// integer ids, no node with two parents, exactly one root, no cycle.
+    pub fn parse(text: &str, is_a: bool, name: &str) -> anyhow::Result<Self> {
+        let mut parent = HashMap::new();
+        let mut children: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        let mut nodes = BTreeSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(a), Some(b), None) = (parts.next(), parts.next(), parts.next()) else {
+                bail!("{name}:{}: expected two ids, got {line:?}", i + 1);
+            };
+            let id = |s: &str| {
+                s.parse::<i64>()
+                    .with_context(|| format!("{name}:{}: node id {s:?} is not an integer", i + 1))
+            };
+            let (a, b) = (id(a)?, id(b)?);
+            let (p, c) = if is_a { (b, a) } else { (a, b) };
+            if p == c {
+                bail!("{name}:{}: node {c} is its own parent (a cycle)", i + 1);
+            }
+            if let Some(&old) = parent.get(&c)
+                && old != p
+            {
+                bail!(
+                    "{name}:{}: node {c} has two parents, {old} and {p} (not a tree)",
+                    i + 1
+                );
+            }
+            if parent.insert(c, p).is_none() {
+                children.entry(p).or_default().push(c);
+            }
+            nodes.insert(p);
+            nodes.insert(c);
+        }
+        let roots: Vec<i64> = nodes
+            .iter()
+            .copied()
+            .filter(|n| !parent.contains_key(n))
+            .collect();
+        match roots.len() {
+            0 if nodes.is_empty() => bail!("{name}: no edges"),
+            0 => bail!("{name}: every node has a parent, so the edges contain a cycle"),
+            1 => {}
+            _ => bail!(
+                "{name}: {} roots ({:?}...); a tree has one",
+                roots.len(),
+                &roots[..roots.len().min(5)]
+            ),
+        }
+        let h = Hierarchy {
+            parent,
+            children,
+            root: roots[0],
+        };
+        // Every node must reach the root; a node on a cycle never does.
+        for &n in &nodes {
+            let mut cur = n;
+            for _ in 0..=nodes.len() {
+                match h.parent.get(&cur) {
+                    Some(&p) => cur = p,
+                    None => break,
+                }
+            }
+            if cur != h.root {
+                bail!(
+                    "{name}: node {n} lies on a cycle (it never reaches the root {})",
+                    h.root
+                );
+            }
+        }
+        Ok(h)
+    }
+
+    pub fn from_file(path: &Path, is_a: bool) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::parse(&text, is_a, &path.display().to_string())
+    }
+
+    /// Leaves (nodes without children), ascending.
+    pub fn leaves(&self) -> Vec<i64> {
+        let mut leaves: Vec<i64> = self
+            .parent
+            .keys()
+            .copied()
+            .filter(|n| !self.children.contains_key(n))
+            .collect();
+        leaves.sort_unstable();
+        leaves
+    }
+
+    /// Height of every node: 0 for leaves, else 1 + the highest child.
+    pub fn heights(&self) -> HashMap<i64, usize> {
+        fn visit(h: &Hierarchy, n: i64, out: &mut HashMap<i64, usize>) -> usize {
+            let height = h.children.get(&n).map_or(0, |cs| {
+                cs.iter().map(|&c| visit(h, c, out) + 1).max().unwrap_or(0)
+            });
+            out.insert(n, height);
+            height
+        }
+        let mut out = HashMap::new();
+        visit(self, self.root, &mut out);
+        out
+    }
+
+    /// The path from `n` up to the root, `n` first.
+    fn ancestors(&self, n: i64) -> Vec<i64> {
+        let mut path = vec![n];
+        while let Some(&p) = self.parent.get(path.last().expect("non-empty")) {
+            path.push(p);
+        }
+        path
+    }
+
+    /// S_ij = 1 - h(LCS(i, j)) / H for the given classes (row-major, n x n).
+    pub fn similarity(&self, classes: &[i64]) -> Vec<f64> {
+        let heights = self.heights();
+        let max_height = heights[&self.root].max(1) as f64;
+        let paths: Vec<Vec<i64>> = classes.iter().map(|&c| self.ancestors(c)).collect();
+        let n = classes.len();
+        let mut s = vec![0.0; n * n];
+        for i in 0..n {
+            let up: HashMap<i64, usize> =
+                paths[i].iter().enumerate().map(|(k, &a)| (a, k)).collect();
+            for j in 0..=i {
+                // In a tree the deepest common ancestor is the first of j's ancestors on i's path.
+                let lcs = paths[j]
+                    .iter()
+                    .find(|a| up.contains_key(a))
+                    .copied()
+                    .unwrap_or(self.root);
+                let v = 1.0 - heights[&lcs] as f64 / max_height;
+                s[i * n + j] = v;
+                s[j * n + i] = v;
+            }
+        }
+        s
+    }
+}
+
+/// Lower Cholesky factor of a symmetric positive-definite n x n matrix (row-major).
+pub fn cholesky(s: &[f64], n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut l = vec![0.0; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let dot: f64 = (0..j).map(|k| l[i * n + k] * l[j * n + k]).sum();
+            if i == j {
+                let d = s[i * n + i] - dot;
+                if d <= 0.0 {
+                    bail!("the similarity matrix is not positive definite (pivot {i} is {d})");
+                }
+                l[i * n + i] = d.sqrt();
+            } else {
+                l[i * n + j] = (s[i * n + j] - dot) / l[j * n + j];
+            }
+        }
+    }
+    Ok(l)
+}
+
+/// The unit-sphere embedding of a hierarchy's leaves: (class ids, n x n row-major matrix).
+pub fn unitsphere_embedding(h: &Hierarchy) -> anyhow::Result<(Vec<i64>, Vec<f64>)> {
+    let leaves = h.leaves();
+    let s = h.similarity(&leaves);
+    Ok((leaves.clone(), cholesky(&s, leaves.len())?))
+}
+
+/// Writes a little-endian f8 `.npy` matrix.
+pub fn write_npy(path: &Path, rows: usize, cols: usize, values: &[f64]) -> anyhow::Result<()> {
+    let header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    // Magic (6) + version (2) + length (2) + header + newline, padded to a multiple of 64.
+    let total = (10 + header.len() + 1).next_multiple_of(64);
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend(((total - 10) as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.resize(total - 1, b' ');
+    bytes.push(b'\n');
+    for v in values {
+        bytes.extend(v.to_le_bytes());
+    }
+    crate::train::write_atomic(path, &bytes)
+}

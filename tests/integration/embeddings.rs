@@ -1,0 +1,157 @@
+//! Hierarchy-based unit-sphere embeddings against the reference's own pickles (read through the
+//! pickle loader, so both code paths are tested at once), and malformed hierarchies.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cosine_train::hierarchy::{Hierarchy, unitsphere_embedding};
+use datasets_prep::manifest::ClassInfo;
+
+use crate::util::{cosine_train, run, show, stderr};
+
+fn reference() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/reference");
+    assert!(
+        dir.is_dir(),
+        "{} missing: the reference data sits beside the checkout",
+        dir.display()
+    );
+    dir
+}
+
+/// (ids, n x d values) of a reference pickle.
+fn reference_embedding(name: &str) -> (Vec<i64>, usize, Vec<f64>) {
+    let bytes = std::fs::read(reference().join("embeddings").join(name)).unwrap();
+    let root = datasets_prep::pickle::parse(&bytes).unwrap();
+    let array = datasets_prep::pickle::ndarray(&root.get("embedding").unwrap()).unwrap();
+    let ids = root
+        .get("ind2label")
+        .unwrap()
+        .items()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_int().unwrap())
+        .collect();
+    (ids, array.shape[1], array.to_f64().unwrap())
+}
+
+#[test]
+fn embeddings_of_the_five_hierarchies_match_the_reference_pickles() {
+    for (hierarchy, is_a, pickle) in [
+        (
+            "cifar100.parent-child.txt",
+            false,
+            "cifar100.unitsphere.pickle",
+        ),
+        (
+            "cub_flat.parent-child.txt",
+            false,
+            "cub_flat.unitsphere.pickle",
+        ),
+        (
+            "cub_wikispecies.parent-child.txt",
+            false,
+            "cub_wikispecies.unitsphere.pickle",
+        ),
+        (
+            "cub_balanced.parent-child.txt",
+            false,
+            "cub_balanced.unitsphere.pickle",
+        ),
+        ("nab.child-parent.txt", true, "nab.unitsphere.pickle"),
+    ] {
+        let h =
+            Hierarchy::from_file(&reference().join("hierarchies").join(hierarchy), is_a).unwrap();
+        let (ids, e) = unitsphere_embedding(&h).unwrap();
+        let (want_ids, d, want) = reference_embedding(pickle);
+        assert_eq!(ids, want_ids, "{hierarchy}: class order");
+        assert_eq!(d, ids.len());
+        let max_diff = e
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(max_diff < 1e-9, "{hierarchy}: max difference {max_diff}");
+        // Gram matrix = S, unit rows.
+        let n = ids.len();
+        let s = h.similarity(&ids);
+        for i in (0..n).step_by(7) {
+            for j in 0..n {
+                let dot: f64 = (0..n).map(|k| e[i * n + k] * e[j * n + k]).sum();
+                assert!(
+                    (dot - s[i * n + j]).abs() < 1e-9,
+                    "{hierarchy}: <e{i}, e{j}>"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_hierarchies_name_the_nodes() {
+    for (text, expect) in [
+        ("1 2\n2 3\n3 1\n", "cycle"),
+        ("1 2\n3 4\n4 3\n", "node 3 lies on a cycle"),
+        ("1 3\n2 3\n", "node 3 has two parents, 1 and 2"),
+        ("1 2\n5 6\n", "2 roots"),
+        ("1 2\n1 x7\n", "node id \"x7\" is not an integer"),
+    ] {
+        let err = Hierarchy::parse(text, false, "h.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expect), "{text:?}: {err}");
+    }
+}
+
+#[test]
+fn embed_command_writes_npy_and_ids_that_training_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("cifar100.unitsphere.npy");
+    let o = run(
+        cosine_train()
+            .args(["embed", "--hierarchy"])
+            .arg(reference().join("hierarchies/cifar100.parent-child.txt"))
+            .arg("--out")
+            .arg(&out),
+        Duration::from_secs(60),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let ids = std::fs::read_to_string(tmp.path().join("cifar100.unitsphere.ids.txt")).unwrap();
+    assert_eq!(ids.lines().count(), 100);
+    // Loaded for a dataset whose classes are CIFAR-100's ids in reverse order: rows follow ids.
+    let classes: Vec<ClassInfo> = (0..100)
+        .rev()
+        .map(|i| ClassInfo {
+            id: i.to_string(),
+            name: String::new(),
+        })
+        .collect();
+    let e = cosine_train::embedding::load(out.to_str().unwrap(), &classes).unwrap();
+    let pickle = reference().join("embeddings/cifar100.unitsphere.pickle");
+    let r = cosine_train::embedding::load(pickle.to_str().unwrap(), &classes).unwrap();
+    let diff = f64::try_from((e - r).abs().max()).unwrap();
+    assert!(diff < 1e-6, "npy and reference pickle disagree by {diff}");
+    // A class the embedding lacks is refused with its id.
+    let mut more = classes.clone();
+    more.push(ClassInfo {
+        id: "777".into(),
+        name: String::new(),
+    });
+    let err = cosine_train::embedding::load(out.to_str().unwrap(), &more)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing ids [\"777\"]"), "{err}");
+    // A bad hierarchy file is an error naming it, not a panic.
+    let bad = tmp.path().join("bad.txt");
+    std::fs::write(&bad, "1 2\n2 1\n").unwrap();
+    let o = run(
+        cosine_train()
+            .args(["embed", "--hierarchy"])
+            .arg(&bad)
+            .arg("--out")
+            .arg(tmp.path().join("x.npy")),
+        Duration::from_secs(60),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(stderr(&o).contains("bad.txt"), "{}", show(&o));
+}
