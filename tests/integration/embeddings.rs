@@ -155,3 +155,98 @@ fn embed_command_writes_npy_and_ids_that_training_accepts() {
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     assert!(stderr(&o).contains("bad.txt"), "{}", show(&o));
 }
+
+#[test]
+fn the_committed_embeddings_folder_is_what_embed_writes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("embeddings");
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, hierarchy, is_a) in [
+        ("cifar100", "cifar100.parent-child.txt", false),
+        ("cub_flat", "cub_flat.parent-child.txt", false),
+        ("cub_wikispecies", "cub_wikispecies.parent-child.txt", false),
+        ("cub_balanced", "cub_balanced.parent-child.txt", false),
+        ("nab", "nab.child-parent.txt", true),
+    ] {
+        let h = Hierarchy::from_file(&dir.join(hierarchy), is_a).unwrap();
+        let (ids, e) = unitsphere_embedding(&h).unwrap();
+        let fresh = tmp.path().join(format!("{name}.npy"));
+        cosine_train::hierarchy::write_npy(&fresh, ids.len(), ids.len(), &e).unwrap();
+        let committed = dir.join(format!("{name}.unitsphere.npy"));
+        assert!(
+            std::fs::read(&committed).unwrap() == std::fs::read(&fresh).unwrap(),
+            "{} is stale",
+            committed.display()
+        );
+        let listed: Vec<i64> =
+            std::fs::read_to_string(dir.join(format!("{name}.unitsphere.ids.txt")))
+                .unwrap()
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
+        assert_eq!(listed, ids, "{name} ids");
+    }
+}
+
+#[test]
+fn training_with_the_cifar100_hierarchy_embedding_end_to_end() {
+    // A CIFAR-100 layout (binary batches: coarse label, fine label, 3072 CHW pixels), 2 training
+    // images and 1 test image per class.
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("cifar-100-binary");
+    std::fs::create_dir_all(&raw).unwrap();
+    let batch = |copies: usize| -> Vec<u8> {
+        (0..copies * 100)
+            .flat_map(|i| {
+                let label = (i % 100) as u8;
+                [label / 5, label]
+                    .into_iter()
+                    .chain((0..3072).map(move |k| ((k * 7 + i * 13) % 256) as u8))
+            })
+            .collect()
+    };
+    std::fs::write(raw.join("train.bin"), batch(2)).unwrap();
+    std::fs::write(raw.join("test.bin"), batch(1)).unwrap();
+    let data = tmp.path().join("c100");
+    let opts = datasets_prep::pack::PackOptions::new(
+        datasets_prep::sources::Source::Cifar100,
+        raw,
+        data.clone(),
+    );
+    datasets_prep::pack::pack(&opts).unwrap();
+
+    let embedding = Path::new(env!("CARGO_MANIFEST_DIR")).join("embeddings");
+    let train = |spec: PathBuf, out: &str| {
+        run(
+            cosine_train()
+                .arg("train")
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(tmp.path().join(out))
+                .args([
+                    "--arch",
+                    "resnet8",
+                    "--loss",
+                    "cosine",
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "50",
+                    "--threads",
+                    "1",
+                ])
+                .arg("--embedding")
+                .arg(spec),
+            Duration::from_secs(300),
+        )
+    };
+    let o = train(embedding.join("cifar100.unitsphere.npy"), "ok");
+    assert!(o.status.success(), "{}", show(&o));
+    let metrics = std::fs::read_to_string(tmp.path().join("ok/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"test_top1\""), "{metrics}");
+    // CUB's embedding has class ids 1..200: refused, naming the ids that do not match.
+    let o = train(embedding.join("cub_flat.unitsphere.npy"), "bad");
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(stderr(&o).contains("missing ids [\"0\""), "{}", show(&o));
+    assert!(stderr(&o).contains("extra ids [\"100\""), "{}", show(&o));
+}
