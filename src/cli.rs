@@ -126,6 +126,13 @@ pub struct TrainArgs {
     /// better when a run has few steps, cheap on small datasets).
     #[arg(long, default_value = "ema", value_parser = ["ema", "precise"])]
     pub bn_stats: String,
+    /// Class hierarchy (`parent child` lines) for reporting the hierarchical accuracy, the mean of
+    /// 1 - h(LCS(prediction, truth)) / H, next to top-1.
+    #[arg(long)]
+    pub hierarchy: Option<PathBuf>,
+    /// The hierarchy file has `child parent` lines.
+    #[arg(long)]
+    pub hierarchy_is_a: bool,
     /// Seed of initialisation, data order and augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -27,6 +27,11 @@ pub struct RunConfig {
     /// BatchNorm statistics used for evaluation: `ema` (the reference's bias-corrected moving
     /// average) or `precise` (recomputed over the training images before each evaluation).
     pub bn_stats: String,
+    /// A class hierarchy for the hierarchical accuracy (mean of 1 - h(LCS(pred, true)) / H).
+    #[serde(default)]
+    pub hierarchy: Option<String>,
+    #[serde(default)]
+    pub hierarchy_is_a: bool,
     pub seed: u64,
     pub device: String,
     pub precision: String,
@@ -292,6 +297,8 @@ pub fn resolve(args: &crate::cli::TrainArgs, source: &str) -> anyhow::Result<Run
         augment,
         eval_every: args.eval_every.max(1),
         bn_stats: args.bn_stats.clone(),
+        hierarchy: args.hierarchy.as_ref().map(|p| p.display().to_string()),
+        hierarchy_is_a: args.hierarchy_is_a,
         seed: args.seed,
         device: args.device.to_string(),
         precision: args.precision.clone(),

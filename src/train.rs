@@ -76,6 +76,8 @@ pub struct EvalCounts {
     pub correct: Vec<u64>,
     /// Cosine+CE: the embedding's nearest-class predictions.
     pub embedding_correct: Option<Vec<u64>>,
+    /// With a hierarchy: the sum over samples of S[prediction][truth].
+    pub hierarchical_sum: Option<f64>,
 }
 
 impl EvalCounts {
@@ -97,6 +99,11 @@ impl EvalCounts {
             per_class.iter().sum::<f64>() / per_class.len() as f64
         }
     }
+    pub fn hierarchical(&self) -> Option<f64> {
+        let n: u64 = self.total.iter().sum();
+        self.hierarchical_sum
+            .map(|s| if n == 0 { 0.0 } else { s / n as f64 })
+    }
     pub fn embedding_top1(&self) -> Option<f64> {
         self.embedding_correct
             .as_ref()
@@ -108,19 +115,55 @@ fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }
 
-/// Evaluates on the test split, in order, without augmentation.
+/// Class similarities S (C x C, row-major, manifest class order) from a hierarchy file.
+pub fn class_similarity(
+    path: &str,
+    is_a: bool,
+    classes: &[datasets_prep::manifest::ClassInfo],
+) -> anyhow::Result<Vec<f64>> {
+    let h = crate::hierarchy::Hierarchy::from_file(Path::new(path), is_a)?;
+    let ids: Vec<i64> = classes
+        .iter()
+        .map(|c| {
+            c.id.parse::<i64>().with_context(|| {
+                format!(
+                    "--hierarchy {path}: class id {:?} of the data is not an integer",
+                    c.id
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let leaves = h.leaves();
+    let missing: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|i| leaves.binary_search(i).is_err())
+        .take(10)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "--hierarchy {path}: classes {missing:?} of the data are not leaves of the hierarchy"
+        );
+    }
+    Ok(h.similarity(&ids))
+}
+
+/// Evaluates on the test split, in order, without augmentation. `similarity` (C x C) adds the
+/// hierarchical accuracy.
 pub fn evaluate(
     net: &Network,
     loader: &LoaderSpec,
     batch: usize,
     classes: usize,
     device: Device,
+    similarity: Option<&[f64]>,
 ) -> anyhow::Result<EvalCounts> {
     let n = loader.shards.split(Split::Test).len();
     let mut counts = EvalCounts {
         total: vec![0; classes],
         correct: vec![0; classes],
         embedding_correct: None,
+        hierarchical_sum: similarity.map(|_| 0.0),
     };
     tch::no_grad(|| -> anyhow::Result<()> {
         for b in loader.start(0, (0..n).collect(), batch, false) {
@@ -136,6 +179,9 @@ pub fn evaluate(
                 let y = y as usize;
                 counts.total[y] += 1;
                 counts.correct[y] += u64::from(pred[k] == y as i64);
+                if let (Some(sum), Some(s)) = (counts.hierarchical_sum.as_mut(), similarity) {
+                    *sum += s[pred[k] as usize * classes + y];
+                }
                 if let Some(e) = &embedding_pred {
                     counts
                         .embedding_correct
@@ -252,6 +298,11 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
         let _ = std::fs::remove_file(opts.out.join(name));
     }
 
+    let similarity = config
+        .hierarchy
+        .as_deref()
+        .map(|path| class_similarity(path, config.hierarchy_is_a, &m.classes))
+        .transpose()?;
     let net = build_network(config, &shards, opts.device)?;
     let mut opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(config));
     let params: i64 = opt.params.iter().map(|p| p.tensor.numel() as i64).sum();
@@ -386,6 +437,7 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
                 config.batch_size,
                 m.classes.len(),
                 opts.device,
+                similarity.as_deref(),
             )?;
             last = counts.top1();
             if best.is_nan() || last > best {
@@ -394,6 +446,9 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
             }
             record["test_top1"] = json!(last);
             record["test_balanced"] = json!(counts.balanced());
+            if let Some(h) = counts.hierarchical() {
+                record["test_hierarchical"] = json!(h);
+            }
             if let Some(e) = counts.embedding_top1() {
                 record["test_head_top1"] = json!(last);
                 record["test_embedding_top1"] = json!(e);

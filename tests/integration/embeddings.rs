@@ -219,6 +219,8 @@ fn training_with_the_cifar100_hierarchy_embedding_end_to_end() {
         run(
             cosine_train()
                 .arg("train")
+                .arg("--hierarchy")
+                .arg(embedding.join("cifar100.parent-child.txt"))
                 .arg("--data")
                 .arg(&data)
                 .arg("--out")
@@ -243,7 +245,16 @@ fn training_with_the_cifar100_hierarchy_embedding_end_to_end() {
     let o = train(embedding.join("cifar100.unitsphere.npy"), "ok");
     assert!(o.status.success(), "{}", show(&o));
     let metrics = std::fs::read_to_string(tmp.path().join("ok/metrics.jsonl")).unwrap();
-    assert!(metrics.contains("\"test_top1\""), "{metrics}");
+    let epoch: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    let (top1, hier) = (
+        epoch["test_top1"].as_f64().unwrap(),
+        epoch["test_hierarchical"].as_f64().unwrap(),
+    );
+    // Correct predictions score 1 and others at least 0, so hierarchical >= top-1.
+    assert!(
+        (top1..=1.0).contains(&hier),
+        "top-1 {top1}, hierarchical {hier}"
+    );
     // CUB's embedding has class ids 1..200: refused, naming the ids that do not match.
     let o = train(embedding.join("cub_flat.unitsphere.npy"), "bad");
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
