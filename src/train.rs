@@ -168,7 +168,7 @@ pub fn evaluate(
     tch::no_grad(|| -> anyhow::Result<()> {
         for b in loader.start(0, (0..n).collect(), batch, false) {
             let b = b?;
-            let out = net.forward_t(&b.images.to_device(device), false);
+            let out = net.forward_t(&b.to_device(device).0, false);
             let (pred, embedding_pred) = net.head.predict(&out);
             let labels = Vec::<i64>::try_from(&b.labels)?;
             let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
@@ -206,7 +206,7 @@ pub fn recompute_bn_statistics(
     tch::no_grad(|| {
         crate::model::layers::with_precise_bn(|| -> anyhow::Result<()> {
             for b in loader.start(0, (0..n).collect(), batch, false) {
-                let _ = net.forward_t(&b?.images.to_device(device), true);
+                let _ = net.forward_t(&b?.to_device(device).0, true);
             }
             Ok(())
         })
@@ -341,7 +341,6 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
     };
     let train_loader = spec(Split::Train, config.augment.clone());
     let test_loader = spec(Split::Test, config.augment.clone());
-    let stats_loader = spec(Split::Train, config.augment.clone());
 
     let terminal = std::io::stderr().is_terminal();
     let mut files = RunFiles::open(&opts.out, !terminal)?;
@@ -390,10 +389,7 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
             lr = config
                 .schedule
                 .lr_at(epoch, step, steps_per_epoch, config.epochs);
-            let to_device =
-                |t: &Tensor, kind| t.to_device_(opts.device, kind, opts.device.is_cuda(), false);
-            let images = to_device(&batch.images, tch::Kind::Float);
-            let labels = to_device(&batch.labels, tch::Kind::Int64);
+            let (images, labels) = batch.to_device(opts.device);
             let loss = tch::autocast(autocast, || {
                 let out = net.forward_t(&images, true);
                 net.head.loss(&out, &labels)
@@ -429,7 +425,7 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> anyhow::Result<RunSummary
         });
         if (epoch + 1) % config.eval_every.max(1) == 0 || epoch + 1 == config.epochs {
             if config.bn_stats == "precise" {
-                recompute_bn_statistics(&net, &stats_loader, config.batch_size, opts.device)?;
+                recompute_bn_statistics(&net, &train_loader, config.batch_size, opts.device)?;
             }
             let counts = evaluate(
                 &net,

@@ -20,6 +20,18 @@ pub struct Batch {
     pub labels: Tensor,
 }
 
+impl Batch {
+    /// Images and labels on `device`; the copy is asynchronous when the batch is page-locked
+    /// (the loader pins batches bound for a GPU).
+    pub fn to_device(&self, device: tch::Device) -> (Tensor, Tensor) {
+        let copy = |t: &Tensor, kind| t.to_device_(device, kind, device.is_cuda(), false);
+        (
+            copy(&self.images, tch::Kind::Float),
+            copy(&self.labels, tch::Kind::Int64),
+        )
+    }
+}
+
 /// What every worker needs to know.
 #[derive(Clone)]
 pub struct LoaderSpec {
