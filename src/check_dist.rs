@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -44,13 +44,8 @@ pub fn broadcast_byte(i: usize) -> u8 {
 }
 
 pub fn run(args: &CheckDistArgs) -> anyhow::Result<bool> {
-    args.device.ensure_available()?;
-    let comm = dist::connect(args.dist, args.device.provisional())
+    let (comm, device) = dist::connect(args.dist, args.device)
         .with_context(|| format!("cannot set up the {} backend", args.dist))?;
-    let device = match args.device.resolve(comm.local_rank()) {
-        Ok(d) => d,
-        Err(e) => bail!("rank {}: {e:#}", comm.rank()),
-    };
     let (rank, size) = (comm.rank(), comm.size());
 
     let values: Vec<f32> = (0..args.elements).map(|i| contribution(rank, i)).collect();

@@ -11,8 +11,10 @@ use crate::dist::Backend;
 pub const EXIT_CODES: &str = "\
 EXIT STATUS:
     0  success
-    1  failure (bad input, failed check, error during a run)
-    2  usage error (unknown option or bad value)";
+    1  failure (bad input, failed check, error during a run; in a multi-rank job the failing
+       rank's message is printed and every rank is ended)
+    2  usage error (unknown option or bad value)
+    3  a collective did not complete within --collective-timeout (another rank died or hangs)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +38,9 @@ pub enum Command {
     CheckDist(CheckDistArgs),
     /// Train a model on a shard directory and write a run directory.
     Train(Box<TrainArgs>),
+    /// Evaluate saved weights (a run's model.safetensors) on the test split, exactly, with any
+    /// number of ranks. Prints one JSON object.
+    Eval(Box<EvalArgs>),
     /// Compute the unit-sphere class embedding of a class hierarchy (rows = leaves by id).
     Embed(EmbedArgs),
 }
@@ -145,12 +150,59 @@ pub struct TrainArgs {
     /// Loader threads (results do not depend on it).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// libtorch intra-op threads [default: libtorch's choice].
+    /// libtorch intra-op threads [default: the cores this rank may use, shared among the ranks
+    /// of its node when they are not bound to cores].
     #[arg(long)]
     pub threads: Option<i32>,
     /// Replace a run already in --out.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+/// How a process joins its job (every subcommand that runs on several ranks).
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// Communication backend: auto is NCCL with --device cuda and MPI otherwise; single runs
+    /// one process without MPI. Rank, world size and local rank always come from MPI itself.
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub dist: Backend,
+    /// Seconds a collective may wait for the other ranks before the whole job is ended (exit
+    /// status 3) with a message naming the collective; 0 waits forever.
+    #[arg(long, default_value_t = 300.0)]
+    pub collective_timeout: f64,
+    /// Largest gradient all-reduce call in MiB (gradients are packed into one buffer and
+    /// reduced in pieces of this size).
+    #[arg(long, default_value_t = 64)]
+    pub bucket_mb: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Run directory written by `train` (its config.json says how to build the model).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Weights to evaluate [default: RUN/model.safetensors].
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Shard directory [default: the run's --data].
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Images per forward pass on each rank [default: the run's batch size].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Device: cpu, cuda (the local rank's GPU) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Loader threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// libtorch intra-op threads [default: the cores this rank may use].
+    #[arg(long)]
+    pub threads: Option<i32>,
+    #[command(flatten)]
+    pub job: JobArgs,
 }
 
 #[derive(Debug, Args)]

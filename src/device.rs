@@ -68,14 +68,6 @@ impl DeviceChoice {
         }
         Ok(())
     }
-
-    /// The tch device to tell the communicator about before ranks are known.
-    pub fn provisional(self) -> tch::Device {
-        match self {
-            Self::Cpu => tch::Device::Cpu,
-            Self::Cuda(i) => tch::Device::Cuda(i.unwrap_or(0)),
-        }
-    }
 }
 
 /// Whether this binary force-links libtorch_cuda (feature `cuda`).

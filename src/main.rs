@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use cosine_train::cli::{Cli, Command};
+use cosine_train::dist::Communicator;
+use cosine_train::job::Job;
 use cosine_train::{check_dist, doctor};
 
 fn main() -> ExitCode {
@@ -42,9 +44,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Train(args) => {
             args.device.ensure_available()?;
-            if let Some(n) = args.threads {
-                tch::set_num_threads(n.max(1));
-            }
             let manifest = datasets_prep::ShardDir::open(&args.data).with_context(|| {
                 format!(
                     "--data {}: not a usable shard directory",
@@ -53,13 +52,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             let config = cosine_train::config::resolve(&args, &manifest.manifest().source)?;
             drop(manifest);
+            let job = Job::join(&args.job, args.device, args.threads)?;
             let opts = cosine_train::train::RunOptions {
                 out: args.out.clone(),
-                device: args.device.resolve(0)?,
+                device: job.device,
                 workers: args.workers,
                 force: args.force,
+                bucket_mb: args.job.bucket_mb,
             };
-            cosine_train::train::train(&config, &opts)?;
+            job.finish(cosine_train::train::train(&config, &opts, &job.comm))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            let job = Job::join(&args.job, args.device, args.threads)?;
+            let report = job.finish(cosine_train::eval_run::run(&args, job.device, &job.comm))?;
+            if job.comm.rank() == 0 {
+                println!("{}", serde_json::to_string(&report)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Embed(args) => {

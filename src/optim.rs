@@ -65,30 +65,46 @@ impl Sgd {
         }
     }
 
-    /// The gradients with L2 added, in parameter order (undefined ones as zeros).
-    fn regularised_grads(&self) -> Vec<Tensor> {
+    /// The parameters' own gradients (undefined ones as zeros).
+    fn own_grads(&self) -> Vec<Tensor> {
         self.params
             .iter()
             .map(|p| {
                 let g = p.tensor.grad();
-                let g = if g.defined() {
+                if g.defined() {
                     g
                 } else {
                     p.tensor.zeros_like()
-                };
-                if p.l2 > 0.0 {
-                    g + &p.tensor * (2.0 * p.l2)
-                } else {
-                    g
                 }
             })
             .collect()
     }
 
-    /// One update at learning rate `lr`. Returns the global gradient norm before clipping.
+    /// One update at learning rate `lr` from the parameters' own gradients. Returns the global
+    /// gradient norm before clipping.
     pub fn step(&mut self, lr: f64) -> f64 {
+        let grads = self.own_grads();
+        self.step_with(lr, grads)
+    }
+
+    /// One update at learning rate `lr` from `grads` (one per parameter, in order; e.g. summed
+    /// across ranks). L2 is added, then the global norm is clipped. Returns the norm before
+    /// clipping.
+    pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> f64 {
+        assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         tch::no_grad(|| {
-            let grads = self.regularised_grads();
+            let grads: Vec<Tensor> = self
+                .params
+                .iter()
+                .zip(grads)
+                .map(|(p, g)| {
+                    if p.l2 > 0.0 {
+                        g + &p.tensor * (2.0 * p.l2)
+                    } else {
+                        g
+                    }
+                })
+                .collect();
             let squares: Vec<Tensor> = grads
                 .iter()
                 .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))

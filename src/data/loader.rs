@@ -4,6 +4,7 @@
 //! bounded channel; the consumer takes batch b from worker b mod W. So batches arrive in order,
 //! at most `prefetch` are buffered, and which thread built a batch never changes its content.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
@@ -21,6 +22,14 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Images and labels on `device`; the copy is asynchronous when the batch is page-locked
     /// (the loader pins batches bound for a GPU).
     pub fn to_device(&self, device: tch::Device) -> (Tensor, Tensor) {
@@ -68,8 +77,25 @@ impl LoaderSpec {
         batch: usize,
         train: bool,
     ) -> EpochBatches {
-        let indices = Arc::new(indices);
-        let total = super::batches(indices.len(), batch);
+        let batch = batch.max(1);
+        let plan = (0..super::batches(indices.len(), batch))
+            .map(|b| b * batch..((b + 1) * batch).min(indices.len()))
+            .collect();
+        self.start_plan(epoch, Arc::new(indices), plan, train)
+    }
+
+    /// Starts the workers for batches `plan[0], plan[1], ...`, each a range of positions in
+    /// `indices`. Empty ranges give empty batches (a rank's share of a batch smaller than the
+    /// world).
+    pub fn start_plan(
+        &self,
+        epoch: u64,
+        indices: Arc<Vec<usize>>,
+        plan: Vec<Range<usize>>,
+        train: bool,
+    ) -> EpochBatches {
+        let plan = Arc::new(plan);
+        let total = plan.len();
         let workers = self.workers.max(1).min(total.max(1));
         let per_worker = (self.prefetch / workers).max(1);
         let mut receivers = Vec::with_capacity(workers);
@@ -78,9 +104,10 @@ impl LoaderSpec {
             let (send, receive) = sync_channel(per_worker);
             let spec = self.clone();
             let indices = Arc::clone(&indices);
+            let plan = Arc::clone(&plan);
             handles.push(std::thread::spawn(move || {
                 for b in (k..total).step_by(workers) {
-                    let chunk = &indices[b * batch..((b + 1) * batch).min(indices.len())];
+                    let chunk = &indices[plan[b].clone()];
                     if send.send(spec.build(epoch, chunk, train)).is_err() {
                         return; // the consumer stopped early
                     }
@@ -97,6 +124,12 @@ impl LoaderSpec {
     }
 
     fn build(&self, epoch: u64, indices: &[usize], train: bool) -> anyhow::Result<Batch> {
+        if indices.is_empty() {
+            return Ok(Batch {
+                images: Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu)),
+                labels: Tensor::zeros([0], (tch::Kind::Int64, tch::Device::Cpu)),
+            });
+        }
         let reader = self.shards.split(self.split);
         let first = reader.record(indices[0])?;
         let (h, w) = match self.augment.crop {

@@ -10,8 +10,10 @@
 pub mod mpi;
 pub mod nccl;
 pub mod single;
+pub mod watchdog;
 
 use std::fmt;
+use std::sync::Arc;
 
 use tch::Tensor;
 
@@ -48,6 +50,8 @@ pub trait Communicator {
     fn local_size(&self) -> usize;
     /// Element-wise sum over all ranks of a host buffer, in place.
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()>;
+    /// Element-wise sum over all ranks of a host buffer of f64 (counts, metrics), in place.
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
     /// Element-wise sum over all ranks of a contiguous f32 tensor, in place. The tensor must live
     /// where the backend works (CPU for MPI, the rank's GPU for NCCL).
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()>;
@@ -58,6 +62,29 @@ pub trait Communicator {
     /// End the whole job: print `message` (prefixed with this rank) and make every rank exit with
     /// `code`. Never returns.
     fn abort(&self, message: &str, code: i32) -> !;
+    /// A handle that ends the whole job from any thread (the collective watchdog's).
+    fn abort_handle(&self) -> AbortHandle;
+    /// Describes what the next collectives are for ("gradient all-reduce, epoch 3 step 17"), for
+    /// the message of a collective that times out. Only the watchdog wrapper records it.
+    fn set_context(&self, _context: &str) {}
+}
+
+/// Ends the job from any thread: prints the message, then aborts every rank with the code.
+#[derive(Clone)]
+pub struct AbortHandle(Arc<AbortFn>);
+
+/// What an [`AbortHandle`] calls: prints the message and ends the job with the exit code.
+type AbortFn = dyn Fn(&str, i32) + Send + Sync;
+
+impl AbortHandle {
+    pub fn new(f: impl Fn(&str, i32) + Send + Sync + 'static) -> Self {
+        AbortHandle(Arc::new(f))
+    }
+    pub fn abort(&self, message: &str, code: i32) -> ! {
+        (self.0)(message, code);
+        // The backend's abort should not return; make sure the process ends regardless.
+        std::process::exit(code)
+    }
 }
 
 /// Which backend to use (`--dist`).
@@ -87,26 +114,59 @@ impl fmt::Display for Backend {
     }
 }
 
-/// Builds the communicator for `backend` on `device`. `Auto` resolves to NCCL for CUDA devices
-/// and MPI otherwise.
-pub fn connect(backend: Backend, device: tch::Device) -> Result<Box<dyn Communicator>> {
-    let resolved = match backend {
-        Backend::Auto if device.is_cuda() => Backend::Nccl,
+/// The backend `backend` stands for on `device`: `Auto` is NCCL for CUDA and MPI otherwise.
+pub fn resolve_backend(backend: Backend, device: crate::device::DeviceChoice) -> Backend {
+    match backend {
+        Backend::Auto if matches!(device, crate::device::DeviceChoice::Cuda(_)) => Backend::Nccl,
         Backend::Auto => Backend::Mpi,
         other => other,
-    };
-    Ok(match resolved {
-        Backend::Single => Box::new(single::SingleProcess),
-        Backend::Mpi => Box::new(mpi::MpiCommunicator::init()?),
+    }
+}
+
+/// Connects this process to its job and picks its device: MPI first (rank, size, local rank),
+/// then the device of the local rank (`--device cuda` = GPU `local_rank`), then NCCL on that
+/// GPU when the backend is NCCL. Works the same under `mpirun`, `srun` and as a plain process
+/// (an MPI singleton).
+pub fn connect(
+    backend: Backend,
+    device: crate::device::DeviceChoice,
+) -> anyhow::Result<(Box<dyn Communicator>, tch::Device)> {
+    use anyhow::Context;
+    device.ensure_available()?;
+    match resolve_backend(backend, device) {
+        Backend::Single => Ok((Box::new(single::SingleProcess), device.resolve(0)?)),
+        Backend::Mpi => {
+            let mpi = mpi::MpiCommunicator::init()?;
+            let resolved = device
+                .resolve(mpi.local_rank())
+                .with_context(|| format!("rank {}", mpi.rank()))?;
+            Ok((Box::new(mpi), resolved))
+        }
         Backend::Nccl => {
-            let gpu = match device {
-                tch::Device::Cuda(i) => Some(i),
-                _ => None,
+            if let Some(reason) = nccl::unavailable_reason() {
+                return Err(DistError::NcclUnavailable(reason).into());
+            }
+            let resolved = match device {
+                crate::device::DeviceChoice::Cpu => {
+                    anyhow::bail!("--dist nccl needs --device cuda (NCCL reduces GPU tensors)")
+                }
+                crate::device::DeviceChoice::Cuda(_) => device,
             };
-            Box::new(nccl::NcclCommunicator::init(gpu)?)
+            let mpi = mpi::MpiCommunicator::init()?;
+            let rank = mpi.rank();
+            let tch_device = resolved
+                .resolve(mpi.local_rank())
+                .with_context(|| format!("rank {rank}"))?;
+            let gpu = match tch_device {
+                tch::Device::Cuda(i) => i,
+                _ => unreachable!("a CUDA choice resolves to a CUDA device"),
+            };
+            let comm = nccl::NcclCommunicator::over(mpi, gpu)
+                .with_context(|| format!("rank {rank}: NCCL on GPU {gpu}"))?;
+            Ok((Box::new(comm), tch_device))
         }
         Backend::Auto => unreachable!("auto was resolved above"),
-    })
+    }
 }
 
 /// Checks that `tensor` is a contiguous f32 tensor on the expected kind of device and returns its

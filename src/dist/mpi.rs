@@ -13,7 +13,7 @@ use mpi::environment::Universe;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 use tch::Tensor;
 
-use super::{Backend, Communicator, DistError, Result, check_reducible};
+use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducible};
 
 /// MPI counts are C ints; larger buffers go in pieces of this many elements.
 const MAX_ELEMENTS_PER_CALL: usize = 1 << 30;
@@ -89,6 +89,19 @@ impl Communicator for MpiCommunicator {
         Ok(())
     }
 
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        if self.size() == 1 {
+            return Ok(());
+        }
+        for chunk in buf.chunks_mut(MAX_ELEMENTS_PER_CALL) {
+            let mut out = vec![0f64; chunk.len()];
+            self.world
+                .all_reduce_into(&*chunk, &mut out[..], SystemOperation::sum());
+            chunk.copy_from_slice(&out);
+        }
+        Ok(())
+    }
+
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let n = check_reducible("MPI all-reduce", tensor, false)?;
         if n == 0 {
@@ -130,5 +143,19 @@ impl Communicator for MpiCommunicator {
     fn abort(&self, message: &str, code: i32) -> ! {
         eprintln!("rank {}: {message}", self.rank());
         self.world.abort(code)
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        let rank = self.rank();
+        AbortHandle::new(move |message, code| {
+            eprintln!("rank {rank}: {message}");
+            // SAFETY: MPI_Abort on the world communicator, which lives until MPI_Finalize. Called
+            // from the watchdog thread under MPI_THREAD_FUNNELED, which the MPI standard leaves
+            // undefined but Open MPI and MPICH implement as a plain job abort (it is what every
+            // MPI job does on a fatal signal handler path as well).
+            unsafe {
+                mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code);
+            }
+        })
     }
 }

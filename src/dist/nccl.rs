@@ -10,7 +10,7 @@ use cudarc::nccl::{result as nccl, sys as ncclsys};
 use tch::Tensor;
 
 use super::mpi::MpiCommunicator;
-use super::{Backend, Communicator, DistError, Result, check_reducible};
+use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducible};
 
 /// A job's ranks connected through NCCL, one GPU per rank.
 pub struct NcclCommunicator {
@@ -80,6 +80,14 @@ impl NcclCommunicator {
         }
         let mpi = MpiCommunicator::init()?;
         let gpu = gpu.unwrap_or_else(|| mpi.local_rank());
+        Self::over(mpi, gpu)
+    }
+
+    /// Creates the NCCL communicator of the job `mpi` connects, this rank on GPU `gpu`.
+    pub fn over(mpi: MpiCommunicator, gpu: usize) -> Result<Self> {
+        if let Some(reason) = unavailable_reason() {
+            return Err(DistError::NcclUnavailable(reason));
+        }
         let visible = tch::Cuda::device_count() as usize;
         if gpu >= visible {
             return Err(DistError::NcclUnavailable(format!(
@@ -141,11 +149,13 @@ impl Communicator for NcclCommunicator {
         self.mpi.local_size()
     }
 
+    // Host buffers (metrics, counts) go over MPI; NCCL is for device memory.
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        let mut on_gpu = Tensor::from_slice(buf).to_device(tch::Device::Cuda(self.gpu));
-        self.all_reduce_sum(&mut on_gpu)?;
-        on_gpu.to_device(tch::Device::Cpu).copy_data(buf, buf.len());
-        Ok(())
+        self.mpi.all_reduce_sum_f32(buf)
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        self.mpi.all_reduce_sum_f64(buf)
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
@@ -168,6 +178,15 @@ impl Communicator for NcclCommunicator {
             )
         }
         .map_err(|e| nccl_error("ncclAllReduce", e))?;
+        // Wait for the result, as the MPI backend does: a collective that never completes then
+        // blocks here, where the watchdog sees it, instead of in some later unrelated copy.
+        // SAFETY: synchronising the legacy default stream of the current device.
+        unsafe { cudarc::runtime::result::stream::synchronize(std::ptr::null_mut()) }.map_err(
+            |e| DistError::Failed {
+                op: "ncclAllReduce",
+                detail: format!("waiting for the result: {e:?}"),
+            },
+        )?;
         Ok(())
     }
 
@@ -183,5 +202,16 @@ impl Communicator for NcclCommunicator {
         // SAFETY: aborting a live communicator; the process ends right after.
         let _ = unsafe { nccl::comm_abort(self.comm) };
         self.mpi.abort(message, code)
+    }
+
+    fn abort_handle(&self) -> AbortHandle {
+        let comm = self.comm as usize;
+        let mpi = self.mpi.abort_handle();
+        AbortHandle::new(move |message, code| {
+            // SAFETY: ncclCommAbort may be called from another thread while a collective is
+            // pending on the communicator; that is its purpose. The process ends right after.
+            let _ = unsafe { nccl::comm_abort(comm as ncclsys::ncclComm_t) };
+            mpi.abort(message, code)
+        })
     }
 }

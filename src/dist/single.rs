@@ -2,7 +2,7 @@
 
 use tch::Tensor;
 
-use super::{Backend, Communicator, Result, check_reducible};
+use super::{AbortHandle, Backend, Communicator, Result, check_reducible};
 
 /// A job of exactly one rank, without MPI.
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,6 +27,9 @@ impl Communicator for SingleProcess {
     fn all_reduce_sum_f32(&self, _buf: &mut [f32]) -> Result<()> {
         Ok(())
     }
+    fn all_reduce_sum_f64(&self, _buf: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         check_reducible("all-reduce", tensor, tensor.device().is_cuda()).map(|_| ())
     }
@@ -39,5 +42,11 @@ impl Communicator for SingleProcess {
     fn abort(&self, message: &str, code: i32) -> ! {
         eprintln!("rank 0: {message}");
         std::process::exit(code)
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        AbortHandle::new(|message, code| {
+            eprintln!("rank 0: {message}");
+            std::process::exit(code)
+        })
     }
 }

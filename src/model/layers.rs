@@ -102,8 +102,19 @@ pub struct BatchNorm {
     /// Host copy of `num_batches_tracked` (reading the tensor every step would synchronise a
     /// GPU); `None` until first read, and after `forget_step_count` (e.g. a checkpoint load).
     steps: std::cell::Cell<Option<i64>>,
+    /// Value of `STEP_COUNT_GENERATION` when `steps` was cached.
+    steps_generation: std::cell::Cell<u64>,
     /// Precise-BN pass this layer last took part in, and how many batches it has averaged.
     precise: std::cell::Cell<(u64, i64)>,
+}
+
+/// Bumped by [`forget_all_step_counts`]: every BatchNorm re-reads its buffer on next use.
+static STEP_COUNT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Makes every BatchNorm re-read `num_batches_tracked` on its next update (after the buffers
+/// were replaced wholesale: a checkpoint load, an average across ranks).
+pub fn forget_all_step_counts() {
+    STEP_COUNT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 thread_local! {
@@ -139,6 +150,9 @@ impl BatchNorm {
                 false,
             ),
             steps: std::cell::Cell::new(Some(0)),
+            steps_generation: std::cell::Cell::new(
+                STEP_COUNT_GENERATION.load(std::sync::atomic::Ordering::Relaxed),
+            ),
             precise: std::cell::Cell::new((0, 0)),
         }
     }
@@ -156,6 +170,23 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let channels = xs.size().get(1).copied().unwrap_or(1).max(1);
+        if train && xs.numel() as i64 / channels <= 1 {
+            // One value per channel (a batch of one sample reaching a BatchNorm over features,
+            // e.g. a last batch of 1): the batch variance is undefined, and libtorch would write
+            // NaN into the running variance. Normalise with the batch statistics (the output is
+            // the bias), and leave running statistics and step count alone.
+            return xs.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.0,
+                BN_EPS,
+                true,
+            );
+        }
         let pass = PRECISE_PASS.with(|p| p.get());
         let momentum = if train && pass != 0 {
             // The k-th batch of a precise pass enters the average with weight 1 / k.
@@ -164,6 +195,11 @@ impl ModuleT for BatchNorm {
             self.precise.set((pass, k));
             1.0 / k as f64
         } else if train {
+            let generation = STEP_COUNT_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+            if self.steps_generation.get() != generation {
+                self.steps_generation.set(generation);
+                self.steps.set(None);
+            }
             let done = self
                 .steps
                 .get()

@@ -5,6 +5,7 @@
 pub mod cifar;
 pub mod layers;
 pub mod resnet50;
+pub mod tiny;
 
 use std::fmt;
 use std::str::FromStr;
@@ -22,16 +23,19 @@ pub enum Arch {
         depth: usize,
         wide: bool,
     },
+    /// Three convolutions without BatchNorm (`tiny-cnn`).
+    Tiny,
 }
 
 /// Every value `--arch` accepts, for help and error messages.
-pub const ARCH_NAMES: &str = "resnet50, resnet8 (small, for quick CPU runs), resnet20, resnet32, resnet56, resnet110, resnet110-wfc";
+pub const ARCH_NAMES: &str = "resnet50, resnet8 (small, for quick CPU runs), resnet20, resnet32, resnet56, resnet110, resnet110-wfc, tiny-cnn (3 convs, no BatchNorm: smoke tests and exactness checks)";
 
 impl FromStr for Arch {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
             "resnet50" => Arch::ResNet50,
+            "tiny-cnn" => Arch::Tiny,
             "resnet8" => Arch::Cifar {
                 depth: 8,
                 wide: false,
@@ -69,6 +73,7 @@ impl fmt::Display for Arch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Arch::ResNet50 => f.write_str("resnet50"),
+            Arch::Tiny => f.write_str("tiny-cnn"),
             Arch::Cifar { depth, wide: false } => write!(f, "resnet{depth}"),
             Arch::Cifar { depth, wide: true } => write!(f, "resnet{depth}-wfc"),
         }
@@ -93,7 +98,7 @@ impl Arch {
     /// 2 lambda w): none for ResNet-50, 2e-4 for the CIFAR ResNets.
     pub fn kernel_l2(self) -> f64 {
         match self {
-            Arch::ResNet50 => 0.0,
+            Arch::ResNet50 | Arch::Tiny => 0.0,
             Arch::Cifar { .. } => 2e-4,
         }
     }
@@ -104,12 +109,14 @@ impl Arch {
 pub enum Backbone {
     ResNet50(resnet50::ResNet50),
     Cifar(cifar::CifarResNet),
+    Tiny(tiny::TinyCnn),
 }
 
 impl Backbone {
     pub fn new(arch: Arch, p: &nn::Path, in_channels: i64) -> Self {
         match arch {
             Arch::ResNet50 => Backbone::ResNet50(resnet50::ResNet50::new(p, in_channels)),
+            Arch::Tiny => Backbone::Tiny(tiny::TinyCnn::new(p, in_channels)),
             Arch::Cifar { depth, wide } => {
                 let widths = if wide { [32, 64, 128] } else { [16, 32, 64] };
                 Backbone::Cifar(cifar::CifarResNet::new(
@@ -127,6 +134,7 @@ impl Backbone {
         match self {
             Backbone::ResNet50(_) => resnet50::RESNET50_FEATURES,
             Backbone::Cifar(m) => m.out_dim(),
+            Backbone::Tiny(m) => m.out_dim(),
         }
     }
 }
@@ -136,6 +144,7 @@ impl ModuleT for Backbone {
         match self {
             Backbone::ResNet50(m) => m.forward_t(xs, train),
             Backbone::Cifar(m) => m.forward_t(xs, train),
+            Backbone::Tiny(m) => m.forward_t(xs, train),
         }
     }
 }

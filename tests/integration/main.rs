@@ -2,6 +2,7 @@
 //! test binary links libtorch, which is slow to link and large), one module per theme.
 
 mod cli;
+mod distributed;
 mod embeddings;
 mod libtorch_cpu;
 mod model;

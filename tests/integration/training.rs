@@ -15,7 +15,7 @@ const FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 const LIMIT: Duration = Duration::from_secs(600);
 
 /// Fashion-MNIST with `k` training images per class (seed 0), packed once per test process.
-fn fashion(k: usize) -> PathBuf {
+pub(crate) fn fashion(k: usize) -> PathBuf {
     static DIRS: OnceLock<tempfile::TempDir> = OnceLock::new();
     let root = DIRS.get_or_init(|| tempfile::tempdir().unwrap()).path();
     let out = root.join(format!("fmnist-k{k}"));
@@ -33,7 +33,7 @@ fn fashion(k: usize) -> PathBuf {
     out
 }
 
-fn metrics(run_dir: &Path) -> Vec<Value> {
+pub(crate) fn metrics(run_dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -42,7 +42,7 @@ fn metrics(run_dir: &Path) -> Vec<Value> {
 }
 
 /// Metrics without the wall-clock fields, the only ones that may differ between equal runs.
-fn deterministic(lines: &[Value]) -> Vec<Value> {
+pub(crate) fn deterministic(lines: &[Value]) -> Vec<Value> {
     lines
         .iter()
         .map(|v| {

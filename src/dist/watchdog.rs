@@ -1,0 +1,151 @@
+//! A collective timeout: [`Watched`] wraps any communicator and a thread aborts the whole job when
+//! one collective has not returned within the limit (`--collective-timeout`).
+//!
+//! Collectives in this program are rank-symmetric by construction, so a collective that does not
+//! finish means another rank died, hangs or lost its link. Waiting longer cannot help; the job is
+//! ended with a message naming the collective and what it was for, and mpirun/srun exit non-zero.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+use super::{AbortHandle, Backend, Communicator, Result};
+
+/// The exit status of a job ended by a collective timeout.
+pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 3;
+
+struct State {
+    /// Milliseconds since `origin` at which the pending collective started, 0 when none is.
+    started_ms: AtomicU64,
+    operation: Mutex<&'static str>,
+    context: Mutex<String>,
+    stop: AtomicBool,
+    origin: Instant,
+}
+
+/// A communicator whose collectives are timed by a watchdog thread.
+pub struct Watched {
+    inner: Box<dyn Communicator>,
+    state: Arc<State>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watched {
+    /// Wraps `inner`; a collective pending for longer than `timeout` aborts the job. A zero
+    /// timeout disables the watchdog.
+    pub fn new(inner: Box<dyn Communicator>, timeout: Duration) -> Self {
+        let state = Arc::new(State {
+            started_ms: AtomicU64::new(0),
+            operation: Mutex::new(""),
+            context: Mutex::new(String::new()),
+            stop: AtomicBool::new(false),
+            origin: Instant::now(),
+        });
+        let thread = (!timeout.is_zero() && inner.size() > 1).then(|| {
+            let state = Arc::clone(&state);
+            let abort = inner.abort_handle();
+            std::thread::Builder::new()
+                .name("collective-watchdog".into())
+                .spawn(move || watch(&state, timeout, &abort))
+                .expect("spawning the watchdog thread")
+        });
+        Watched {
+            inner,
+            state,
+            thread,
+        }
+    }
+
+    fn guarded<T>(&self, operation: &'static str, f: impl FnOnce() -> T) -> T {
+        if let Ok(mut op) = self.state.operation.lock() {
+            *op = operation;
+        }
+        let now = self.state.origin.elapsed().as_millis() as u64;
+        self.state.started_ms.store(now.max(1), Ordering::SeqCst);
+        let out = f();
+        self.state.started_ms.store(0, Ordering::SeqCst);
+        out
+    }
+}
+
+fn watch(state: &State, timeout: Duration, abort: &AbortHandle) {
+    let limit_ms = timeout.as_millis() as u64;
+    let tick = Duration::from_millis((limit_ms / 10).clamp(10, 1000));
+    while !state.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(tick);
+        let started = state.started_ms.load(Ordering::SeqCst);
+        let now = state.origin.elapsed().as_millis() as u64;
+        if started != 0 && now.saturating_sub(started) > limit_ms {
+            let op = state.operation.lock().map(|o| *o).unwrap_or("collective");
+            let context = state.context.lock().map(|c| c.clone()).unwrap_or_default();
+            let message = format!(
+                "collective timeout: {op}{} did not complete within {} s (--collective-timeout); \
+                 another rank has died, hangs, or lost its network link; ending the job",
+                if context.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({context})")
+                },
+                timeout.as_secs_f64()
+            );
+            abort.abort(&message, EXIT_COLLECTIVE_TIMEOUT);
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Communicator for Watched {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn local_rank(&self) -> usize {
+        self.inner.local_rank()
+    }
+    fn local_size(&self) -> usize {
+        self.inner.local_size()
+    }
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        self.guarded("all-reduce", || self.inner.all_reduce_sum_f32(buf))
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        self.guarded("all-reduce", || self.inner.all_reduce_sum_f64(buf))
+    }
+    fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        self.guarded("all-reduce", || self.inner.all_reduce_sum(tensor))
+    }
+    fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
+        self.guarded("broadcast", || self.inner.broadcast_bytes(bytes, root))
+    }
+    fn barrier(&self) -> Result<()> {
+        self.guarded("barrier", || self.inner.barrier())
+    }
+    fn abort(&self, message: &str, code: i32) -> ! {
+        self.inner.abort(message, code)
+    }
+    fn abort_handle(&self) -> AbortHandle {
+        self.inner.abort_handle()
+    }
+    fn set_context(&self, context: &str) {
+        if let Ok(mut c) = self.state.context.lock() {
+            c.clear();
+            c.push_str(context);
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Joining the job: the communicator (with its collective watchdog), this rank's device and
+//! thread count, and how a failure on one rank ends every rank.
+
+use std::time::Duration;
+
+use crate::cli::JobArgs;
+use crate::device::DeviceChoice;
+use crate::dist::watchdog::Watched;
+use crate::dist::{self, Communicator};
+
+/// This process's place in its job.
+pub struct Job {
+    pub comm: Watched,
+    pub device: tch::Device,
+}
+
+impl Job {
+    /// Connects to the job (`--dist`), picks the local rank's device and sets libtorch's thread
+    /// count (`threads`, else [`default_threads`]).
+    pub fn join(args: &JobArgs, device: DeviceChoice, threads: Option<i32>) -> anyhow::Result<Job> {
+        if !(args.collective_timeout >= 0.0 && args.collective_timeout.is_finite()) {
+            anyhow::bail!(
+                "--collective-timeout {}: expected seconds >= 0 (0 waits forever)",
+                args.collective_timeout
+            );
+        }
+        let (comm, device) = dist::connect(args.dist, device)?;
+        let threads = threads.unwrap_or_else(|| default_threads(comm.local_size()));
+        tch::set_num_threads(threads.max(1));
+        let comm = Watched::new(comm, Duration::from_secs_f64(args.collective_timeout));
+        Ok(Job { comm, device })
+    }
+
+    /// Passes `result` through; in a job of several ranks an error ends the whole job at once
+    /// (the other ranks may be waiting in a collective this rank will never join), printing the
+    /// message prefixed with this rank.
+    pub fn finish<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        match result {
+            Err(e) if self.comm.size() > 1 => self.comm.abort(&format!("cosine-train: {e:#}"), 1),
+            other => other,
+        }
+    }
+}
+
+/// libtorch threads for one rank: the CPUs it may run on, divided among the ranks of its node
+/// when they are not bound to disjoint cores (each sees every CPU of the node).
+pub fn default_threads(local_ranks: usize) -> i32 {
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let online = online_cpus().unwrap_or(allowed);
+    let share = if allowed >= online {
+        allowed / local_ranks.max(1)
+    } else {
+        allowed
+    };
+    share.max(1) as i32
+}
+
+/// Number of CPUs online on this node (Linux), regardless of this process's affinity.
+fn online_cpus() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").ok()?;
+    let mut n = 0;
+    for part in text.trim().split(',') {
+        n += match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().ok()? - a.parse::<usize>().ok()? + 1,
+            None => 1,
+        };
+    }
+    Some(n)
+}

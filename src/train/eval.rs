@@ -1,0 +1,200 @@
+//! Evaluation on the test split and precise BatchNorm statistics, both shared exactly between
+//! ranks: each rank takes a disjoint contiguous slice (no padding, no duplicates) and the counts
+//! are summed, so the result is the same for any world size.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use datasets_prep::Split;
+use tch::Device;
+
+use super::Network;
+use super::replicas::{average_bn_buffers, share};
+use crate::data::batches;
+use crate::data::loader::LoaderSpec;
+use crate::dist::Communicator;
+
+/// Correct predictions per class.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvalCounts {
+    pub total: Vec<u64>,
+    pub correct: Vec<u64>,
+    /// Cosine+CE: the embedding's nearest-class predictions.
+    pub embedding_correct: Option<Vec<u64>>,
+    /// With a hierarchy: the sum over samples of S[prediction][truth].
+    pub hierarchical_sum: Option<f64>,
+}
+
+impl EvalCounts {
+    pub fn top1(&self) -> f64 {
+        ratio(self.correct.iter().sum(), self.total.iter().sum())
+    }
+    /// Mean of the per-class accuracies (classes without test images left out).
+    pub fn balanced(&self) -> f64 {
+        let per_class: Vec<f64> = self
+            .total
+            .iter()
+            .zip(&self.correct)
+            .filter(|(t, _)| **t > 0)
+            .map(|(&t, &c)| c as f64 / t as f64)
+            .collect();
+        if per_class.is_empty() {
+            0.0
+        } else {
+            per_class.iter().sum::<f64>() / per_class.len() as f64
+        }
+    }
+    pub fn hierarchical(&self) -> Option<f64> {
+        let n: u64 = self.total.iter().sum();
+        self.hierarchical_sum
+            .map(|s| if n == 0 { 0.0 } else { s / n as f64 })
+    }
+    pub fn embedding_top1(&self) -> Option<f64> {
+        self.embedding_correct
+            .as_ref()
+            .map(|c| ratio(c.iter().sum(), self.total.iter().sum()))
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// Class similarities S (C x C, row-major, manifest class order) from a hierarchy file.
+pub fn class_similarity(
+    path: &str,
+    is_a: bool,
+    classes: &[datasets_prep::manifest::ClassInfo],
+) -> anyhow::Result<Vec<f64>> {
+    let h = crate::hierarchy::Hierarchy::from_file(Path::new(path), is_a)?;
+    let ids: Vec<i64> = classes
+        .iter()
+        .map(|c| {
+            c.id.parse::<i64>().with_context(|| {
+                format!(
+                    "--hierarchy {path}: class id {:?} of the data is not an integer",
+                    c.id
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let leaves = h.leaves();
+    let missing: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|i| leaves.binary_search(i).is_err())
+        .take(10)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "--hierarchy {path}: classes {missing:?} of the data are not leaves of the hierarchy"
+        );
+    }
+    Ok(h.similarity(&ids))
+}
+
+/// Evaluates on the test split, in order, without augmentation; this rank takes its contiguous
+/// share and the counts of all ranks are summed. `similarity` (C x C) adds the hierarchical
+/// accuracy.
+pub fn evaluate(
+    net: &Network,
+    loader: &LoaderSpec,
+    batch: usize,
+    classes: usize,
+    device: Device,
+    similarity: Option<&[f64]>,
+    comm: &dyn Communicator,
+) -> anyhow::Result<EvalCounts> {
+    let n = loader.shards.split(Split::Test).len();
+    let mine = share(n, comm.size(), comm.rank());
+    let mut total = vec![0u64; classes];
+    let mut correct = vec![0u64; classes];
+    let mut embedding_correct: Option<Vec<u64>> = None;
+    let mut hierarchical_sum = 0f64;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for b in loader.start(0, mine.collect(), batch, false) {
+            let b = b?;
+            let out = net.forward_t(&b.to_device(device).0, false);
+            let (pred, embedding_pred) = net.head.predict(&out);
+            let labels = Vec::<i64>::try_from(&b.labels)?;
+            let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
+            let embedding_pred = embedding_pred
+                .map(|p| Vec::<i64>::try_from(p.to_device(Device::Cpu)))
+                .transpose()?;
+            for (k, &y) in labels.iter().enumerate() {
+                let y = y as usize;
+                total[y] += 1;
+                correct[y] += u64::from(pred[k] == y as i64);
+                if let Some(s) = similarity {
+                    hierarchical_sum += s[pred[k] as usize * classes + y];
+                }
+                if let Some(e) = &embedding_pred {
+                    embedding_correct.get_or_insert_with(|| vec![0; classes])[y] +=
+                        u64::from(e[k] == y as i64);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if comm.size() == 1 {
+        return Ok(EvalCounts {
+            total,
+            correct,
+            embedding_correct,
+            hierarchical_sum: similarity.map(|_| hierarchical_sum),
+        });
+    }
+    // One all-reduce: totals, corrects, embedding corrects (+ whether there are any), the
+    // hierarchical sum. f64 counts are exact up to 2^53.
+    let has_embedding = embedding_correct.is_some();
+    let embedding = embedding_correct.unwrap_or_else(|| vec![0; classes]);
+    let mut packed: Vec<f64> = total
+        .iter()
+        .chain(&correct)
+        .chain(&embedding)
+        .map(|&c| c as f64)
+        .collect();
+    packed.push(f64::from(u8::from(has_embedding)));
+    packed.push(hierarchical_sum);
+    comm.set_context("summing evaluation counts");
+    comm.all_reduce_sum_f64(&mut packed)
+        .context("summing evaluation counts")?;
+    let count = |i: usize| packed[i].round() as u64;
+    Ok(EvalCounts {
+        total: (0..classes).map(count).collect(),
+        correct: (classes..2 * classes).map(count).collect(),
+        embedding_correct: (packed[3 * classes] > 0.0)
+            .then(|| (2 * classes..3 * classes).map(count).collect()),
+        hierarchical_sum: similarity.map(|_| packed[3 * classes + 1]),
+    })
+}
+
+/// Replaces every BatchNorm's running statistics by their average over one pass of the
+/// training images, preprocessed as test images are (precise BN). The pass is cut into the same
+/// batches for any world size; each rank averages a contiguous run of them and the ranks'
+/// averages are combined weighted by their batch counts.
+pub fn recompute_bn_statistics(
+    net: &Network,
+    loader: &LoaderSpec,
+    batch: usize,
+    device: Device,
+    comm: &dyn Communicator,
+) -> anyhow::Result<()> {
+    let n = loader.shards.split(Split::Train).len();
+    let batch = batch.max(1);
+    let mine = share(batches(n, batch), comm.size(), comm.rank());
+    let plan: Vec<_> = mine
+        .clone()
+        .map(|b| b * batch..((b + 1) * batch).min(n))
+        .collect();
+    tch::no_grad(|| {
+        crate::model::layers::with_precise_bn(|| -> anyhow::Result<()> {
+            for b in loader.start_plan(0, Arc::new((0..n).collect()), plan, false) {
+                let _ = net.forward_t(&b?.to_device(device).0, true);
+            }
+            Ok(())
+        })
+    })?;
+    average_bn_buffers(&net.vs, comm, mine.len() as f64)
+}

@@ -1,0 +1,322 @@
+//! Data parallelism: how work is shared between ranks and how their model replicas are kept one
+//! model (initial broadcast, checksums, the fused gradient all-reduce, BatchNorm averaging).
+
+use std::ops::Range;
+
+use anyhow::{Context, bail};
+use tch::{Device, Kind, Tensor};
+
+use crate::dist::{Backend, Communicator};
+use crate::optim::Param;
+
+/// Part `part` of `0..total` cut into `parts` contiguous pieces whose sizes differ by at most one
+/// (the first `total % parts` pieces are one longer; pieces may be empty).
+pub fn share(total: usize, parts: usize, part: usize) -> Range<usize> {
+    let parts = parts.max(1);
+    let (base, extra) = (total / parts, total % parts);
+    let start = part * base + part.min(extra);
+    start..start + base + usize::from(part < extra)
+}
+
+/// Every variable of the store (parameters and buffers), sorted by name.
+fn variables(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+fn host_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut bytes, t.numel());
+    bytes
+}
+
+/// Replaces every variable on every rank by rank 0's (parameters and BatchNorm buffers).
+pub fn broadcast_model(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> anyhow::Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let named = variables(vs);
+    let mut bytes = Vec::new();
+    if comm.rank() == 0 {
+        for (_, t) in &named {
+            bytes.extend_from_slice(&host_bytes(t));
+        }
+    }
+    comm.set_context("broadcast of rank 0's initial model");
+    comm.broadcast_bytes(&mut bytes, 0)
+        .context("broadcasting the initial model")?;
+    let mut offset = 0;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for (name, t) in &named {
+            let len = t.numel() * t.kind().elt_size_in_bytes();
+            let Some(chunk) = bytes.get(offset..offset + len) else {
+                bail!(
+                    "rank 0's model is smaller than this rank's (at {name}): ranks built different models"
+                );
+            };
+            let src = Tensor::from_data_size(chunk, &t.size(), t.kind());
+            t.shallow_clone().copy_(&src);
+            offset += len;
+        }
+        Ok(())
+    })?;
+    if offset != bytes.len() {
+        bail!("rank 0's model is larger than this rank's: ranks built different models");
+    }
+    crate::model::layers::forget_all_step_counts();
+    Ok(())
+}
+
+/// A 64-bit hash of every variable's name, shape and bytes.
+pub fn model_checksum(vs: &tch::nn::VarStore) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (name, t) in variables(vs) {
+        h.update(name.as_bytes());
+        for d in t.size() {
+            h.update(&d.to_le_bytes());
+        }
+        h.update(&host_bytes(&t));
+    }
+    h.digest()
+}
+
+/// Checks that every rank holds the same model (`when` says where, for the message). Every rank
+/// reaches the same verdict, so an error is returned on all of them.
+pub fn check_same_model(
+    vs: &tch::nn::VarStore,
+    comm: &dyn Communicator,
+    when: &str,
+) -> anyhow::Result<u64> {
+    let own = model_checksum(vs);
+    if comm.size() == 1 {
+        return Ok(own);
+    }
+    // f64 holds 52-bit integers exactly; one slot per rank makes the sum an all-gather.
+    let mut slots = vec![0f64; comm.size()];
+    slots[comm.rank()] = (own >> 12) as f64;
+    comm.set_context(&format!("model checksum {when}"));
+    comm.all_reduce_sum_f64(&mut slots)
+        .context("comparing model checksums")?;
+    let differing: Vec<usize> = (1..slots.len()).filter(|&r| slots[r] != slots[0]).collect();
+    if !differing.is_empty() {
+        bail!(
+            "the model replicas differ {when}: ranks {differing:?} hold a different model than \
+             rank 0 (checksums {:?}); this is a bug or a hardware fault, not a usage error",
+            slots
+                .iter()
+                .map(|&s| format!("{:013x}", s as u64))
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(own)
+}
+
+/// The fused gradient all-reduce: every step, all gradients (and the batch's loss) are packed
+/// into one contiguous buffer and summed across ranks in as few calls as the bucket size allows.
+pub struct GradSync {
+    /// Parameter gradients back to back, then `EXTRA` slots; on the GPU for NCCL, else on the host.
+    flat: Tensor,
+    sizes: Vec<i64>,
+    shapes: Vec<Vec<i64>>,
+    /// Elements per all-reduce call.
+    bucket: usize,
+    /// Seconds spent in the all-reduce calls since the last `take_seconds`.
+    seconds: f64,
+}
+
+/// Slots after the gradients: the global-batch loss.
+const EXTRA: i64 = 1;
+
+impl GradSync {
+    pub fn new(
+        params: &[Param],
+        comm: &dyn Communicator,
+        device: Device,
+        bucket_mb: usize,
+    ) -> Self {
+        let sizes: Vec<i64> = params.iter().map(|p| p.tensor.numel() as i64).collect();
+        let shapes = params.iter().map(|p| p.tensor.size()).collect();
+        let total: i64 = sizes.iter().sum::<i64>() + EXTRA;
+        let place = if comm.backend() == Backend::Nccl {
+            device
+        } else {
+            Device::Cpu
+        };
+        GradSync {
+            flat: Tensor::zeros([total], (Kind::Float, place)),
+            sizes,
+            shapes,
+            bucket: (bucket_mb.max(1) << 20) / 4,
+            seconds: 0.0,
+        }
+    }
+
+    /// Sums the gradients of `params` and `loss` (this rank's share of the global-batch mean,
+    /// `None` for a rank without samples) over all ranks. Returns the gradients, in parameter
+    /// order, and the global-batch loss. With one rank nothing is copied.
+    pub fn reduce(
+        &mut self,
+        params: &[Param],
+        loss: Option<&Tensor>,
+        comm: &dyn Communicator,
+    ) -> anyhow::Result<(Vec<Tensor>, f64)> {
+        if comm.size() == 1 {
+            let grads = params.iter().map(|p| defined_grad(&p.tensor)).collect();
+            let loss = loss.map_or(Ok(0.0), f64::try_from)?;
+            return Ok((grads, loss));
+        }
+        tch::no_grad(|| {
+            let _ = self.flat.zero_();
+            let mut offset = 0i64;
+            for (p, &n) in params.iter().zip(&self.sizes) {
+                let g = p.tensor.grad();
+                if g.defined() {
+                    self.flat.narrow(0, offset, n).copy_(&g.reshape([-1]));
+                }
+                offset += n;
+            }
+            if let Some(l) = loss {
+                self.flat.narrow(0, offset, 1).copy_(&l.reshape([1]));
+            }
+        });
+        let start = std::time::Instant::now();
+        let total = self.flat.numel() as i64;
+        let mut at = 0i64;
+        while at < total {
+            let n = (self.bucket as i64).min(total - at);
+            let mut piece = self.flat.narrow(0, at, n);
+            comm.all_reduce_sum(&mut piece)
+                .context("gradient all-reduce")?;
+            at += n;
+        }
+        self.seconds += start.elapsed().as_secs_f64();
+        let loss = f64::try_from(self.flat.narrow(0, total - EXTRA, 1).squeeze())?;
+        let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
+        let flat = self.flat.to_device(device);
+        let grads = flat
+            .narrow(0, 0, total - EXTRA)
+            .split_with_sizes(&self.sizes, 0)
+            .into_iter()
+            .zip(&self.shapes)
+            .map(|(g, shape)| g.view(shape.as_slice()))
+            .collect();
+        Ok((grads, loss))
+    }
+
+    /// Seconds spent in gradient all-reduce calls since the last call.
+    pub fn take_seconds(&mut self) -> f64 {
+        std::mem::take(&mut self.seconds)
+    }
+}
+
+fn defined_grad(t: &Tensor) -> Tensor {
+    let g = t.grad();
+    if g.defined() { g } else { t.zeros_like() }
+}
+
+/// The BatchNorm running statistics (floating-point buffers) and step counts (integer buffers).
+fn bn_buffers(vs: &tch::nn::VarStore) -> (Vec<Tensor>, Vec<Tensor>) {
+    let (mut floats, mut ints) = (Vec::new(), Vec::new());
+    for (_, t) in variables(vs) {
+        if t.requires_grad() {
+            continue;
+        }
+        if t.kind() == Kind::Float {
+            floats.push(t);
+        } else {
+            ints.push(t);
+        }
+    }
+    (floats, ints)
+}
+
+/// Makes every rank's BatchNorm running statistics the weighted average over ranks: each rank's
+/// statistics count `weight` times (1 for the per-rank moving averages; the number of batches
+/// it averaged for precise BN, possibly 0). Step counts become rank 0's.
+pub fn average_bn_buffers(
+    vs: &tch::nn::VarStore,
+    comm: &dyn Communicator,
+    weight: f64,
+) -> anyhow::Result<()> {
+    if comm.size() == 1 {
+        return Ok(());
+    }
+    let (floats, ints) = bn_buffers(vs);
+    let mut host: Vec<f32> = Vec::new();
+    for t in &floats {
+        let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).reshape([-1]))?;
+        host.extend(v.iter().map(|&x| x * weight as f32));
+    }
+    let mut total_weight = [weight];
+    comm.set_context("averaging BatchNorm statistics");
+    comm.all_reduce_sum_f64(&mut total_weight)
+        .context("averaging BatchNorm statistics")?;
+    comm.all_reduce_sum_f32(&mut host)
+        .context("averaging BatchNorm statistics")?;
+    if total_weight[0] <= 0.0 {
+        bail!("averaging BatchNorm statistics: no rank saw any batch");
+    }
+    let scale = 1.0 / total_weight[0] as f32;
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for t in &floats {
+            let n = t.numel();
+            let values: Vec<f32> = host[offset..offset + n]
+                .iter()
+                .map(|&x| x * scale)
+                .collect();
+            let src = Tensor::from_slice(&values)
+                .view(t.size().as_slice())
+                .to_device(t.device());
+            t.shallow_clone().copy_(&src);
+            offset += n;
+        }
+    });
+    let mut bytes = Vec::new();
+    if comm.rank() == 0 {
+        for t in &ints {
+            bytes.extend_from_slice(&host_bytes(t));
+        }
+    }
+    comm.broadcast_bytes(&mut bytes, 0)
+        .context("sharing BatchNorm step counts")?;
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for t in &ints {
+            let len = t.numel() * t.kind().elt_size_in_bytes();
+            if let Some(chunk) = bytes.get(offset..offset + len) {
+                let src = Tensor::from_data_size(chunk, &t.size(), t.kind()).to_device(t.device());
+                t.shallow_clone().copy_(&src);
+            }
+            offset += len;
+        }
+    });
+    crate::model::layers::forget_all_step_counts();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn shares_are_contiguous_cover_everything_and_differ_by_at_most_one() {
+        for total in 0..40 {
+            for parts in 1..9 {
+                let pieces: Vec<_> = (0..parts).map(|p| share(total, parts, p)).collect();
+                assert_eq!(pieces[0].start, 0);
+                assert_eq!(pieces[parts - 1].end, total);
+                for w in pieces.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                let lens: Vec<usize> = pieces.iter().map(|r| r.len()).collect();
+                let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+                assert!(max - min <= 1, "{total} in {parts}: {lens:?}");
+            }
+        }
+        assert_eq!(share(1, 2, 1), 1..1);
+        assert_eq!(share(5, 2, 0), 0..3);
+    }
+}
