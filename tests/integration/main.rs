@@ -4,6 +4,7 @@
 mod cli;
 mod distributed;
 mod embeddings;
+mod launch;
 mod libtorch_cpu;
 mod model;
 mod mpi;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Slurm batch template: one cosine-train rank per GPU, on as many nodes as you ask for.
+#
+#   sbatch launch/sbatch.sh train --data data/cub --out runs/cub-cosine --preset paper-cub-cosine --device cuda
+#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 launch/sbatch.sh train ...
+#   sbatch --gpus-per-node=0 --ntasks-per-node=2 launch/sbatch.sh train ... --device cpu   # CPU nodes
+#
+# Submit from the checkout (the job finds the binary and launch/env.sh through
+# SLURM_SUBMIT_DIR), or set COSINE_REPO / COSINE_TRAIN. Edit the #SBATCH lines below for your
+# cluster (partition, account, time), or override them on the sbatch command line as above;
+# keep ntasks-per-node equal to gpus-per-node on GPU nodes. The arguments after the script name
+# are cosine-train's; launching changes no option: rank, world size and local rank (= GPU)
+# come from MPI through srun's PMIx.
+#
+#SBATCH --job-name=cosine-train
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --open-mode=append
+set -euo pipefail
+repo="${COSINE_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+# shellcheck source=launch/env.sh
+source "$repo/launch/env.sh"
+bin="${COSINE_TRAIN:-$repo/target/release/cosine-train}"
+if [ ! -x "$bin" ]; then
+  echo "sbatch.sh: $bin is missing; build with 'make build' in $repo or set COSINE_TRAIN" >&2
+  exit 1
+fi
+if [ $# -eq 0 ]; then
+  echo "sbatch.sh: no cosine-train arguments given (e.g. train --data DIR --out DIR ...)" >&2
+  exit 2
+fi
+# srun passes the whole environment to the ranks. Each rank sees the GPUs of its node and takes
+# the one numbered by its local rank, so no per-task GPU binding is wanted here.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+echo "sbatch.sh: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} ranks: $bin $*"
+# --kill-on-bad-exit: a rank that exits non-zero ends the step (cosine-train also aborts the
+# whole job itself on any rank's error, and bounds every collective by --collective-timeout).
+exec srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none "$bin" "$@"

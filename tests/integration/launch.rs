@@ -1,0 +1,180 @@
+//! The launch scripts users run: the mpirun wrapper and the learning-rate sweep, for real (the
+//! Slurm template's real test runs on a Slurm cluster, see the cluster tests).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::training::fashion;
+use crate::util::{cosine_train_path, repo_root, run, show, stderr, stdout};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+fn script(name: &str) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("launch").join(name))
+        .env("COSINE_TRAIN", cosine_train_path());
+    cmd
+}
+
+#[test]
+fn mpirun_wrapper_adds_placement_keepalive_interface_and_environment() {
+    let o = run(
+        script("mpirun.sh")
+            .env("NCCL_DEBUG", "INFO")
+            .args([
+                "--dry-run",
+                "-n",
+                "3",
+                "--iface",
+                "lo",
+                "--oversubscribe",
+                "--",
+            ])
+            .args(["train", "--data", "d", "--out", "o"]),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let line = stdout(&o);
+    for part in [
+        "mpirun -np 3 --map-by slot --bind-to none",
+        "--mca oob_tcp_keepalive_time 10",
+        "--mca btl_tcp_if_include lo --mca oob_tcp_if_include lo",
+        "-x LD_LIBRARY_PATH",
+        "-x NCCL_DEBUG",
+        "-x NCCL_SOCKET_IFNAME",
+        "--oversubscribe",
+        "cosine-train train --data d --out o",
+    ] {
+        assert!(line.contains(part), "missing {part:?} in {line}");
+    }
+    let o = run(
+        script("mpirun.sh").args(["-n", "zero", "--", "train"]),
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("expected a positive number of ranks"),
+        "{}",
+        show(&o)
+    );
+    let o = run(script("mpirun.sh").args(["-n", "2"]), LIMIT);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("put cosine-train's arguments after --"),
+        "{}",
+        show(&o)
+    );
+}
+
+const TINY_RUN: [&str; 12] = [
+    "--arch",
+    "tiny-cnn",
+    "--loss",
+    "ce",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "50",
+    "--threads",
+    "1",
+    "--workers",
+    "1",
+];
+
+#[test]
+fn mpirun_wrapper_launches_a_two_rank_training_job() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = run(
+        script("mpirun.sh")
+            .args(["-n", "2", "--oversubscribe", "--", "train", "--data"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(TINY_RUN),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["world_size"], 2);
+    assert!(out.join("model.safetensors").is_file());
+}
+
+fn sweep(data: &Path, out: &Path) -> std::process::Output {
+    run(
+        script("lr-sweep.sh")
+            .env("COSINE_MPIRUN_ARGS", "--oversubscribe")
+            .args(["--np", "2", "--rates", "0.05 0.01", "--out"])
+            .arg(out)
+            .args(["--", "--data"])
+            .arg(data)
+            .args(TINY_RUN),
+        LIMIT,
+    )
+}
+
+#[test]
+fn lr_sweep_trains_each_rate_once_and_tabulates_best_and_last() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sweep");
+    let o = sweep(&data, &out);
+    assert!(o.status.success(), "{}", show(&o));
+    let table = stdout(&o);
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| 0.0")).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    for (row, rate) in rows.iter().zip(["0.05", "0.01"]) {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert_eq!(cells[1], rate, "{row}");
+        assert!(cells[2].ends_with('%') && cells[4].ends_with('%'), "{row}");
+        let metrics =
+            std::fs::read_to_string(out.join(format!("lr-{rate}/metrics.jsonl"))).unwrap();
+        let summary: Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        let best = summary["best_top1"].as_f64().unwrap();
+        assert_eq!(cells[2], format!("{:.2}%", 100.0 * best), "{row}");
+        let config: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join(format!("lr-{rate}/config.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config["world_size"], 2);
+    }
+    assert_eq!(
+        std::fs::read_to_string(out.join("sweep.md")).unwrap(),
+        table
+    );
+
+    // A second call finds both runs finished and trains nothing.
+    let o = sweep(&data, &out);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(
+        stderr(&o).matches("already done").count(),
+        2,
+        "{}",
+        show(&o)
+    );
+
+    let o = run(
+        script("lr-sweep.sh").args(["--out", "x", "--", "--lr-max", "1"]),
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(stderr(&o).contains("do not pass --lr-max"), "{}", show(&o));
+}
+
+#[test]
+fn sbatch_template_is_valid_bash_and_launches_with_pmix() {
+    let path = repo_root().join("launch/sbatch.sh");
+    let o = run(Command::new("bash").arg("-n").arg(&path), LIMIT);
+    assert!(o.status.success(), "{}", show(&o));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("srun --mpi=pmix --kill-on-bad-exit=1"));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("#SBATCH --ntasks-per-node="))
+    );
+}
