@@ -41,6 +41,9 @@ pub enum Command {
     /// Evaluate saved weights (a run's model.safetensors) on the test split, exactly, with any
     /// number of ranks. Prints one JSON object.
     Eval(Box<EvalArgs>),
+    /// Time the compute-only training step (synthetic batch on the device, no data loading) and,
+    /// under mpirun, the gradient all-reduce. Prints one JSON object (rank 0).
+    BenchStep(BenchStepArgs),
     /// Compute the unit-sphere class embedding of a class hierarchy (rows = leaves by id).
     Embed(EmbedArgs),
 }
@@ -198,6 +201,42 @@ pub struct EvalArgs {
     /// Loader threads.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// libtorch intra-op threads [default: the cores this rank may use].
+    #[arg(long)]
+    pub threads: Option<i32>,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchStepArgs {
+    /// Architecture (as `train --arch`).
+    #[arg(long, default_value = "resnet20")]
+    pub arch: String,
+    /// Objective (as `train --loss`).
+    #[arg(long, default_value = "ce")]
+    pub loss: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 100)]
+    pub batch_size: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 32)]
+    pub size: i64,
+    /// Image channels.
+    #[arg(long, default_value_t = 3)]
+    pub channels: i64,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
     /// libtorch intra-op threads [default: the cores this rank may use].
     #[arg(long)]
     pub threads: Option<i32>,

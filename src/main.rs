@@ -71,6 +71,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::BenchStep(args) => {
+            let job = Job::join(&args.job, args.device, args.threads)?;
+            let report = job.finish(cosine_train::bench_step::run(&args, job.device, &job.comm))?;
+            if job.comm.rank() == 0 {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Embed(args) => {
             let h = cosine_train::hierarchy::Hierarchy::from_file(&args.hierarchy, args.is_a)?;
             let (ids, e) = cosine_train::hierarchy::unitsphere_embedding(&h)?;

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
+use mpi::raw::AsRaw;
 use mpi::topology::{Communicator as _, SimpleCommunicator};
 use tch::Tensor;
 
@@ -23,7 +24,9 @@ pub struct MpiCommunicator {
     // Field order matters: communicators are freed on drop, before the universe finalises MPI.
     world: SimpleCommunicator,
     local: SimpleCommunicator,
-    /// Receive buffer for all-reduces (rsmpi 0.8 has no `MPI_IN_PLACE`); grows to the largest
+    /// `MPI_IN_PLACE` of the MPI library in use, when known (see [`in_place_sentinel`]).
+    in_place: Option<*mut std::ffi::c_void>,
+    /// Receive buffer for all-reduces where `MPI_IN_PLACE` is unknown; grows to the largest
     /// buffer reduced and is then reused, so steady-state training allocates nothing here.
     scratch: RefCell<Vec<f32>>,
     _universe: Universe,
@@ -41,9 +44,27 @@ impl MpiCommunicator {
         Ok(Self {
             world,
             local,
+            in_place: in_place_sentinel(&library_version()),
             scratch: RefCell::new(Vec::new()),
             _universe: universe,
         })
+    }
+}
+
+/// The value of `MPI_IN_PLACE` for the MPI library named by `version`: a C macro, so rsmpi 0.8
+/// cannot export it, but a fixed part of each implementation's ABI: `(void *) 1` in Open MPI,
+/// `(void *) -1` in MPICH and its derivatives (Intel MPI, MVAPICH, Cray MPICH). `None` for any
+/// other library: all-reduces then go through a scratch buffer and one extra copy.
+pub fn in_place_sentinel(version: &str) -> Option<*mut std::ffi::c_void> {
+    if version.starts_with("Open MPI") {
+        Some(std::ptr::without_provenance_mut(1))
+    } else if ["MPICH", "Intel(R) MPI", "MVAPICH", "CRAY MPICH"]
+        .iter()
+        .any(|p| version.starts_with(p))
+    {
+        Some(std::ptr::without_provenance_mut(usize::MAX))
+    } else {
+        None
     }
 }
 
@@ -74,6 +95,30 @@ impl Communicator for MpiCommunicator {
 
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         if self.size() == 1 {
+            return Ok(());
+        }
+        if let Some(in_place) = self.in_place {
+            for chunk in buf.chunks_mut(MAX_ELEMENTS_PER_CALL) {
+                // SAFETY: `chunk` is a valid f32 buffer of `chunk.len()` (< 2^31) elements, used
+                // as both send and receive buffer through this library's MPI_IN_PLACE; the world
+                // communicator and the predefined type and op handles are valid until finalise.
+                let code = unsafe {
+                    mpi::ffi::MPI_Allreduce(
+                        in_place,
+                        chunk.as_mut_ptr().cast(),
+                        chunk.len() as i32,
+                        mpi::ffi::RSMPI_FLOAT,
+                        mpi::ffi::RSMPI_SUM,
+                        self.world.as_raw(),
+                    )
+                };
+                if code != 0 {
+                    return Err(DistError::Failed {
+                        op: "MPI_Allreduce",
+                        detail: format!("error code {code}"),
+                    });
+                }
+            }
             return Ok(());
         }
         let mut scratch = self.scratch.borrow_mut();
@@ -157,5 +202,23 @@ impl Communicator for MpiCommunicator {
                 mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, code);
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_place_sentinel;
+
+    #[test]
+    fn in_place_sentinel_follows_the_library() {
+        assert_eq!(
+            in_place_sentinel("Open MPI v4.1.4, package: Debian OpenMPI").map(|p| p as usize),
+            Some(1)
+        );
+        assert_eq!(
+            in_place_sentinel("MPICH Version:\t4.0").map(|p| p as usize),
+            Some(usize::MAX)
+        );
+        assert!(in_place_sentinel("Some Other MPI 1.0").is_none());
     }
 }

@@ -49,19 +49,30 @@ impl Network {
     }
 }
 
-/// Builds the network for `config` on `device`, initialised from the seed.
+/// Builds the network for `config` and the data of `shards` on `device`, initialised from the
+/// seed.
 pub fn build_network(
     config: &RunConfig,
     shards: &ShardDir,
     device: Device,
 ) -> anyhow::Result<Network> {
     let m = shards.manifest();
+    build_network_for(config, i64::from(m.channels), &m.classes, device)
+}
+
+/// Builds the network for `config`, images of `channels` channels and `classes`, on `device`.
+pub fn build_network_for(
+    config: &RunConfig,
+    channels: i64,
+    classes: &[datasets_prep::manifest::ClassInfo],
+    device: Device,
+) -> anyhow::Result<Network> {
     tch::manual_seed(config.seed as i64);
     let vs = nn::VarStore::new(device);
     let root = vs.root();
-    let backbone = Backbone::new(config.arch, &root, i64::from(m.channels));
+    let backbone = Backbone::new(config.arch, &root, channels);
     let class_embedding = if config.objective.loss.uses_embedding() {
-        Some(crate::embedding::load(&config.embedding, &m.classes)?.to_device(device))
+        Some(crate::embedding::load(&config.embedding, classes)?.to_device(device))
     } else {
         None
     };
@@ -69,7 +80,7 @@ pub fn build_network(
         &root,
         config.objective,
         backbone.out_dim(),
-        m.classes.len() as i64,
+        classes.len() as i64,
         class_embedding,
     );
     Ok(Network { vs, backbone, head })

@@ -113,13 +113,22 @@ pub fn check_same_model(
     Ok(own)
 }
 
-/// The fused gradient all-reduce: every step, all gradients (and the batch's loss) are packed
-/// into one contiguous buffer and summed across ranks in as few calls as the bucket size allows.
+/// The fused gradient all-reduce: every step, all gradients (and the batch's loss) are summed
+/// across ranks in one buffer, in as few calls as the bucket size allows.
+///
+/// Where the buffer can live on the gradients' device (CPU with MPI, GPU with NCCL), every
+/// parameter's `.grad` is made a view into it once, so backward accumulates straight into the
+/// buffer and a step packs nothing (as PyTorch DDP's `gradient_as_bucket_view`). Otherwise, or
+/// if a gradient was replaced by another tensor, that gradient is copied in.
 pub struct GradSync {
-    /// Parameter gradients back to back, then `EXTRA` slots; on the GPU for NCCL, else on the host.
+    /// Parameter gradients back to back, then `EXTRA` slots.
     flat: Tensor,
+    offsets: Vec<i64>,
     sizes: Vec<i64>,
-    shapes: Vec<Vec<i64>>,
+    /// Views of `flat` shaped like the parameters, on the parameters' device when `flat` is.
+    views: Vec<Tensor>,
+    /// Whether `views` live on the parameters' device (else they are copied there each step).
+    same_device: bool,
     /// Elements per all-reduce call.
     bucket: usize,
     /// Seconds spent in the all-reduce calls since the last `take_seconds`.
@@ -137,20 +146,68 @@ impl GradSync {
         bucket_mb: usize,
     ) -> Self {
         let sizes: Vec<i64> = params.iter().map(|p| p.tensor.numel() as i64).collect();
-        let shapes = params.iter().map(|p| p.tensor.size()).collect();
+        let offsets: Vec<i64> = sizes
+            .iter()
+            .scan(0i64, |at, &n| {
+                let o = *at;
+                *at += n;
+                Some(o)
+            })
+            .collect();
         let total: i64 = sizes.iter().sum::<i64>() + EXTRA;
-        let place = if comm.backend() == Backend::Nccl {
+        let place = if comm.backend() == Backend::Nccl || !device.is_cuda() {
             device
         } else {
             Device::Cpu
         };
-        GradSync {
-            flat: Tensor::zeros([total], (Kind::Float, place)),
+        let flat = Tensor::zeros([total], (Kind::Float, place));
+        let views: Vec<Tensor> = params
+            .iter()
+            .zip(offsets.iter().zip(&sizes))
+            .map(|(p, (&o, &n))| flat.narrow(0, o, n).view(p.tensor.size().as_slice()))
+            .collect();
+        let sync = GradSync {
+            flat,
+            offsets,
             sizes,
-            shapes,
+            views,
+            same_device: place == device,
             bucket: (bucket_mb.max(1) << 20) / 4,
             seconds: 0.0,
+        };
+        if comm.size() > 1 && sync.same_device {
+            sync.alias_grads(params);
         }
+        sync
+    }
+
+    /// Makes every parameter's gradient a view into `flat` (defining zero gradients first).
+    fn alias_grads(&self, params: &[Param]) {
+        if params.iter().any(|p| !p.tensor.grad().defined()) {
+            let zero: Tensor = params
+                .iter()
+                .map(|p| (&p.tensor * 0.0).sum(Kind::Float))
+                .fold(
+                    Tensor::zeros([], (Kind::Float, self.flat.device())),
+                    |a, b| a + b,
+                );
+            zero.backward();
+        }
+        tch::no_grad(|| {
+            for ((p, &o), view) in params.iter().zip(&self.offsets).zip(&self.views) {
+                let mut g = p.tensor.grad();
+                let _ =
+                    g.set_source_tensor_storage_offset_(&self.flat, o, view.size(), view.stride());
+            }
+        });
+    }
+
+    /// Whether `param`'s gradient is the view of `flat` at `offset`.
+    fn is_aliased(&self, param: &Tensor, offset: i64) -> bool {
+        let g = param.grad();
+        self.same_device
+            && g.defined()
+            && g.data_ptr() as usize == self.flat.data_ptr() as usize + 4 * offset as usize
     }
 
     /// Sums the gradients of `params` and `loss` (this rank's share of the global-batch mean,
@@ -167,22 +224,29 @@ impl GradSync {
             let loss = loss.map_or(Ok(0.0), f64::try_from)?;
             return Ok((grads, loss));
         }
+        let total = self.flat.numel() as i64;
         tch::no_grad(|| {
-            let _ = self.flat.zero_();
-            let mut offset = 0i64;
-            for (p, &n) in params.iter().zip(&self.sizes) {
-                let g = p.tensor.grad();
-                if g.defined() {
-                    self.flat.narrow(0, offset, n).copy_(&g.reshape([-1]));
+            for ((p, &o), &n) in params.iter().zip(&self.offsets).zip(&self.sizes) {
+                if self.is_aliased(&p.tensor, o) {
+                    continue;
                 }
-                offset += n;
+                let g = p.tensor.grad();
+                let mut slot = self.flat.narrow(0, o, n);
+                if g.defined() {
+                    slot.copy_(&g.reshape([-1]));
+                } else {
+                    let _ = slot.zero_();
+                }
             }
-            if let Some(l) = loss {
-                self.flat.narrow(0, offset, 1).copy_(&l.reshape([1]));
+            let mut slot = self.flat.narrow(0, total - EXTRA, 1);
+            match loss {
+                Some(l) => slot.copy_(&l.reshape([1])),
+                None => {
+                    let _ = slot.zero_();
+                }
             }
         });
         let start = std::time::Instant::now();
-        let total = self.flat.numel() as i64;
         let mut at = 0i64;
         while at < total {
             let n = (self.bucket as i64).min(total - at);
@@ -193,15 +257,12 @@ impl GradSync {
         }
         self.seconds += start.elapsed().as_secs_f64();
         let loss = f64::try_from(self.flat.narrow(0, total - EXTRA, 1).squeeze())?;
-        let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
-        let flat = self.flat.to_device(device);
-        let grads = flat
-            .narrow(0, 0, total - EXTRA)
-            .split_with_sizes(&self.sizes, 0)
-            .into_iter()
-            .zip(&self.shapes)
-            .map(|(g, shape)| g.view(shape.as_slice()))
-            .collect();
+        let grads = if self.same_device {
+            self.views.iter().map(Tensor::shallow_clone).collect()
+        } else {
+            let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
+            self.views.iter().map(|v| v.to_device(device)).collect()
+        };
         Ok((grads, loss))
     }
 
