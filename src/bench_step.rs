@@ -58,6 +58,7 @@ pub fn run(
         seed: 0,
         device: args.device.to_string(),
         precision: "fp32".into(),
+        sync_bn: false,
     };
     let classes: Vec<datasets_prep::manifest::ClassInfo> = (0..args.classes)
         .map(|i| datasets_prep::manifest::ClassInfo {

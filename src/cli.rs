@@ -134,6 +134,11 @@ pub struct TrainArgs {
     /// better when a run has few steps, cheap on small datasets).
     #[arg(long, default_value = "ema", value_parser = ["ema", "precise"])]
     pub bn_stats: String,
+    /// Synchronised BatchNorm: in training, normalise with the statistics of the whole global
+    /// batch instead of each rank's share (for tiny per-rank batches; costs one small all-reduce
+    /// per BatchNorm per step; no effect on one rank).
+    #[arg(long)]
+    pub sync_bn: bool,
     /// Class hierarchy (`parent child` lines) for reporting the hierarchical accuracy, the mean of
     /// 1 - h(LCS(prediction, truth)) / H, next to top-1.
     #[arg(long)]

@@ -35,6 +35,9 @@ pub struct RunConfig {
     pub seed: u64,
     pub device: String,
     pub precision: String,
+    /// BatchNorm statistics over the whole job's batch in training (multi-rank runs).
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 /// A paper protocol (reference-spec 3.2, 4.2-4.5) for one dataset.
@@ -302,6 +305,7 @@ pub fn resolve(args: &crate::cli::TrainArgs, source: &str) -> anyhow::Result<Run
         seed: args.seed,
         device: args.device.to_string(),
         precision: args.precision.clone(),
+        sync_bn: args.sync_bn,
     })
 }
 

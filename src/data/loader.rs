@@ -124,13 +124,26 @@ impl LoaderSpec {
     }
 
     fn build(&self, epoch: u64, indices: &[usize], train: bool) -> anyhow::Result<Batch> {
-        if indices.is_empty() {
+        let reader = self.shards.split(self.split);
+        if indices.is_empty() || reader.is_empty() {
+            // A rank's empty share of a batch: shaped like the others, so that a forward pass
+            // (which synchronised BatchNorm needs on every rank) works on it.
+            let (h, w) = match (self.augment.crop, reader.is_empty()) {
+                (Some(c), _) => (i64::from(c), i64::from(c)),
+                (None, false) => {
+                    let r = reader.record(0)?;
+                    (i64::from(r.height), i64::from(r.width))
+                }
+                (None, true) => (1, 1),
+            };
             return Ok(Batch {
-                images: Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu)),
+                images: Tensor::zeros(
+                    [0, self.channels as i64, h, w],
+                    (tch::Kind::Float, tch::Device::Cpu),
+                ),
                 labels: Tensor::zeros([0], (tch::Kind::Int64, tch::Device::Cpu)),
             });
         }
-        let reader = self.shards.split(self.split);
         let first = reader.record(indices[0])?;
         let (h, w) = match self.augment.crop {
             Some(c) => (c as usize, c as usize),

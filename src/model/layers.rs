@@ -168,8 +168,57 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// Counts one more training update and returns its debiased momentum.
+    fn next_update_momentum(&self) -> f64 {
+        let generation = STEP_COUNT_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+        if self.steps_generation.get() != generation {
+            self.steps_generation.set(generation);
+            self.steps.set(None);
+        }
+        let done = self
+            .steps
+            .get()
+            .unwrap_or_else(|| i64::try_from(&self.num_batches_tracked).unwrap_or(0));
+        let t = done + 1;
+        self.steps.set(Some(t));
+        tch::no_grad(|| {
+            let _ = self.num_batches_tracked.shallow_clone().fill_(t);
+        });
+        Self::debiased_momentum(t)
+    }
+
+    /// Training-mode normalisation with statistics over the whole job's batch (`--sync-bn`).
+    fn forward_synchronised(&self, xs: &Tensor, sync: &super::sync_bn::SyncContext) -> Tensor {
+        let stats = sync.global_statistics(xs);
+        if stats.count > 1.0 {
+            let m = self.next_update_momentum();
+            let unbiased = stats.count / (stats.count - 1.0);
+            tch::no_grad(|| {
+                let mut mean = self.running_mean.shallow_clone();
+                let mut var = self.running_var.shallow_clone();
+                let _ = mean.g_mul_scalar_(1.0 - m);
+                let _ = mean.g_add_(&(stats.mean.detach() * m));
+                let _ = var.g_mul_scalar_(1.0 - m);
+                let _ = var.g_add_(&(stats.var.detach() * (m * unbiased)));
+            });
+        }
+        let shape = super::sync_bn::channel_shape(xs);
+        let inv_std = (&stats.var + BN_EPS).rsqrt();
+        (xs - stats.mean.view(shape.as_slice())) * (inv_std * &self.weight).view(shape.as_slice())
+            + self.bias.view(shape.as_slice())
+    }
+}
+
 impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let pass = PRECISE_PASS.with(|p| p.get());
+        if train
+            && pass == 0
+            && let Some(sync) = super::sync_bn::active()
+        {
+            return self.forward_synchronised(xs, &sync);
+        }
         let channels = xs.size().get(1).copied().unwrap_or(1).max(1);
         if train && xs.numel() as i64 / channels <= 1 {
             // One value per channel (a batch of one sample reaching a BatchNorm over features,
@@ -187,7 +236,6 @@ impl ModuleT for BatchNorm {
                 true,
             );
         }
-        let pass = PRECISE_PASS.with(|p| p.get());
         let momentum = if train && pass != 0 {
             // The k-th batch of a precise pass enters the average with weight 1 / k.
             let (seen_pass, count) = self.precise.get();
@@ -195,21 +243,7 @@ impl ModuleT for BatchNorm {
             self.precise.set((pass, k));
             1.0 / k as f64
         } else if train {
-            let generation = STEP_COUNT_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
-            if self.steps_generation.get() != generation {
-                self.steps_generation.set(generation);
-                self.steps.set(None);
-            }
-            let done = self
-                .steps
-                .get()
-                .unwrap_or_else(|| i64::try_from(&self.num_batches_tracked).unwrap_or(0));
-            let t = done + 1;
-            self.steps.set(Some(t));
-            tch::no_grad(|| {
-                let _ = self.num_batches_tracked.shallow_clone().fill_(t);
-            });
-            Self::debiased_momentum(t)
+            self.next_update_momentum()
         } else {
             0.0
         };

@@ -5,6 +5,7 @@
 pub mod cifar;
 pub mod layers;
 pub mod resnet50;
+pub mod sync_bn;
 pub mod tiny;
 
 use std::fmt;

@@ -239,6 +239,7 @@ pub fn train(
     );
     let fault = Fault::from_env()?;
     let autocast = config.precision == "bf16" && opts.device.is_cuda();
+    let sync_bn = config.sync_bn && world > 1;
     let batch_size = config.batch_size.max(1);
     let (mut best, mut best_epoch, mut last) = (f64::NAN, 0usize, f64::NAN);
     let mut global_step = 0u64;
@@ -273,22 +274,34 @@ pub fn train(
                 .schedule
                 .lr_at(epoch, step, steps_per_epoch, config.epochs);
             opt.zero_grad();
-            let local_loss = if batch.is_empty() {
+            let local_loss = if batch.is_empty() && !sync_bn {
                 None
             } else {
                 let (images, labels) = batch.to_device(opts.device);
-                let loss = tch::autocast(autocast, || {
-                    let out = net.forward_t(&images, true);
-                    net.head.loss(&out, &labels)
-                });
-                // This rank's share of the global-batch mean; the all-reduce adds the shares.
-                let loss = if world == 1 {
-                    loss
-                } else {
-                    loss * (batch.len() as f64 / global_n as f64)
+                // An empty share still runs the forward pass when the BatchNorms are
+                // synchronised (every rank joins their all-reduces), but has no loss.
+                let forward = || {
+                    tch::autocast(autocast, || {
+                        let out = net.forward_t(&images, true);
+                        (!batch.is_empty()).then(|| net.head.loss(&out, &labels))
+                    })
                 };
-                loss.backward();
-                Some(loss.detach())
+                let loss = if sync_bn {
+                    crate::model::sync_bn::with_sync_bn(comm, forward)
+                } else {
+                    forward()
+                };
+                loss.map(|loss| {
+                    // This rank's share of the global-batch mean; the all-reduce adds the
+                    // shares.
+                    let loss = if world == 1 {
+                        loss
+                    } else {
+                        loss * (batch.len() as f64 / global_n as f64)
+                    };
+                    loss.backward();
+                    loss.detach()
+                })
             };
             comm.set_context(&format!(
                 "gradient all-reduce, epoch {} step {}",

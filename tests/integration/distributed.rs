@@ -392,3 +392,71 @@ fn two_rank_runs_are_deterministic() {
         0.0
     );
 }
+
+/// `--sync-bn` normalises with the statistics of the whole global batch: with one step per epoch
+/// (batch 200 = the training set), the first epoch's loss on 2 ranks equals the 1-rank loss,
+/// while per-rank statistics change it. Its gradient through the statistics is an estimate
+/// (README), yet the next step stays closer to the 1-rank run than per-rank statistics do
+/// (measured: 9e-4 vs 4e-3). A rank with an empty share still joins every BatchNorm's
+/// all-reduce (batch 2 on 3 ranks).
+#[test]
+fn sync_bn_uses_the_statistics_of_the_whole_batch() {
+    let data = fashion(20);
+    let tmp = tempfile::tempdir().unwrap();
+    let extra = [
+        "--arch",
+        "resnet8",
+        "--loss",
+        "ce",
+        "--lr-max",
+        "0.1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "200",
+    ];
+    let (one, synced, per_rank) = (
+        tmp.path().join("one"),
+        tmp.path().join("synced"),
+        tmp.path().join("per-rank"),
+    );
+    let o = train_ranks(0, &data, &one, &extra);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = train_ranks(2, &data, &synced, &[&extra[..], &["--sync-bn"]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    let o = train_ranks(2, &data, &per_rank, &extra);
+    assert!(o.status.success(), "{}", show(&o));
+    let losses = |dir: &Path| -> Vec<f64> {
+        metrics(dir)
+            .iter()
+            .filter_map(|v| v.get("train_loss").and_then(Value::as_f64))
+            .collect()
+    };
+    let (l1, ls, lp) = (losses(&one), losses(&synced), losses(&per_rank));
+    assert!((l1[0] - ls[0]).abs() <= 1e-6 * l1[0], "{l1:?} {ls:?}");
+    assert!((l1[0] - lp[0]).abs() > 1e-5 * l1[0], "{l1:?} {lp:?}");
+    assert!(
+        (l1[1] - ls[1]).abs() < (l1[1] - lp[1]).abs(),
+        "{l1:?} {ls:?} {lp:?}"
+    );
+
+    let empty = tmp.path().join("empty-shares");
+    let o = train_ranks(
+        3,
+        &data,
+        &empty,
+        &[
+            "--arch",
+            "resnet8",
+            "--loss",
+            "cosine-ce",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--sync-bn",
+        ],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(losses(&empty)[0].is_finite());
+}
