@@ -134,7 +134,15 @@ pub fn connect(
     use anyhow::Context;
     device.ensure_available()?;
     match resolve_backend(backend, device) {
-        Backend::Single => Ok((Box::new(single::SingleProcess), device.resolve(0)?)),
+        Backend::Single => {
+            if let Some((var, n)) = launched_ranks() {
+                anyhow::bail!(
+                    "--dist single, but this process is one of {n} ranks ({var}={n}): each would \
+                     train alone and write the same run directory; use --dist auto (or mpi/nccl)"
+                );
+            }
+            Ok((Box::new(single::SingleProcess), device.resolve(0)?))
+        }
         Backend::Mpi => {
             let mpi = mpi::MpiCommunicator::init()?;
             let resolved = device
@@ -144,6 +152,14 @@ pub fn connect(
         }
         Backend::Nccl => {
             if let Some(reason) = nccl::unavailable_reason() {
+                // A lone process needs no collectives: auto then runs without NCCL.
+                if backend == Backend::Auto && launched_ranks().is_none() {
+                    let mpi = mpi::MpiCommunicator::init()?;
+                    if mpi.size() == 1 {
+                        let resolved = device.resolve(0)?;
+                        return Ok((Box::new(mpi), resolved));
+                    }
+                }
                 return Err(DistError::NcclUnavailable(reason).into());
             }
             let resolved = match device {
@@ -167,6 +183,18 @@ pub fn connect(
         }
         Backend::Auto => unreachable!("auto was resolved above"),
     }
+}
+
+/// The launcher's rank count when this process was started as one of several ranks: the
+/// variable that says so and its value. Used only to refuse `--dist single` under a launcher;
+/// ranks themselves always come from MPI.
+pub fn launched_ranks() -> Option<(&'static str, usize)> {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
+        .into_iter()
+        .find_map(|var| {
+            let n: usize = std::env::var(var).ok()?.trim().parse().ok()?;
+            (n > 1).then_some((var, n))
+        })
 }
 
 /// Checks that `tensor` is a contiguous f32 tensor on the expected kind of device and returns its

@@ -460,3 +460,19 @@ fn sync_bn_uses_the_statistics_of_the_whole_batch() {
     assert!(o.status.success(), "{}", show(&o));
     assert!(losses(&empty)[0].is_finite());
 }
+
+/// `--dist single` under mpirun would make every rank train alone into the same directory.
+#[test]
+fn dist_single_under_mpirun_is_refused() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train_ranks(2, &data, &out, &["--dist", "single", "--epochs", "1"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("--dist single, but this process is one of 2 ranks"),
+        "{}",
+        show(&o)
+    );
+    assert!(!out.join("metrics.jsonl").exists());
+}
