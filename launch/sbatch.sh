@@ -12,6 +12,12 @@
 # are cosine-train's; launching changes no option: rank, world size and local rank (= GPU)
 # come from MPI through srun's PMIx.
 #
+# Preemption and time limits: Slurm signals the batch shell (USR1, 120 s before the limit, or
+# on `scancel --signal=USR1 --batch`; TERM on preemption); this script passes SIGTERM to every
+# rank, cosine-train finishes its step, writes a checkpoint and exits with 75, and the job
+# requeues itself. Pass `--resume auto` in the arguments so that the requeued job continues the
+# run (it starts fresh when there is no checkpoint yet).
+#
 #SBATCH --job-name=cosine-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=4
@@ -20,6 +26,8 @@
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
 set -euo pipefail
 repo="${COSINE_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
 # shellcheck source=launch/env.sh
@@ -39,4 +47,25 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 echo "sbatch.sh: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} ranks: $bin $*"
 # --kill-on-bad-exit: a rank that exits non-zero ends the step (cosine-train also aborts the
 # whole job itself on any rank's error, and bounds every collective by --collective-timeout).
-exec srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none "$bin" "$@"
+srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none "$bin" "$@" &
+step=$!
+forward() {
+  echo "sbatch.sh: $1 received: asking the ranks to checkpoint and stop"
+  kill -TERM "$step" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# `wait` returns early when a trapped signal arrives; wait again for the step itself.
+status=0
+while true; do
+  wait "$step" && status=0 || status=$?
+  kill -0 "$step" 2>/dev/null || break
+done
+trap - USR1 TERM
+if [ "$status" = 75 ]; then
+  echo "sbatch.sh: the run checkpointed and stopped (exit 75); requeueing job ${SLURM_JOB_ID:-?}"
+  if [ -n "${SLURM_JOB_ID:-}" ] && scontrol requeue "$SLURM_JOB_ID"; then
+    exit 0
+  fi
+fi
+exit "$status"

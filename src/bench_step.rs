@@ -90,7 +90,7 @@ pub fn run(
             comm.barrier()?;
             let start = Instant::now();
             let _ = sync.take_seconds();
-            let out = sync.reduce(&opt.params, Some(&loss.detach()), comm)?;
+            let out = sync.reduce(&opt.params, Some(&loss.detach()), false, comm)?;
             if i >= args.warmup {
                 compute.push(computed);
                 reduce.push(start.elapsed().as_secs_f64());
@@ -98,7 +98,7 @@ pub fn run(
             }
             out
         } else {
-            let out = sync.reduce(&opt.params, Some(&loss.detach()), comm)?;
+            let out = sync.reduce(&opt.params, Some(&loss.detach()), false, comm)?;
             if i >= args.warmup {
                 compute.push(start.elapsed().as_secs_f64());
             }

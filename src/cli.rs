@@ -14,7 +14,8 @@ EXIT STATUS:
     1  failure (bad input, failed check, error during a run; in a multi-rank job the failing
        rank's message is printed and every rank is ended)
     2  usage error (unknown option or bad value)
-    3  a collective did not complete within --collective-timeout (another rank died or hangs)";
+    3  a collective did not complete within --collective-timeout (another rank died or hangs)
+   75  stopped by SIGTERM or SIGUSR1 after writing a checkpoint: resume with --resume auto";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -165,6 +166,19 @@ pub struct TrainArgs {
     /// Replace a run already in --out.
     #[arg(long)]
     pub force: bool,
+    /// Continue the run in --out from a checkpoint: `last` (the newest valid one; the default
+    /// when the flag has no value), `auto` (the newest if there is one, else start fresh: what
+    /// a requeued Slurm job wants) or a checkpoint directory. Settings that change the result
+    /// must be the same as the checkpoint's.
+    #[arg(long, num_args = 0..=1, default_missing_value = "last", value_name = "last|auto|DIR")]
+    pub resume: Option<crate::train::resume::ResumeMode>,
+    /// Also write a checkpoint every N optimiser steps (one is always written after each
+    /// epoch); 0 = epochs only.
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Number of checkpoints kept (the newest).
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
     #[command(flatten)]
     pub job: JobArgs,
 }

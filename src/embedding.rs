@@ -156,9 +156,15 @@ fn reorder(
 
 /// Reads a little-endian f8/f4 `.npy` file in C order: (shape, values).
 fn read_npy(bytes: &[u8]) -> anyhow::Result<(Vec<usize>, Vec<f64>)> {
+    if !bytes.starts_with(b"\x93NUMPY") {
+        bail!("not a .npy file (no \\x93NUMPY magic)");
+    }
     let major = *bytes.get(6).context("truncated")?;
     let (len, start) = match major {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        1 => (
+            u16::from_le_bytes(bytes.get(8..10).context("truncated")?.try_into()?) as usize,
+            10,
+        ),
         2 | 3 => (
             u32::from_le_bytes(bytes.get(8..12).context("truncated")?.try_into()?) as usize,
             12,
@@ -197,8 +203,56 @@ fn read_npy(bytes: &[u8]) -> anyhow::Result<(Vec<usize>, Vec<f64>)> {
             .collect(),
         other => bail!("dtype {other} is not supported (expected <f8 or <f4)"),
     };
-    if values.len() != shape.iter().product::<usize>() {
+    let expected = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .context("the shape's element count overflows")?;
+    if values.len() != expected {
         bail!("{} values for shape {shape:?}", values.len());
     }
     Ok((shape, values))
+}
+
+#[cfg(test)]
+mod parser_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_npy() -> Vec<u8> {
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (2, 3), }";
+        let padded = format!("{header:<117}\n");
+        bytes.extend((padded.len() as u16).to_le_bytes());
+        bytes.extend(padded.as_bytes());
+        bytes.extend((0..6).flat_map(|i| f64::from(i).to_le_bytes()));
+        bytes
+    }
+
+    #[test]
+    fn the_valid_sample_parses() {
+        let (shape, values) = read_npy(&valid_npy()).unwrap();
+        assert_eq!(shape, vec![2, 3]);
+        assert_eq!(values[5], 5.0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// Embedding files are user input: any bytes give a value or an error, never a panic.
+        #[test]
+        fn npy_and_pickle_parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = read_npy(&bytes);
+            let _ = from_reference_pickle(Path::new("x.pickle"), &bytes);
+        }
+
+        #[test]
+        fn npy_parser_survives_mutations(edits in proptest::collection::vec((0usize..200, any::<u8>()), 1..6), cut in 0usize..250) {
+            let mut bytes = valid_npy();
+            for (i, b) in edits {
+                let i = i % bytes.len();
+                bytes[i] = b;
+            }
+            bytes.truncate(cut.max(1).min(bytes.len()));
+            let _ = read_npy(&bytes);
+        }
+    }
 }

@@ -1,8 +1,8 @@
 //! Fault injection for the failure-path tests: `COSINE_FAULT=rank=R,step=S,kind=K` makes rank R,
 //! before global training step S (1-based), fail with an error (`kind=error`), hang forever
-//! (`kind=hang`), exit at once without a word (`kind=exit`, like a killed process) or silently
-//! change its copy of the model (`kind=perturb`, like a bit flip; the replica checksums must
-//! catch it). Not for users; a malformed value is refused so that a typo cannot silently disable
+//! (`kind=hang`), exit at once without a word (`kind=exit`), die by SIGKILL (`kind=kill`),
+//! receive SIGTERM as from a scheduler (`kind=signal`) or silently change its copy of the model
+//! (`kind=perturb`, like a bit flip; the replica checksums must catch it). Not for users; a malformed value is refused so that a typo cannot silently disable
 //! a test.
 
 use anyhow::bail;
@@ -12,6 +12,8 @@ enum Kind {
     Error,
     Hang,
     Exit,
+    Kill,
+    Signal,
     Perturb,
 }
 
@@ -32,7 +34,7 @@ impl Fault {
     pub fn parse(value: &str) -> anyhow::Result<Self> {
         let bad = || {
             anyhow::anyhow!(
-                "{}={value:?}: expected rank=R,step=S,kind=error|hang|exit|perturb",
+                "{}={value:?}: expected rank=R,step=S,kind=error|hang|exit|kill|signal|perturb",
                 Self::VARIABLE
             )
         };
@@ -48,6 +50,8 @@ impl Fault {
                         "hang" => Kind::Hang,
                         "exit" => Kind::Exit,
                         "perturb" => Kind::Perturb,
+                        "kill" => Kind::Kill,
+                        "signal" => Kind::Signal,
                         _ => return Err(bad()),
                     })
                 }
@@ -74,6 +78,15 @@ impl Fault {
                     std::thread::sleep(std::time::Duration::from_secs(3600));
                 },
                 Kind::Exit => std::process::exit(9),
+                Kind::Kill => {
+                    // SAFETY: sends SIGKILL to this process.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    unreachable!("SIGKILL cannot be caught")
+                }
+                Kind::Signal => {
+                    crate::signals::raise_term();
+                    Ok(())
+                }
                 Kind::Perturb => {
                     if let Some(t) = model {
                         tch::no_grad(|| {

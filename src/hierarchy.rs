@@ -202,3 +202,34 @@ pub fn write_npy(path: &Path, rows: usize, cols: usize, values: &[f64]) -> anyho
     }
     crate::train::write_atomic(path, &bytes)
 }
+
+#[cfg(test)]
+mod parser_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Hierarchy files are user input: any text parses or is refused, never panics, and
+        /// whatever parses gets an embedding or a clear error.
+        #[test]
+        fn hierarchy_parser_never_panics(text in "[0-9 \\n\\t-]{0,120}", is_a in any::<bool>()) {
+            if let Ok(h) = Hierarchy::parse(&text, is_a, "fuzz") {
+                let _ = unitsphere_embedding(&h);
+            }
+        }
+
+        #[test]
+        fn mutated_trees_never_panic(edits in proptest::collection::vec((0usize..40, 0u8..12), 0..5)) {
+            let mut bytes = b"1 2\n1 3\n2 4\n2 5\n3 6\n3 7\n".to_vec();
+            for (i, b) in edits {
+                let i = i % bytes.len();
+                bytes[i] = b"0123456789 \n"[b as usize];
+            }
+            let text = String::from_utf8(bytes).unwrap();
+            if let Ok(h) = Hierarchy::parse(&text, false, "fuzz") {
+                let _ = unitsphere_embedding(&h);
+            }
+        }
+    }
+}

@@ -36,6 +36,8 @@ impl Job {
     /// message prefixed with this rank.
     pub fn finish<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         match result {
+            // A preemption stop is agreed by all ranks; each exits by itself.
+            Err(e) if e.is::<crate::train::Stopped>() => Err(e),
             Err(e) if self.comm.size() > 1 => self.comm.abort(&format!("cosine-train: {e:#}"), 1),
             other => other,
         }

@@ -5,6 +5,7 @@
 
 pub mod bench_step;
 pub mod check_dist;
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
@@ -20,4 +21,5 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod schedule;
+pub mod signals;
 pub mod train;

@@ -59,9 +59,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 workers: args.workers,
                 force: args.force,
                 bucket_mb: args.job.bucket_mb,
+                checkpoint_every: args.checkpoint_every,
+                keep_checkpoints: args.keep_checkpoints.max(1),
+                resume: args.resume.clone(),
             };
-            job.finish(cosine_train::train::train(&config, &opts, &job.comm))?;
-            Ok(ExitCode::SUCCESS)
+            match job.finish(cosine_train::train::train(&config, &opts, &job.comm)) {
+                Ok(_) => Ok(ExitCode::SUCCESS),
+                Err(e) if e.is::<cosine_train::train::Stopped>() => {
+                    if job.comm.rank() == 0 {
+                        eprintln!("cosine-train: {e}");
+                    }
+                    Ok(ExitCode::from(cosine_train::signals::EXIT_PREEMPTED as u8))
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Eval(args) => {
             let job = Job::join(&args.job, args.device, args.threads)?;

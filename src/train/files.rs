@@ -40,6 +40,33 @@ impl RunFiles {
             echo,
         })
     }
+    /// Cuts `metrics.jsonl` back to `bytes` (what a checkpoint covered), so that a resumed run
+    /// does not repeat lines written after it.
+    pub fn truncate_metrics(out: &Path, bytes: u64) -> anyhow::Result<()> {
+        let path = out.join("metrics.jsonl");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if len < bytes {
+            anyhow::bail!(
+                "{}: is {len} bytes, shorter than the {bytes} the checkpoint covers (lost lines?)",
+                path.display()
+            );
+        }
+        f.set_len(bytes)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("{}: cannot truncate", path.display()))
+    }
+
+    /// Current length of `metrics.jsonl`.
+    pub fn metrics_len(&self) -> u64 {
+        self.metrics.metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
     pub fn metric(&mut self, value: &serde_json::Value) -> anyhow::Result<()> {
         writeln!(self.metrics, "{value}")
             .and_then(|_| self.metrics.flush())

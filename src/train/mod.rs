@@ -9,6 +9,7 @@
 pub mod eval;
 pub mod files;
 pub mod replicas;
+pub mod resume;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ use crate::objective::{Head, HeadOutput};
 use crate::optim::Sgd;
 use files::RunFiles;
 use replicas::{GradSync, average_bn_buffers, broadcast_model, check_same_model, share};
+use resume::ResumeMode;
 
 /// The model: backbone and head in one variable store.
 pub struct Network {
@@ -112,20 +114,74 @@ pub struct RunOptions {
     pub force: bool,
     /// Largest gradient all-reduce call, in MiB.
     pub bucket_mb: usize,
+    /// Also checkpoint every this many optimiser steps (0: only at the end of each epoch).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
+    pub resume: Option<ResumeMode>,
 }
 
-/// Makes the run directory (rank 0): refuses to overwrite a run unless `force`.
-fn prepare_run_dir(out: &Path, force: bool) -> anyhow::Result<()> {
-    if out.join("metrics.jsonl").exists() && !force {
+/// The run stopped early on a preemption signal after writing a checkpoint; exit with
+/// [`crate::signals::EXIT_PREEMPTED`] and resume later.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped by {signal} after step {step}; checkpoint {checkpoint}; resume with --resume auto"
+)]
+pub struct Stopped {
+    pub signal: &'static str,
+    pub step: u64,
+    pub checkpoint: String,
+}
+
+/// Makes the run directory (rank 0): refuses to overwrite a run unless `force` (or resuming).
+fn prepare_run_dir(out: &Path, force: bool, resuming: bool) -> anyhow::Result<()> {
+    let has_run = out.join("metrics.jsonl").exists();
+    if has_run && !force && !resuming {
         bail!(
-            "{}: already holds a run (metrics.jsonl); choose another --out or pass --force",
+            "{}: already holds a run (metrics.jsonl); choose another --out, pass --force to \
+             replace it, or --resume to continue it",
             out.display()
         );
     }
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create the run directory", out.display()))?;
-    for name in ["metrics.jsonl", "log.txt", "model.safetensors"] {
-        let _ = std::fs::remove_file(out.join(name));
+    if !resuming {
+        for name in ["metrics.jsonl", "log.txt", "model.safetensors"] {
+            let _ = std::fs::remove_file(out.join(name));
+        }
+        let _ = std::fs::remove_dir_all(resume::checkpoints_dir(out));
+    }
+    Ok(())
+}
+
+/// Checks that the run directory takes files and has room for `count` checkpoints of `bytes`.
+fn check_room(out: &Path, bytes: u64, count: u64) -> anyhow::Result<()> {
+    let probe = out.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("{}: the run directory is not writable", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let Ok(path) = std::ffi::CString::new(out.as_os_str().as_encoded_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statvfs fills the struct for a NUL-terminated path; nothing is kept.
+    let free = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut st) == 0)
+            .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    };
+    let need = bytes.saturating_mul(count);
+    if let Some(free) = free
+        && free < need
+    {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        bail!(
+            "{}: {:.1} MiB free, but {count} checkpoints of {:.1} MiB need {:.1} MiB \
+             (free space, or lower --keep-checkpoints)",
+            out.display(),
+            mib(free),
+            mib(bytes),
+            mib(need)
+        );
     }
     Ok(())
 }
@@ -137,6 +193,18 @@ pub fn save_weights(vs: &nn::VarStore, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{}: cannot write the weights", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))
+}
+
+/// Where training stands, as a checkpoint records it.
+struct Progress {
+    epoch: usize,
+    step: usize,
+    global_step: u64,
+    loss_sum: f64,
+    seen: usize,
+    best: f64,
+    best_epoch: usize,
+    last: f64,
 }
 
 /// Trains `config` as one rank of the job `comm` connects and (on rank 0) writes the run
@@ -153,8 +221,9 @@ pub fn train(
             .with_context(|| format!("--data {}: not a usable shard directory", config.data))?,
     );
     let m = shards.manifest().clone();
+    let manifest = resume::manifest_hash(&config.data)?;
     if lead {
-        prepare_run_dir(&opts.out, opts.force)?;
+        prepare_run_dir(&opts.out, opts.force, opts.resume.is_some())?;
     }
     let similarity = config
         .hierarchy
@@ -163,14 +232,56 @@ pub fn train(
         .transpose()?;
     let net = build_network(config, &shards, opts.device)?;
     broadcast_model(&net.vs, comm)?;
-    check_same_model(&net.vs, comm, "before the first step")?;
     let mut opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(config));
-    let mut sync = GradSync::new(&opt.params, comm, opts.device, opts.bucket_mb);
     let params: i64 = opt.params.iter().map(|p| p.tensor.numel() as i64).sum();
+    if lead {
+        let state_bytes: i64 = net
+            .vs
+            .variables()
+            .values()
+            .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+            .sum();
+        // Model and velocities; the partial copy of a new checkpoint exists beside the kept ones.
+        let one = (state_bytes + 4 * params) as u64;
+        check_room(&opts.out, one, opts.keep_checkpoints.max(1) as u64 + 1)?;
+    }
+
+    let terminal = std::io::stderr().is_terminal();
+    let mut warnings = Vec::new();
+    let loaded = match &opts.resume {
+        Some(mode) => resume::fetch(&opts.out, mode, comm, &mut |w| warnings.push(w.to_string()))?,
+        None => None,
+    };
+    let mut progress = Progress {
+        epoch: 0,
+        step: 0,
+        global_step: 0,
+        loss_sum: 0.0,
+        seen: 0,
+        best: f64::NAN,
+        best_epoch: 0,
+        last: f64::NAN,
+    };
+    if let Some(l) = &loaded {
+        resume::restore(l, config, &manifest, &net.vs, &mut opt, comm)?;
+        let st = &l.state;
+        progress = Progress {
+            epoch: st.epoch,
+            step: st.step,
+            global_step: st.global_step,
+            loss_sum: st.loss_sum,
+            seen: st.seen,
+            best: st.best_top1.unwrap_or(f64::NAN),
+            best_epoch: st.best_epoch,
+            last: st.last_top1.unwrap_or(f64::NAN),
+        };
+    }
+    // A resume may restore per-rank BatchNorm statistics; the parameters must agree anyway.
+    check_same_model(&net.vs, comm, "before the first step", loaded.is_none())?;
+    let mut sync = GradSync::new(&opt.params, comm, opts.device, opts.bucket_mb);
 
     let n_train = m.train.count as usize;
     let steps_per_epoch = batches(n_train, config.batch_size);
-    let terminal = std::io::stderr().is_terminal();
     let mut files = None;
     if lead {
         let resolved = json!({
@@ -192,7 +303,22 @@ pub fn train(
             &opts.out.join("config.json"),
             serde_json::to_string_pretty(&resolved)?.as_bytes(),
         )?;
+        if let Some(l) = &loaded {
+            RunFiles::truncate_metrics(&opts.out, l.state.metrics_bytes)?;
+        }
         let mut f = RunFiles::open(&opts.out, !terminal)?;
+        for w in &warnings {
+            f.log(&format!("warning: {w}"))?;
+        }
+        if let Some(l) = &loaded {
+            f.log(&format!(
+                "resumed from {} at epoch {} step {} (world size {} then, {world} now)",
+                l.dir.display(),
+                progress.epoch + 1,
+                progress.step,
+                l.state.world_size
+            ))?;
+        }
         f.log(&format!(
             "train {} ({} classes, {} train / {} test images) {} {} on {:?} x {world} rank(s) ({}): {} parameters, {} epochs x {} steps of global batch {}",
             m.dataset,
@@ -237,20 +363,40 @@ pub fn train(
             .expect("static template")
             .progress_chars("=> "),
     );
+    bar.set_position((progress.epoch * steps_per_epoch + progress.step) as u64);
+    crate::signals::install();
     let fault = Fault::from_env()?;
     let autocast = config.precision == "bf16" && opts.device.is_cuda();
     let sync_bn = config.sync_bn && world > 1;
     let batch_size = config.batch_size.max(1);
-    let (mut best, mut best_epoch, mut last) = (f64::NAN, 0usize, f64::NAN);
-    let mut global_step = 0u64;
-    for epoch in 0..config.epochs {
+    let checkpoint = |progress: &Progress, opt: &Sgd, files: &Option<RunFiles>| {
+        let state = crate::checkpoint::State {
+            format: crate::checkpoint::FORMAT,
+            config: config.clone(),
+            manifest_xxh3: manifest.clone(),
+            world_size: world,
+            epoch: progress.epoch,
+            step: progress.step,
+            global_step: progress.global_step,
+            loss_sum: progress.loss_sum,
+            seen: progress.seen,
+            best_top1: (!progress.best.is_nan()).then_some(progress.best),
+            best_epoch: progress.best_epoch,
+            last_top1: (!progress.last.is_nan()).then_some(progress.last),
+            metrics_bytes: files.as_ref().map_or(0, RunFiles::metrics_len),
+            files: Default::default(),
+        };
+        resume::save(&opts.out, opts.keep_checkpoints, &net.vs, opt, comm, state)
+    };
+    while progress.epoch < config.epochs {
+        let epoch = progress.epoch;
         let start = Instant::now();
         bar.set_prefix(format!("{}/{}", epoch + 1, config.epochs));
         // The global batches are cut from the epoch order as in a one-rank run; each rank
-        // takes a contiguous share of every batch.
+        // takes a contiguous share of every batch. A resumed epoch skips the steps done.
         let order = epoch_order(config.seed, epoch as u64, n_train);
         let mut sizes = Vec::with_capacity(steps_per_epoch);
-        let plan: Vec<_> = (0..steps_per_epoch)
+        let plan: Vec<_> = (progress.step..steps_per_epoch)
             .map(|b| {
                 let global = b * batch_size..((b + 1) * batch_size).min(n_train);
                 sizes.push(global.len());
@@ -258,18 +404,22 @@ pub fn train(
                 global.start + mine.start..global.start + mine.end
             })
             .collect();
-        let (mut loss_sum, mut seen) = (0.0f64, 0usize);
+        let first_step = progress.step;
         let mut lr = config
             .schedule
-            .lr_at(epoch, 0, steps_per_epoch, config.epochs);
-        for (step, batch) in train_loader
+            .lr_at(epoch, first_step, steps_per_epoch, config.epochs);
+        for (i, batch) in train_loader
             .start_plan(epoch as u64, Arc::new(order), plan, true)
             .enumerate()
         {
+            let step = first_step + i;
             let batch = batch?;
-            global_step += 1;
-            fault.before_step(rank, global_step, opt.params.first().map(|p| &p.tensor))?;
-            let global_n = sizes[step];
+            fault.before_step(
+                rank,
+                progress.global_step + 1,
+                opt.params.first().map(|p| &p.tensor),
+            )?;
+            let global_n = sizes[i];
             lr = config
                 .schedule
                 .lr_at(epoch, step, steps_per_epoch, config.epochs);
@@ -308,7 +458,14 @@ pub fn train(
                 epoch + 1,
                 step + 1
             ));
-            let (grads, value) = sync.reduce(&opt.params, local_loss.as_ref(), comm)?;
+            let stop_requested = crate::signals::requested();
+            let (grads, totals) = sync.reduce(
+                &opt.params,
+                local_loss.as_ref(),
+                stop_requested.is_some(),
+                comm,
+            )?;
+            let value = totals.loss;
             if !value.is_finite() {
                 bail!(
                     "the loss became {value} at epoch {} step {} (lr {lr}); stopping (metrics so far are kept)",
@@ -317,33 +474,64 @@ pub fn train(
                 );
             }
             opt.step_with(lr, grads);
-            loss_sum += value * global_n as f64;
-            seen += global_n;
+            progress.global_step += 1;
+            progress.step = step + 1;
+            progress.loss_sum += value * global_n as f64;
+            progress.seen += global_n;
             bar.inc(1);
             bar.set_message(format!(
                 "loss {:.4} lr {lr:.3e} {:.0} img/s",
-                loss_sum / seen as f64,
-                seen as f64 / start.elapsed().as_secs_f64()
+                progress.loss_sum / progress.seen.max(1) as f64,
+                (progress.seen as f64) / start.elapsed().as_secs_f64()
             ));
+            let end_of_epoch = progress.step == steps_per_epoch;
+            if totals.stop {
+                // Every rank saw the same flag in the all-reduce: all stop after this step.
+                let written = checkpoint(&progress, &opt, &files)?;
+                let signal = crate::signals::name(stop_requested.unwrap_or(libc::SIGTERM));
+                let stopped = Stopped {
+                    signal: if stop_requested.is_some() {
+                        signal
+                    } else {
+                        "another rank's signal"
+                    },
+                    step: progress.global_step,
+                    checkpoint: written
+                        .map_or_else(|| "written by rank 0".into(), |p| p.display().to_string()),
+                };
+                if let Some(f) = files.as_mut() {
+                    f.log(&stopped.to_string())?;
+                }
+                bar.abandon();
+                return Err(stopped.into());
+            }
+            if opts.checkpoint_every > 0
+                && progress.global_step.is_multiple_of(opts.checkpoint_every)
+                && !end_of_epoch
+            {
+                checkpoint(&progress, &opt, &files)?;
+            }
         }
         let train_secs = start.elapsed().as_secs_f64();
+        let epoch_images = progress.seen;
         let mut record = json!({
             "epoch": epoch + 1,
             "lr": lr,
-            "train_loss": loss_sum / seen.max(1) as f64,
-            "images_per_sec": seen as f64 / train_secs,
+            "train_loss": progress.loss_sum / progress.seen.max(1) as f64,
+            "images_per_sec": (sizes.iter().sum::<usize>()) as f64 / train_secs,
             "train_seconds": train_secs,
         });
         if world > 1 {
             record["sync_seconds"] = json!(sync.take_seconds());
         }
-        if (epoch + 1) % config.eval_every.max(1) == 0 || epoch + 1 == config.epochs {
+        if (epoch + 1).is_multiple_of(config.eval_every.max(1)) || epoch + 1 == config.epochs {
             if config.bn_stats == "precise" {
                 recompute_bn_statistics(&net, &train_loader, batch_size, opts.device, comm)?;
             } else {
                 average_bn_buffers(&net.vs, comm, 1.0)?;
             }
-            let checksum = check_same_model(&net.vs, comm, &format!("after epoch {}", epoch + 1))?;
+            let checksum =
+                check_same_model(&net.vs, comm, &format!("after epoch {}", epoch + 1), true)?;
             let counts = evaluate(
                 &net,
                 &test_loader,
@@ -353,18 +541,18 @@ pub fn train(
                 similarity.as_deref(),
                 comm,
             )?;
-            last = counts.top1();
-            if best.is_nan() || last > best {
-                best = last;
-                best_epoch = epoch + 1;
+            progress.last = counts.top1();
+            if progress.best.is_nan() || progress.last > progress.best {
+                progress.best = progress.last;
+                progress.best_epoch = epoch + 1;
             }
-            record["test_top1"] = json!(last);
+            record["test_top1"] = json!(progress.last);
             record["test_balanced"] = json!(counts.balanced());
             if let Some(h) = counts.hierarchical() {
                 record["test_hierarchical"] = json!(h);
             }
             if let Some(e) = counts.embedding_top1() {
-                record["test_head_top1"] = json!(last);
+                record["test_head_top1"] = json!(progress.last);
                 record["test_embedding_top1"] = json!(e);
             }
             record["model_checksum"] = json!(format!("{checksum:016x}"));
@@ -377,12 +565,12 @@ pub fn train(
                 epoch + 1,
                 config.epochs,
                 lr,
-                loss_sum / seen.max(1) as f64,
+                progress.loss_sum / progress.seen.max(1) as f64,
                 record
                     .get("test_top1")
                     .and_then(|v| v.as_f64())
                     .map_or("-".into(), |v| format!("{:.2}%", 100.0 * v)),
-                seen as f64 / train_secs,
+                epoch_images as f64 / train_secs,
                 start.elapsed().as_secs_f64()
             );
             if terminal {
@@ -390,8 +578,14 @@ pub fn train(
             }
             files.log(&line)?;
         }
+        progress.epoch += 1;
+        progress.step = 0;
+        progress.loss_sum = 0.0;
+        progress.seen = 0;
+        checkpoint(&progress, &opt, &files)?;
     }
     bar.finish_and_clear();
+    let (best, best_epoch, last) = (progress.best, progress.best_epoch, progress.last);
     let summary = RunSummary {
         best_top1: best,
         best_epoch,

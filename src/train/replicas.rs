@@ -69,10 +69,14 @@ pub fn broadcast_model(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> anyho
     Ok(())
 }
 
-/// A 64-bit hash of every variable's name, shape and bytes.
-pub fn model_checksum(vs: &tch::nn::VarStore) -> u64 {
+/// A 64-bit hash of the name, shape and bytes of every parameter and, with `buffers`, every
+/// buffer (BatchNorm statistics, which legitimately differ between ranks during an epoch).
+pub fn model_checksum(vs: &tch::nn::VarStore, buffers: bool) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (name, t) in variables(vs) {
+        if !buffers && !t.requires_grad() {
+            continue;
+        }
         h.update(name.as_bytes());
         for d in t.size() {
             h.update(&d.to_le_bytes());
@@ -82,14 +86,16 @@ pub fn model_checksum(vs: &tch::nn::VarStore) -> u64 {
     h.digest()
 }
 
-/// Checks that every rank holds the same model (`when` says where, for the message). Every rank
-/// reaches the same verdict, so an error is returned on all of them.
+/// Checks that every rank holds the same model (`when` says where, for the message), buffers
+/// included with `buffers`. Every rank reaches the same verdict, so an error is returned on all
+/// of them.
 pub fn check_same_model(
     vs: &tch::nn::VarStore,
     comm: &dyn Communicator,
     when: &str,
+    buffers: bool,
 ) -> anyhow::Result<u64> {
-    let own = model_checksum(vs);
+    let own = model_checksum(vs, buffers);
     if comm.size() == 1 {
         return Ok(own);
     }
@@ -135,8 +141,16 @@ pub struct GradSync {
     seconds: f64,
 }
 
-/// Slots after the gradients: the global-batch loss.
-const EXTRA: i64 = 1;
+/// Slots after the gradients: the global-batch loss, and how many ranks want to stop.
+const EXTRA: i64 = 2;
+
+/// What a step's all-reduce returns besides the gradients.
+pub struct StepTotals {
+    /// The global-batch loss.
+    pub loss: f64,
+    /// Whether any rank asked to stop (a preemption signal) at this step.
+    pub stop: bool,
+}
 
 impl GradSync {
     pub fn new(
@@ -210,19 +224,20 @@ impl GradSync {
             && g.data_ptr() as usize == self.flat.data_ptr() as usize + 4 * offset as usize
     }
 
-    /// Sums the gradients of `params` and `loss` (this rank's share of the global-batch mean,
-    /// `None` for a rank without samples) over all ranks. Returns the gradients, in parameter
-    /// order, and the global-batch loss. With one rank nothing is copied.
+    /// Sums the gradients of `params`, `loss` (this rank's share of the global-batch mean,
+    /// `None` for a rank without samples) and `stop` over all ranks. Returns the gradients, in
+    /// parameter order, and the totals. With one rank nothing is copied.
     pub fn reduce(
         &mut self,
         params: &[Param],
         loss: Option<&Tensor>,
+        stop: bool,
         comm: &dyn Communicator,
-    ) -> anyhow::Result<(Vec<Tensor>, f64)> {
+    ) -> anyhow::Result<(Vec<Tensor>, StepTotals)> {
         if comm.size() == 1 {
             let grads = params.iter().map(|p| defined_grad(&p.tensor)).collect();
             let loss = loss.map_or(Ok(0.0), f64::try_from)?;
-            return Ok((grads, loss));
+            return Ok((grads, StepTotals { loss, stop }));
         }
         let total = self.flat.numel() as i64;
         tch::no_grad(|| {
@@ -245,6 +260,10 @@ impl GradSync {
                     let _ = slot.zero_();
                 }
             }
+            let _ = self
+                .flat
+                .narrow(0, total - EXTRA + 1, 1)
+                .fill_(f64::from(u8::from(stop)));
         });
         let start = std::time::Instant::now();
         let mut at = 0i64;
@@ -256,14 +275,22 @@ impl GradSync {
             at += n;
         }
         self.seconds += start.elapsed().as_secs_f64();
-        let loss = f64::try_from(self.flat.narrow(0, total - EXTRA, 1).squeeze())?;
+        let totals = Vec::<f32>::try_from(
+            self.flat
+                .narrow(0, total - EXTRA, EXTRA)
+                .to_device(Device::Cpu),
+        )?;
+        let totals = StepTotals {
+            loss: f64::from(totals[0]),
+            stop: totals[1] > 0.0,
+        };
         let grads = if self.same_device {
             self.views.iter().map(Tensor::shallow_clone).collect()
         } else {
             let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
             self.views.iter().map(|v| v.to_device(device)).collect()
         };
-        Ok((grads, loss))
+        Ok((grads, totals))
     }
 
     /// Seconds spent in gradient all-reduce calls since the last call.

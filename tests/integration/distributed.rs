@@ -13,7 +13,7 @@ use crate::util::{cosine_train, cosine_train_path, mpirun, run, show, stderr, st
 const LIMIT: Duration = Duration::from_secs(300);
 
 /// `cosine-train train` on `np` ranks (`np == 0`: a plain process, no mpirun).
-fn train_ranks(np: usize, data: &Path, out: &Path, extra: &[&str]) -> Output {
+pub(crate) fn train_ranks(np: usize, data: &Path, out: &Path, extra: &[&str]) -> Output {
     let mut cmd = if np == 0 {
         cosine_train()
     } else {
@@ -39,7 +39,7 @@ fn weights(path: &Path) -> Vec<(String, tch::Tensor)> {
     named
 }
 
-fn max_abs_difference(a: &Path, b: &Path) -> f64 {
+pub(crate) fn max_abs_difference(a: &Path, b: &Path) -> f64 {
     let (a, b) = (weights(a), weights(b));
     assert_eq!(a.len(), b.len());
     a.iter()
@@ -157,9 +157,15 @@ fn empty_shares_and_a_last_batch_of_one_train_without_hanging() {
     }
 }
 
-/// Fashion-MNIST with 20 training images per class and only the first `n` test images, so that
-/// the test split has an odd size.
-fn fashion_with_test_images(n: usize) -> PathBuf {
+/// Fashion-MNIST with 20 training images per class and only the first `n` test images (an odd
+/// size for the evaluation test; a quick evaluation for the resume tests). Packed once per
+/// test process and `n`.
+pub(crate) fn fashion_with_test_images(n: usize) -> PathBuf {
+    static DIRS: std::sync::Mutex<Vec<(usize, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut dirs = DIRS.lock().unwrap();
+    if let Some((_, p)) = dirs.iter().find(|(k, _)| *k == n) {
+        return p.clone();
+    }
     let dir = tempfile::tempdir().unwrap().keep();
     let idx = dir.join("idx");
     std::fs::create_dir_all(&idx).unwrap();
@@ -190,6 +196,7 @@ fn fashion_with_test_images(n: usize) -> PathBuf {
     );
     opts.per_class = Some(20);
     datasets_prep::pack::pack(&opts).unwrap();
+    dirs.push((n, out.clone()));
     out
 }
 

@@ -8,6 +8,7 @@ mod launch;
 mod libtorch_cpu;
 mod model;
 mod mpi;
+mod resume;
 mod setup;
 mod training;
 mod util;

@@ -1,0 +1,437 @@
+//! Checkpoints and resume through the real binary: killed and preempted runs, resumed, end
+//! exactly where an uninterrupted run ends; damaged checkpoints, changed settings and unusable
+//! run directories are refused clearly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::distributed::{fashion_with_test_images, train_ranks};
+use crate::training::{deterministic, metrics};
+use crate::util::{cosine_train_path, mpirun, run, show, stderr};
+
+/// resnet8 (BatchNorm: per-rank statistics must survive a resume too), 3 epochs of 8 steps,
+/// a checkpoint every 5 steps besides the one after each epoch.
+const RUN: [&str; 12] = [
+    "--arch",
+    "resnet8",
+    "--loss",
+    "cosine-ce",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "25",
+    "--checkpoint-every",
+    "5",
+    "--keep-checkpoints",
+    "2",
+];
+
+fn data() -> PathBuf {
+    fashion_with_test_images(301)
+}
+
+fn with_fault(np: usize, out: &Path, fault: &str, extra: &[&str]) -> Output {
+    let mut cmd = if np == 0 {
+        Command::new(cosine_train_path())
+    } else {
+        let mut c = mpirun(np);
+        c.args(["-x", "COSINE_FAULT"]).arg(cosine_train_path());
+        c
+    };
+    cmd.env("COSINE_FAULT", fault)
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(out)
+        .args(["--threads", "1", "--workers", "1"])
+        .args(RUN)
+        .args(extra);
+    run(&mut cmd, Duration::from_secs(300))
+}
+
+fn strip(lines: Vec<Value>) -> Vec<Value> {
+    deterministic(&lines)
+        .into_iter()
+        .map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("sync_seconds");
+            }
+            v
+        })
+        .collect()
+}
+
+/// The run directory `out` ends like `reference`: the same metrics (wall-clock fields aside)
+/// and bit-identical final weights.
+fn assert_same_run(out: &Path, reference: &Path) {
+    assert_eq!(strip(metrics(out)), strip(metrics(reference)));
+    let (a, b) = (
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        std::fs::read(reference.join("model.safetensors")).unwrap(),
+    );
+    assert!(a == b, "final weights differ from the uninterrupted run");
+}
+
+/// A rank killed by SIGKILL in the middle of epoch 2 (step 13, after the checkpoint of step
+/// 10), resumed with `--resume auto`, ends bit-identical to the uninterrupted run: on one rank,
+/// and on two ranks with rank 1 killed.
+#[test]
+fn a_run_killed_mid_epoch_resumes_to_the_identical_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    for np in [0usize, 2] {
+        let reference = tmp.path().join(format!("uninterrupted-{np}"));
+        let o = train_ranks(np, &data(), &reference, &RUN);
+        assert!(o.status.success(), "{}", show(&o));
+
+        let out = tmp.path().join(format!("killed-{np}"));
+        let rank = if np == 0 { 0 } else { 1 };
+        let o = with_fault(np, &out, &format!("rank={rank},step=13,kind=kill"), &[]);
+        assert!(!o.status.success(), "{}", show(&o));
+        let names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.contains(&"step-000000000010".to_string()),
+            "{names:?}"
+        );
+        assert!(!out.join("model.safetensors").exists());
+
+        let o = train_ranks(
+            np,
+            &data(),
+            &out,
+            &[&RUN[..], &["--resume", "auto"]].concat(),
+        );
+        assert!(o.status.success(), "{}", show(&o));
+        assert_same_run(&out, &reference);
+        let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+        assert!(
+            log.contains("resumed from") && log.contains("step-000000000010"),
+            "{log}"
+        );
+    }
+}
+
+/// SIGTERM (what Slurm sends before preemption) makes the run finish its step, checkpoint and
+/// exit with 75; `--resume auto` then completes it identically. One rank gets a real SIGTERM
+/// from outside; on two ranks only rank 1 is signalled, and both stop at the same step.
+#[test]
+fn sigterm_checkpoints_exits_75_and_resume_completes_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("uninterrupted");
+    let o = train_ranks(0, &data(), &reference, &RUN);
+    assert!(o.status.success(), "{}", show(&o));
+
+    // A real signal, from outside, once the first checkpoint exists.
+    let out = tmp.path().join("terminated");
+    let child = Command::new(cosine_train_path())
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&out)
+        .args(["--threads", "1", "--workers", "1"])
+        .args(RUN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !out.join("checkpoints/step-000000000005").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    assert!(stderr(&o).contains("stopped by SIGTERM"), "{}", show(&o));
+    let o = train_ranks(
+        0,
+        &data(),
+        &out,
+        &[&RUN[..], &["--resume", "auto"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out, &reference);
+
+    let reference2 = tmp.path().join("uninterrupted-2");
+    let o = train_ranks(2, &data(), &reference2, &RUN);
+    assert!(o.status.success(), "{}", show(&o));
+    let out2 = tmp.path().join("terminated-2");
+    let o = with_fault(2, &out2, "rank=1,step=11,kind=signal", &[]);
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    assert!(
+        out2.join("checkpoints/step-000000000011/state.json")
+            .is_file()
+    );
+    let o = train_ranks(
+        2,
+        &data(),
+        &out2,
+        &[&RUN[..], &["--resume", "auto"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out2, &reference2);
+
+    // The same checkpoint continues on another world size: same global batches, one rank.
+    let other = tmp.path().join("terminated-2-then-1");
+    let o = with_fault(2, &other, "rank=1,step=11,kind=signal", &[]);
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    let o = train_ranks(0, &data(), &other, &[&RUN[..], &["--resume"]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    let m = metrics(&other);
+    assert_eq!(m.len(), 4, "3 epochs and a summary");
+    let log = std::fs::read_to_string(other.join("log.txt")).unwrap();
+    assert!(log.contains("(world size 2 then, 1 now)"), "{log}");
+}
+
+/// A corrupted newest checkpoint is named and skipped for the one before; when none is valid,
+/// `--resume` fails naming them; `--resume auto` on an empty run directory starts fresh.
+#[test]
+fn damaged_checkpoints_are_named_and_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = with_fault(0, &out, "rank=0,step=13,kind=kill", &[]);
+    assert!(!o.status.success());
+    let ckpts = out.join("checkpoints");
+    let newest = ckpts.join("step-000000000010/model.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&newest, bytes).unwrap();
+    let o = train_ranks(0, &data(), &out, &[&RUN[..], &["--resume"]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("skipping a damaged checkpoint")
+            && err.contains("step-000000000010/model.safetensors: content does not match"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err.contains("resumed from") && err.contains("step-000000000008"),
+        "{err}"
+    );
+
+    let broken = tmp.path().join("broken");
+    let o = with_fault(0, &broken, "rank=0,step=13,kind=kill", &[]);
+    assert!(!o.status.success());
+    for dir in std::fs::read_dir(broken.join("checkpoints")).unwrap() {
+        let f = dir.unwrap().path().join("optimizer.safetensors");
+        let len = std::fs::metadata(&f).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+    }
+    let o = train_ranks(0, &data(), &broken, &[&RUN[..], &["--resume"]].concat());
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("no valid checkpoint")
+            && err.contains("optimizer.safetensors: is")
+            && err.contains("truncated"),
+        "{err}"
+    );
+
+    let fresh = tmp.path().join("fresh");
+    let o = train_ranks(
+        0,
+        &data(),
+        &fresh,
+        &[&RUN[..], &["--resume", "auto"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(metrics(&fresh).len(), 4);
+}
+
+/// Settings that change the result cannot change on resume; the error lists each difference.
+/// Loader threads may change.
+#[test]
+fn resuming_with_changed_settings_is_refused_with_the_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = with_fault(0, &out, "rank=0,step=6,kind=kill", &[]);
+    assert!(!o.status.success());
+    let mut changed: Vec<&str> = RUN.to_vec();
+    changed[3] = "cosine"; // --loss
+    let o = train_ranks(
+        0,
+        &data(),
+        &out,
+        &[&changed[..], &["--resume", "--lr-max", "0.3"]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("settings differ from the checkpoint's")
+            && err.contains("objective.loss: \"cosine-ce\" -> \"cosine\"")
+            && err.contains("schedule.max_lr: 0.1 -> 0.3"),
+        "{err}"
+    );
+    let o = Command::new(cosine_train_path())
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&out)
+        .args(["--threads", "1", "--workers", "2", "--resume"])
+        .args(RUN)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+}
+
+/// A run directory that cannot be written, or that lacks room for the checkpoints, is refused
+/// before training; a disk that fills up during the run stops it with an error and leaves the
+/// earlier checkpoints loadable. Full disks come from a small tmpfs (needs root, as in CI).
+#[test]
+fn unwritable_or_full_run_directories_are_clear_errors() {
+    let o = train_ranks(0, &data(), Path::new("/proc/cosine-train-run"), &RUN);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("/proc/cosine-train-run: cannot create the run directory"),
+        "{}",
+        show(&o)
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=600k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "mounting a tmpfs needs root (CI runs as root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+
+    // resnet8 checkpoints are ~0.6 MiB: two (keep 1, plus the one being written) do not fit.
+    let o = train_ranks(
+        0,
+        &data(),
+        &mnt.join("run"),
+        &[&RUN[..10], &["--keep-checkpoints", "1"]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("MiB free, but 2 checkpoints of"),
+        "{}",
+        show(&o)
+    );
+
+    // tiny-cnn checkpoints (~0.2 MiB) fit; a filler file then takes the rest of the disk.
+    let out = mnt.join("tiny");
+    let child = Command::new(cosine_train_path())
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+            "--arch",
+            "tiny-cnn",
+            "--loss",
+            "ce",
+        ])
+        .args([
+            "--epochs",
+            "200",
+            "--batch-size",
+            "50",
+            "--keep-checkpoints",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while crate::util::checkpoints(&out).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let filler = mnt.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("No space left on device"),
+        "{}",
+        show(&o)
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert!(!crate::util::checkpoints(&out).is_empty());
+    // The kept checkpoint loads: a resume starts from it (stopped once it has said so).
+    let mut child = Command::new(cosine_train_path())
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+            "--arch",
+            "tiny-cnn",
+            "--loss",
+            "ce",
+        ])
+        .args([
+            "--epochs",
+            "200",
+            "--batch-size",
+            "50",
+            "--keep-checkpoints",
+            "1",
+            "--resume",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let resumed = loop {
+        let log = std::fs::read_to_string(out.join("log.txt")).unwrap_or_default();
+        if log.contains("resumed from") {
+            break true;
+        }
+        if start.elapsed() > Duration::from_secs(60) || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(resumed, "the resume did not start from the kept checkpoint");
+}
