@@ -45,6 +45,10 @@ pub enum Command {
     /// Time the compute-only training step (synthetic batch on the device, no data loading) and,
     /// under mpirun, the gradient all-reduce. Prints one JSON object (rank 0).
     BenchStep(BenchStepArgs),
+    /// Compare runs: a markdown table of best and last accuracy, balanced accuracy, epochs,
+    /// speed and wall time per run, optionally as CSV, and a PNG of test accuracy, training loss
+    /// and learning rate per epoch. Missing or unfinished runs are reported, not fatal.
+    Report(ReportArgs),
     /// Compute the unit-sphere class embedding of a class hierarchy (rows = leaves by id).
     Embed(EmbedArgs),
 }
@@ -225,6 +229,19 @@ pub struct EvalArgs {
     pub threads: Option<i32>,
     #[command(flatten)]
     pub job: JobArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Run directories (each with config.json and metrics.jsonl), e.g. `runs/sweep/lr-*`.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Also write the table as CSV to this file.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Draw test top-1, training loss and learning rate per epoch into this PNG (1200x900).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

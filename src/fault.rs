@@ -1,7 +1,8 @@
 //! Fault injection for the failure-path tests: `COSINE_FAULT=rank=R,step=S,kind=K` makes rank R,
 //! before global training step S (1-based), fail with an error (`kind=error`), hang forever
 //! (`kind=hang`), exit at once without a word (`kind=exit`), die by SIGKILL (`kind=kill`),
-//! receive SIGTERM as from a scheduler (`kind=signal`) or silently change its copy of the model
+//! receive SIGTERM as from a scheduler (`kind=signal`), panic like a bug (`kind=panic`) or
+//! silently change its copy of the model
 //! (`kind=perturb`, like a bit flip; the replica checksums must catch it). Not for users; a malformed value is refused so that a typo cannot silently disable
 //! a test.
 
@@ -14,6 +15,7 @@ enum Kind {
     Exit,
     Kill,
     Signal,
+    Panic,
     Perturb,
 }
 
@@ -34,7 +36,7 @@ impl Fault {
     pub fn parse(value: &str) -> anyhow::Result<Self> {
         let bad = || {
             anyhow::anyhow!(
-                "{}={value:?}: expected rank=R,step=S,kind=error|hang|exit|kill|signal|perturb",
+                "{}={value:?}: expected rank=R,step=S,kind=error|hang|exit|kill|signal|panic|perturb",
                 Self::VARIABLE
             )
         };
@@ -52,6 +54,7 @@ impl Fault {
                         "perturb" => Kind::Perturb,
                         "kill" => Kind::Kill,
                         "signal" => Kind::Signal,
+                        "panic" => Kind::Panic,
                         _ => return Err(bad()),
                     })
                 }
@@ -83,6 +86,7 @@ impl Fault {
                     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
                     unreachable!("SIGKILL cannot be caught")
                 }
+                Kind::Panic => panic!("injected panic ({}) at step {step}", Self::VARIABLE),
                 Kind::Signal => {
                     crate::signals::raise_term();
                     Ok(())

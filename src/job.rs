@@ -27,6 +27,16 @@ impl Job {
         let (comm, device) = dist::connect(args.dist, device)?;
         let threads = threads.unwrap_or_else(|| default_threads(comm.local_size()));
         tch::set_num_threads(threads.max(1));
+        if comm.size() > 1 {
+            // A panic is a bug, but on one rank of many it must still end the job at once
+            // instead of leaving the others waiting in a collective.
+            let abort = comm.abort_handle();
+            let report = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                report(info);
+                abort.abort(&format!("cosine-train: internal error: {info}"), 1);
+            }));
+        }
         let comm = Watched::new(comm, Duration::from_secs_f64(args.collective_timeout));
         Ok(Job { comm, device })
     }

@@ -20,6 +20,7 @@ pub mod job;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod report;
 pub mod schedule;
 pub mod signals;
 pub mod train;

@@ -90,6 +90,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report(args) => {
+            cosine_train::report::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Embed(args) => {
             let h = cosine_train::hierarchy::Hierarchy::from_file(&args.hierarchy, args.is_a)?;
             let (ids, e) = cosine_train::hierarchy::unitsphere_embedding(&h)?;

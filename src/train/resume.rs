@@ -68,15 +68,16 @@ fn gather_bn(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> anyhow::Result<
         .collect::<Result<Vec<_>, _>>()?
         .concat();
     let (w, n) = (comm.size(), own.len());
-    if w == 1 {
-        return Ok(vec![own]);
+    if w == 1 || n == 0 {
+        // One rank, or a model without BatchNorm: nothing to exchange.
+        return Ok(vec![own; w]);
     }
     let mut all = vec![0f32; w * n];
     all[comm.rank() * n..(comm.rank() + 1) * n].copy_from_slice(&own);
     comm.set_context("gathering BatchNorm statistics for a checkpoint");
     comm.all_reduce_sum_f32(&mut all)
         .context("gathering BatchNorm statistics")?;
-    Ok(all.chunks(n.max(1)).map(<[f32]>::to_vec).collect())
+    Ok(all.chunks(n).map(<[f32]>::to_vec).collect())
 }
 
 /// Writes a checkpoint of the current state (collective; rank 0 writes). Live state is not

@@ -16,6 +16,7 @@ fn script(name: &str) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("launch").join(name))
         .env("COSINE_TRAIN", cosine_train_path());
+    crate::util::share_cores(&mut cmd);
     cmd
 }
 

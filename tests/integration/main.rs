@@ -8,6 +8,7 @@ mod launch;
 mod libtorch_cpu;
 mod model;
 mod mpi;
+mod report;
 mod resume;
 mod setup;
 mod training;

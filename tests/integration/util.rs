@@ -13,13 +13,28 @@ pub fn repo_root() -> &'static Path {
 }
 
 /// `mpirun -np N` with what the test harness (not users) needs: CI runs as root, and the tests
-/// may start more ranks than the machine has cores.
+/// may start more ranks than the machine has cores. See [`share_cores`].
 pub fn mpirun(np: usize) -> Command {
     let mut cmd = Command::new("mpirun");
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .args(["--oversubscribe", "-np", &np.to_string()]);
+        .args([
+            "--oversubscribe",
+            "--bind-to",
+            "none",
+            "-np",
+            &np.to_string(),
+        ]);
+    share_cores(&mut cmd);
     cmd
+}
+
+/// Tests run side by side on 2 cores, several ranks each. Open MPI's ranks spin while they wait
+/// in a collective, which on an oversubscribed machine starves the rank they wait for (seen: a
+/// 1-epoch job taking minutes). Each job only knows its own ranks, so it does not detect the
+/// oversubscription; tell it to yield the core while idle.
+pub fn share_cores(cmd: &mut Command) -> &mut Command {
+    cmd.env("OMPI_MCA_mpi_yield_when_idle", "1")
 }
 
 pub fn cosine_train_path() -> PathBuf {
