@@ -24,8 +24,9 @@ TORCH_DIR="$PREFIX/torch-$TORCH_VERSION-$flavour"
 say() { printf 'setup: %s\n' "$*"; }
 installed_anything=0
 
-# 1. Debian packages: OpenMPI (runtime + headers) and libclang (bindgen in mpi-sys).
-APT_PKGS=(libopenmpi-dev openmpi-bin libclang-dev dataset-fashion-mnist)
+# 1. Debian packages: OpenMPI (runtime + headers), libclang (bindgen in mpi-sys), Fashion-MNIST
+#    (the demo's data) and DejaVu fonts (the text of `report` plots).
+APT_PKGS=(libopenmpi-dev openmpi-bin libclang-dev dataset-fashion-mnist fonts-dejavu-core)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

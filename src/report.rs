@@ -437,6 +437,7 @@ pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
                 .configure_mesh()
                 .x_desc("epoch")
                 .y_desc(y_desc)
+                .light_line_style(TRANSPARENT)
                 .label_style(("sans-serif", 14))
                 .draw()?;
             for (i, r) in plotted.iter().enumerate() {
