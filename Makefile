@@ -21,8 +21,13 @@ lint: setup
 	$(ENV) && cargo fmt --all -- --check
 	$(ENV) && cargo clippy --workspace --all-targets $(CARGO_FEATURES) -- -D warnings
 
+# Tests that cannot run here (the cluster tests need root) say so and are listed at the end.
 test: lint
+	@rm -f target/skipped-tests.txt
 	$(ENV) && cargo test --workspace $(CARGO_FEATURES)
+	@if [ -s target/skipped-tests.txt ]; then \
+	  echo "skipped tests ($$(wc -l < target/skipped-tests.txt)):"; cat target/skipped-tests.txt; \
+	else echo "skipped tests: none"; fi
 
 fmt:
 	cargo fmt --all

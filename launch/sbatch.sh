@@ -13,8 +13,8 @@
 # come from MPI through srun's PMIx.
 #
 # Preemption and time limits: Slurm signals the batch shell (USR1, 120 s before the limit, or
-# on `scancel --signal=USR1 --batch`; TERM on preemption); this script passes SIGTERM to every
-# rank, cosine-train finishes its step, writes a checkpoint and exits with 75, and the job
+# on `scancel --signal=USR1 --batch`; TERM on preemption); this script passes it to every rank
+# as USR1, cosine-train finishes its step, writes a checkpoint and exits with 75, and the job
 # requeues itself. Pass `--resume auto` in the arguments so that the requeued job continues the
 # run (it starts fresh when there is no checkpoint yet).
 #
@@ -42,16 +42,18 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 # srun passes the whole environment to the ranks. Each rank sees the GPUs of its node and takes
-# the one numbered by its local rank, so no per-task GPU binding is wanted here.
+# the one numbered by its local rank, so no per-task GPU binding is wanted here; where the
+# cluster binds tasks to their --cpus-per-task CPUs, cosine-train sizes its threads to them.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 echo "sbatch.sh: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} ranks: $bin $*"
 # --kill-on-bad-exit: a rank that exits non-zero ends the step (cosine-train also aborts the
 # whole job itself on any rank's error, and bounds every collective by --collective-timeout).
-srun --mpi=pmix --kill-on-bad-exit=1 --cpu-bind=none "$bin" "$@" &
+srun --mpi=pmix --kill-on-bad-exit=1 "$bin" "$@" &
 step=$!
 forward() {
   echo "sbatch.sh: $1 received: asking the ranks to checkpoint and stop"
-  kill -TERM "$step" 2>/dev/null || true
+  # srun passes USR1 on to every task; a TERM would make srun end the step itself.
+  kill -USR1 "$step" 2>/dev/null || true
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM

@@ -513,12 +513,13 @@ pub fn train(
             }
         }
         let train_secs = start.elapsed().as_secs_f64();
-        let epoch_images = progress.seen;
+        // Images trained in this process (a resumed epoch counts only the steps run here).
+        let epoch_images: usize = sizes.iter().sum();
         let mut record = json!({
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": progress.loss_sum / progress.seen.max(1) as f64,
-            "images_per_sec": (sizes.iter().sum::<usize>()) as f64 / train_secs,
+            "images_per_sec": epoch_images as f64 / train_secs,
             "train_seconds": train_secs,
         });
         if world > 1 {

@@ -2,6 +2,7 @@
 //! test binary links libtorch, which is slow to link and large), one module per theme.
 
 mod cli;
+mod cluster;
 mod distributed;
 mod embeddings;
 mod launch;

@@ -48,7 +48,7 @@ pub(crate) fn deterministic(lines: &[Value]) -> Vec<Value> {
         .map(|v| {
             let mut v = v.clone();
             if let Some(o) = v.as_object_mut() {
-                for k in ["images_per_sec", "train_seconds", "seconds"] {
+                for k in ["images_per_sec", "train_seconds", "seconds", "sync_seconds"] {
                     o.remove(k);
                 }
             }
