@@ -6,12 +6,15 @@
 # Settings that matter, all observed on this kind of machine (../shared/docs/slurm.md):
 #   MpiDefault=pmix (srun --mpi=pmi2 does not work with Debian's Open MPI),
 #   AuthInfo=cred_expire=5 + sched_interval=1 (a requeued job restarts in ~6 s, not ~120 s),
-#   SlurmdParameters=config_overrides (advertise more CPUs than the VM has).
+#   SlurmdParameters=config_overrides (advertise more CPUs than the VM has),
+#   partitions low (default) and high: a high job preempts a low one (USR1 to its batch
+#   shell, then requeue after GraceTime); preempt_send_user_signal lives in SlurmctldParameters
+#   in Slurm 22.05.
 set -euo pipefail
 step="${1:?usage: slurm.sh install|start RUN_DIR|stop RUN_DIR}"
 run="${2:-/tmp/cosine-slurm}"
 host="$(hostname -s)"
-cpus="${SLURM_CPUS:-4}"
+cpus="${SLURM_CPUS:-2}"
 
 install() {
   if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
@@ -63,8 +66,12 @@ JobCompType=jobcomp/none
 KillWait=5
 InactiveLimit=0
 MinJobAge=300
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=low Nodes=$host Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=60
+PartitionName=high Nodes=$host MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 CONF
 }
 
