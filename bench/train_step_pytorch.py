@@ -1,0 +1,161 @@
+"""The PyTorch side of bench/train.sh: the same training step as `cosine-train bench-step`.
+
+Same model definitions (CIFAR ResNet with option-A shortcuts; ResNet-50 v1 with the stride on the
+first 1x1 conv), BatchNorm eps 1e-3 / momentum 0.01, a linear head, softmax cross-entropy, SGD
+with momentum 0.9 in Keras form (v = 0.9 v - lr g; p += v) with L2 added to the gradient and a
+global-norm clip at 10, on one synthetic batch kept in memory. Prints one JSON line with the
+median step time, like bench-step.
+
+    python bench/train_step_pytorch.py --arch resnet20 --batch-size 100 --size 32 --threads 2
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def bn(c):
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class Basic(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = bn(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = bn(c_out)
+        self.stride, self.pad = stride, c_out - c_in
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        s = x
+        if self.stride != 1:
+            s = F.avg_pool2d(s, 2)
+        if self.pad:
+            s = F.pad(s, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+        return F.relu(y + s)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth, widths, in_ch, classes):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = bn(widths[0])
+        blocks, c = [], widths[0]
+        for i, w in enumerate(widths):
+            for j in range(n):
+                blocks.append(Basic(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.blocks(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c_in, width, stride):
+        super().__init__()
+        c_out = 4 * width
+        self.conv1 = nn.Conv2d(c_in, width, 1, stride, bias=False)
+        self.bn1 = bn(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = bn(width)
+        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
+        self.bn3 = bn(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), bn(c_out))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, in_ch, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False)
+        self.bn1 = bn(64)
+        layers, c = [], 64
+        for i, (width, n) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)]):
+            for j in range(n):
+                layers.append(Bottleneck(c, width, 2 if (i > 0 and j == 0) else 1))
+                c = 4 * width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        return self.fc(self.layers(x).mean((2, 3)))
+
+
+def build(arch, in_ch, classes):
+    if arch == "resnet50":
+        return ResNet50(in_ch, classes), 0.0
+    table = {"resnet8": (8, False), "resnet20": (20, False), "resnet32": (32, False),
+             "resnet56": (56, False), "resnet110": (110, False), "resnet110-wfc": (110, True)}
+    depth, wide = table[arch]
+    widths = (32, 64, 128) if wide else (16, 32, 64)
+    return CifarResNet(depth, widths, in_ch, classes), 2e-4
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="resnet20")
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, l2 = build(a.arch, a.channels, a.classes)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    velocity = [torch.zeros_like(p) for p in params]
+    images = torch.randn(a.batch_size, a.channels, a.size, a.size)
+    labels = torch.randint(a.classes, (a.batch_size,))
+    lr, times = 0.01, []
+    for i in range(a.warmup + a.steps):
+        start = time.perf_counter()
+        for p in params:
+            p.grad = None
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        with torch.no_grad():
+            grads = [p.grad + (2 * l2) * p if (l2 and p.dim() >= 2) else p.grad for p in params]
+            norm = torch.sqrt(sum((g * g).sum() for g in grads)).item()
+            scale = 10.0 / norm if norm >= 10.0 else 1.0
+            for p, v, g in zip(params, velocity, grads):
+                v.mul_(0.9).sub_(g, alpha=lr * scale)
+                p.add_(v)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    print(json.dumps({
+        "arch": a.arch, "batch_size": a.batch_size, "image": [a.channels, a.size, a.size],
+        "parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "steps": a.steps, "step_seconds_median": median,
+        "images_per_sec": a.batch_size / median,
+    }))
+
+
+if __name__ == "__main__":
+    main()
