@@ -2,11 +2,12 @@
 #   make demo    the main job (see README)
 #   make test    formatting, lints and the whole test suite
 #   make setup   install OpenMPI, libclang and libtorch 2.11.0 (COSINE_WITH_CUDA=1 adds CUDA + NCCL)
+#   make bench   benchmarks against PyTorch, raw MPI and Pillow -> bench/RESULTS.md
 SHELL := /bin/bash
 ENV := source launch/env.sh
 CARGO_FEATURES ?=
 
-.PHONY: setup build demo test lint fmt
+.PHONY: setup build demo test lint fmt bench
 
 setup:
 	@bash launch/setup.sh
@@ -28,6 +29,10 @@ test: lint
 	@if [ -s target/skipped-tests.txt ]; then \
 	  echo "skipped tests ($$(wc -l < target/skipped-tests.txt)):"; cat target/skipped-tests.txt; \
 	else echo "skipped tests: none"; fi
+
+# Benchmarks that print ratios against PyTorch, raw MPI and Pillow; writes bench/RESULTS.md.
+bench: build
+	$(ENV) && bash bench/run.sh
 
 fmt:
 	cargo fmt --all
