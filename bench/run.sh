@@ -22,6 +22,7 @@ run() {
   echo "Ratios compare runs made by the same script, in turn, on the same cores."
   echo
   run bash bench/train.sh
+  run bash bench/loader.sh
   run bash bench/allreduce.sh
   run bash bench/pack.sh 600
 } > "$tmp"

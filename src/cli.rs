@@ -45,6 +45,8 @@ pub enum Command {
     /// Time the compute-only training step (synthetic batch on the device, no data loading) and,
     /// under mpirun, the gradient all-reduce. Prints one JSON object (rank 0).
     BenchStep(BenchStepArgs),
+    /// Time the data loader alone: ready training batches per second from a shard directory.
+    BenchLoader(BenchLoaderArgs),
     /// Compare runs: a markdown table of best and last accuracy, balanced accuracy, epochs,
     /// speed and wall time per run, optionally as CSV, and a PNG of test accuracy, training loss
     /// and learning rate per epoch. Missing or unfinished runs are reported, not fatal.
@@ -229,6 +231,26 @@ pub struct EvalArgs {
     pub threads: Option<i32>,
     #[command(flatten)]
     pub job: JobArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchLoaderArgs {
+    /// Shard directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Loader threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Timed passes over the training split (after one untimed pass).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Square random crop (with flips and random erasing, as for the fine-grained datasets);
+    /// 0 keeps the stored size.
+    #[arg(long, default_value_t = 448)]
+    pub crop: u32,
 }
 
 #[derive(Debug, Args)]

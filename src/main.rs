@@ -90,6 +90,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::BenchLoader(args) => {
+            let report = cosine_train::bench_loader::run(&args)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Report(args) => {
             cosine_train::report::run(&args)?;
             Ok(ExitCode::SUCCESS)
