@@ -18,14 +18,19 @@ fi
 # The torch package of the libtorch install has no dependencies installed (--no-deps).
 "$venv/bin/python" -c "import typing_extensions, sympy, networkx, jinja2, fsspec, filelock" 2>/dev/null ||
   "$venv/bin/pip" install -q --disable-pip-version-check typing_extensions sympy networkx jinja2 fsspec filelock
-export PYTHONPATH="$(dirname "$LIBTORCH")${PYTHONPATH:+:$PYTHONPATH}"
+# PyTorch itself: the torch package of the PyPI wheel set (`COSINE_WITH_CUDA=1 make setup`, 3.8 GB;
+# its Python extension needs the CUDA libraries even on a CPU). Its libtorch_cpu is the same
+# file our binary runs on, from the same torch 2.11.0 wheel.
+torch_py="${COSINE_LIBTORCH_PREFIX:-/opt/cosine-train}/torch-2.11.0-cuda"
+[ -d "$torch_py/torch" ] || COSINE_WITH_CUDA=1 bash launch/setup.sh
+export PYTHONPATH="$torch_py${PYTHONPATH:+:$PYTHONPATH}"
 cargo build --release -q -p cosine-train
 bin=target/release/cosine-train
 field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p"; }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 echo "training step, synthetic batch in memory, $threads thread(s), median of $repeats runs of $steps steps"
-echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)'))"
+echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), torch $(env -u LD_LIBRARY_PATH "$venv/bin/python" -c 'import torch; print(torch.__version__)'))"
 echo
 echo "| model | batch | image | ours images/s | PyTorch images/s | ours / PyTorch |"
 echo "| --- | ---: | --- | ---: | ---: | ---: |"
@@ -36,7 +41,7 @@ for spec in "resnet20 100 32 3 10" "resnet110-wfc 100 32 3 100" "resnet50 8 224 
   ours=(); theirs=()
   for _ in $(seq 1 "$repeats"); do
     ours+=("$("$bin" bench-step "${common[@]}" --dist single | field images_per_sec)")
-    theirs+=("$("$venv/bin/python" bench/train_step_pytorch.py "${common[@]}" | field images_per_sec)")
+    theirs+=("$(env -u LD_LIBRARY_PATH "$venv/bin/python" bench/train_step_pytorch.py "${common[@]}" | field images_per_sec)")
   done
   o=$(printf '%s\n' "${ours[@]}" | median)
   t=$(printf '%s\n' "${theirs[@]}" | median)

@@ -18,6 +18,7 @@ pub mod eval_run;
 pub mod fault;
 pub mod hierarchy;
 pub mod job;
+pub mod memory;
 pub mod model;
 pub mod objective;
 pub mod optim;

@@ -10,6 +10,7 @@ use cosine_train::job::Job;
 use cosine_train::{check_dist, doctor};
 
 fn main() -> ExitCode {
+    cosine_train::memory::tune_allocator();
     init_logging();
     let mut command = Cli::command();
     // The long version describes the environment; only probe it when asked for.

@@ -105,3 +105,70 @@ fn bad_option_values_are_usage_errors() {
         show(&out)
     );
 }
+
+/// The benchmark helpers report what they measured: `bench-step` a compute-only step (and under
+/// mpirun the gradient all-reduce of exactly the model's parameters plus the two step totals),
+/// `bench-loader` every training image of each timed pass, in batches of the asked shape.
+#[test]
+fn bench_helpers_measure_steps_sync_and_loader() {
+    let parse = |o: &std::process::Output| -> serde_json::Value {
+        serde_json::from_str(stdout(o).lines().find(|l| l.starts_with('{')).unwrap()).unwrap()
+    };
+    let args = [
+        "bench-step",
+        "--arch",
+        "resnet8",
+        "--batch-size",
+        "4",
+        "--size",
+        "16",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+    ];
+    let o = run(cosine_train().args(args).args(["--dist", "single"]), LIMIT);
+    assert!(o.status.success(), "{}", show(&o));
+    let one = parse(&o);
+    assert!(one["step_seconds_median"].as_f64().unwrap() > 0.0, "{one}");
+    assert_eq!(one["world_size"], 1);
+    let o = run(
+        crate::util::mpirun(2)
+            .arg(crate::util::cosine_train_path())
+            .args(args),
+        Duration::from_secs(120),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let two = parse(&o);
+    assert_eq!(two["world_size"], 2);
+    assert_eq!(
+        two["sync_floats"].as_i64().unwrap(),
+        one["parameters"].as_i64().unwrap() + 2,
+        "{two}"
+    );
+    assert!(two["sync_seconds_median"].as_f64().unwrap() > 0.0);
+
+    let data = crate::training::fashion(10);
+    let o = run(
+        cosine_train()
+            .args(["bench-loader", "--data"])
+            .arg(&data)
+            .args([
+                "--crop",
+                "0",
+                "--batch-size",
+                "16",
+                "--epochs",
+                "2",
+                "--workers",
+                "2",
+            ]),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let l = parse(&o);
+    assert_eq!(l["images"], 200, "2 passes over 100 training images: {l}");
+    assert_eq!(l["batch_shape"], serde_json::json!([4, 1, 28, 28]), "{l}");
+}
