@@ -128,7 +128,7 @@ pub fn run(
     if comm.size() > 1 {
         report["sync_seconds_median"] = json!(self::median(&mut reduce));
         report["allreduce_call_seconds_median"] = json!(self::median(&mut calls));
-        report["sync_floats"] = json!(params + 1);
+        report["sync_floats"] = json!(sync.len());
     }
     Ok(report)
 }

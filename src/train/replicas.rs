@@ -293,6 +293,16 @@ impl GradSync {
         Ok((grads, totals))
     }
 
+    /// Number of f32 values in one step's all-reduce (gradients and step totals).
+    pub fn len(&self) -> usize {
+        self.flat.numel()
+    }
+
+    /// Whether there is nothing to reduce (never: the step totals are always there).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Seconds spent in gradient all-reduce calls since the last call.
     pub fn take_seconds(&mut self) -> f64 {
         std::mem::take(&mut self.seconds)
