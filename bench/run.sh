@@ -23,6 +23,7 @@ run() {
   echo
   run bash bench/train.sh
   run bash bench/loader.sh
+  run bash bench/pipeline.sh
   run bash bench/allreduce.sh
   run bash bench/pack.sh 600
 } > "$tmp"
