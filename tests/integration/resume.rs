@@ -293,6 +293,36 @@ fn resuming_with_changed_settings_is_refused_with_the_differences() {
     assert!(o.status.success(), "{}", show(&o));
 }
 
+/// A long tiny-cnn run into `out` (one checkpoint kept), for the full-disk test.
+fn tiny_run_on(out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(cosine_train_path());
+    cmd.arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--threads",
+            "1",
+            "--workers",
+            "1",
+            "--arch",
+            "tiny-cnn",
+            "--loss",
+            "ce",
+        ])
+        .args([
+            "--epochs",
+            "200",
+            "--batch-size",
+            "50",
+            "--keep-checkpoints",
+            "1",
+        ])
+        .args(extra);
+    cmd
+}
+
 /// A run directory that cannot be written, or that lacks room for the checkpoints, is refused
 /// before training; a disk that fills up during the run stops it with an error and leaves the
 /// earlier checkpoints loadable. Full disks come from a small tmpfs (needs root, as in CI).
@@ -339,30 +369,7 @@ fn unwritable_or_full_run_directories_are_clear_errors() {
 
     // tiny-cnn checkpoints (~0.2 MiB) fit; a filler file then takes the rest of the disk.
     let out = mnt.join("tiny");
-    let child = Command::new(cosine_train_path())
-        .arg("train")
-        .arg("--data")
-        .arg(data())
-        .arg("--out")
-        .arg(&out)
-        .args([
-            "--threads",
-            "1",
-            "--workers",
-            "1",
-            "--arch",
-            "tiny-cnn",
-            "--loss",
-            "ce",
-        ])
-        .args([
-            "--epochs",
-            "200",
-            "--batch-size",
-            "50",
-            "--keep-checkpoints",
-            "1",
-        ])
+    let child = tiny_run_on(&out, &[])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -391,31 +398,7 @@ fn unwritable_or_full_run_directories_are_clear_errors() {
     std::fs::remove_file(&filler).unwrap();
     assert!(!crate::util::checkpoints(&out).is_empty());
     // The kept checkpoint loads: a resume starts from it (stopped once it has said so).
-    let mut child = Command::new(cosine_train_path())
-        .arg("train")
-        .arg("--data")
-        .arg(data())
-        .arg("--out")
-        .arg(&out)
-        .args([
-            "--threads",
-            "1",
-            "--workers",
-            "1",
-            "--arch",
-            "tiny-cnn",
-            "--loss",
-            "ce",
-        ])
-        .args([
-            "--epochs",
-            "200",
-            "--batch-size",
-            "50",
-            "--keep-checkpoints",
-            "1",
-            "--resume",
-        ])
+    let mut child = tiny_run_on(&out, &["--resume"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
