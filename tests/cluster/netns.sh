@@ -18,6 +18,9 @@ shift 3
 net=10.77.0
 
 up() {
+  if ! command -v ip >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+  fi
   mkdir -p "$dir/sess"
   ip netns add "${p}sw"
   ip -n "${p}sw" link set lo up
