@@ -100,11 +100,13 @@ fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> anyhow::Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.to_device(tch::Device::Cpu).contiguous();
-        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-        t.copy_data_u8(&mut bytes, t.numel());
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), dtype_of(t.kind())?, shape, bytes));
+        owned.push((
+            name.clone(),
+            dtype_of(t.kind())?,
+            shape,
+            crate::tensors::host_bytes(t),
+        ));
     }
     let views = owned
         .iter()

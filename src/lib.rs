@@ -25,4 +25,5 @@ pub mod optim;
 pub mod report;
 pub mod schedule;
 pub mod signals;
+pub mod tensors;
 pub mod train;

@@ -453,11 +453,13 @@ pub fn train(
                     loss.detach()
                 })
             };
-            comm.set_context(&format!(
-                "gradient all-reduce, epoch {} step {}",
-                epoch + 1,
-                step + 1
-            ));
+            if world > 1 {
+                comm.set_context(&format!(
+                    "gradient all-reduce, epoch {} step {}",
+                    epoch + 1,
+                    step + 1
+                ));
+            }
             let stop_requested = crate::signals::requested();
             let (grads, totals) = sync.reduce(
                 &opt.params,

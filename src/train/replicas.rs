@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dist::{Backend, Communicator};
 use crate::optim::Param;
+use crate::tensors::{bn_buffers, host_bytes, sorted_variables as variables};
 
 /// Part `part` of `0..total` cut into `parts` contiguous pieces whose sizes differ by at most one
 /// (the first `total % parts` pieces are one longer; pieces may be empty).
@@ -16,20 +17,6 @@ pub fn share(total: usize, parts: usize, part: usize) -> Range<usize> {
     let (base, extra) = (total / parts, total % parts);
     let start = part * base + part.min(extra);
     start..start + base + usize::from(part < extra)
-}
-
-/// Every variable of the store (parameters and buffers), sorted by name.
-fn variables(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    named
-}
-
-fn host_bytes(t: &Tensor) -> Vec<u8> {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut bytes, t.numel());
-    bytes
 }
 
 /// Replaces every variable on every rank by rank 0's (parameters and BatchNorm buffers).
@@ -314,22 +301,6 @@ fn defined_grad(t: &Tensor) -> Tensor {
     if g.defined() { g } else { t.zeros_like() }
 }
 
-/// The BatchNorm running statistics (floating-point buffers) and step counts (integer buffers).
-fn bn_buffers(vs: &tch::nn::VarStore) -> (Vec<Tensor>, Vec<Tensor>) {
-    let (mut floats, mut ints) = (Vec::new(), Vec::new());
-    for (_, t) in variables(vs) {
-        if t.requires_grad() {
-            continue;
-        }
-        if t.kind() == Kind::Float {
-            floats.push(t);
-        } else {
-            ints.push(t);
-        }
-    }
-    (floats, ints)
-}
-
 /// Makes every rank's BatchNorm running statistics the weighted average over ranks: each rank's
 /// statistics count `weight` times (1 for the per-rank moving averages; the number of batches
 /// it averaged for precise BN, possibly 0). Step counts become rank 0's.
@@ -342,6 +313,8 @@ pub fn average_bn_buffers(
         return Ok(());
     }
     let (floats, ints) = bn_buffers(vs);
+    let floats: Vec<Tensor> = floats.into_iter().map(|(_, t)| t).collect();
+    let ints: Vec<Tensor> = ints.into_iter().map(|(_, t)| t).collect();
     let mut host: Vec<f32> = Vec::new();
     for t in &floats {
         let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).reshape([-1]))?;

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, BN_RANKS, Loaded, MODEL, OPTIMIZER, State};
 use crate::config::RunConfig;
 use crate::dist::Communicator;
 use crate::optim::Sgd;
+use crate::tensors::{bn_buffers, sorted_variables};
 
 /// What `--resume` asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,21 +49,11 @@ pub fn manifest_hash(data: &str) -> anyhow::Result<String> {
     checkpoint::file_hash(&Path::new(data).join("manifest.json"))
 }
 
-/// Float buffers that are BatchNorm running statistics, by name (sorted).
-fn bn_float_buffers(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| !t.requires_grad() && t.kind() == Kind::Float)
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
-/// Every rank's BatchNorm running statistics, flattened in `bn_float_buffers` order: one
+/// Every rank's BatchNorm running statistics, flattened in `bn_buffers` order: one
 /// all-reduce over a (world x buffers) array in which each rank fills its own row.
 fn gather_bn(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> anyhow::Result<Vec<Vec<f32>>> {
-    let own: Vec<f32> = bn_float_buffers(vs)
+    let own: Vec<f32> = bn_buffers(vs)
+        .0
         .iter()
         .map(|(_, t)| Vec::<f32>::try_from(t.to_device(Device::Cpu).reshape([-1])))
         .collect::<Result<Vec<_>, _>>()?
@@ -93,7 +84,7 @@ pub fn save(
     let per_rank = gather_bn(vs, comm)?;
     let mut written = None;
     if comm.rank() == 0 {
-        let bn = bn_float_buffers(vs);
+        let bn = bn_buffers(vs).0;
         let world = per_rank.len();
         let n = per_rank[0].len();
         let average: Vec<f32> = (0..n)
@@ -109,15 +100,13 @@ pub fn save(
             );
             at += len;
         }
-        let mut model: Vec<(String, Tensor)> = vs
-            .variables()
+        let model: Vec<(String, Tensor)> = sorted_variables(vs)
             .into_iter()
             .map(|(name, t)| match averaged.remove(&name) {
                 Some(avg) => (name, avg),
                 None => (name, t),
             })
             .collect();
-        model.sort_by(|a, b| a.0.cmp(&b.0));
         let velocities: Vec<(String, Tensor)> = opt
             .params
             .iter()
