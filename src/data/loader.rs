@@ -151,50 +151,66 @@ impl LoaderSpec {
         };
         let c = self.channels;
         let per_image = c * h * w;
-        let mut buf = vec![0f32; indices.len() * per_image];
+        let n = indices.len() as i64;
+        // Samples are written straight into the batch tensor (page-locked when bound for a GPU).
+        // It is made with `empty` and cleared here: libtorch's own fill would start an OpenMP
+        // team for this loader thread, whose spinning threads take cores from training.
+        let mut images = Tensor::empty([n, c as i64, h as i64, w as i64], tch::kind::FLOAT_CPU);
+        if let Some(device) = self.pin_for {
+            images = images
+                .f_pin_memory(device)
+                .context("pinning a batch in host memory")?;
+        }
         let mut labels = Vec::with_capacity(indices.len());
         let norm = Normalize {
             mean: &self.mean,
             std: &self.std,
         };
-        for (slot, &i) in indices.iter().enumerate() {
-            let r = reader.record(i)?;
-            if self.augment.crop.is_none() && (r.height as usize, r.width as usize) != (h, w) {
-                bail!(
-                    "{} record {i} is {}x{} but the batch's first image is {h}x{w}: images of different sizes need --crop",
-                    self.split.name(),
-                    r.height,
-                    r.width
-                );
-            }
-            let pixels = r
-                .pixels()
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("{} record {i}", self.split.name()))?;
-            let src = Source {
-                pixels: &pixels,
-                height: r.height as usize,
-                width: r.width as usize,
-                channels: r.channels as usize,
+        {
+            let len = indices.len() * per_image;
+            let ptr = images.data_ptr() as *mut f32;
+            // SAFETY: `images` is a contiguous f32 CPU tensor of exactly `len` elements, created
+            // above and not shared until this function returns. The memory is zeroed through
+            // the raw pointer before the slice over it is made, and the slice does not outlive
+            // this block.
+            let buf: &mut [f32] = unsafe {
+                std::ptr::write_bytes(ptr, 0, len);
+                std::slice::from_raw_parts_mut(ptr, len)
             };
-            let mut rng = train.then(|| augment::sample_rng(self.seed, epoch, i as u64));
-            augment::process(
-                &src,
-                c,
-                &norm,
-                &self.augment,
-                rng.as_mut(),
-                &mut buf[slot * per_image..(slot + 1) * per_image],
-            );
-            labels.push(i64::from(r.label));
+            for (slot, &i) in indices.iter().enumerate() {
+                let r = reader.record(i)?;
+                if self.augment.crop.is_none() && (r.height as usize, r.width as usize) != (h, w) {
+                    bail!(
+                        "{} record {i} is {}x{} but the batch's first image is {h}x{w}: images of different sizes need --crop",
+                        self.split.name(),
+                        r.height,
+                        r.width
+                    );
+                }
+                let pixels = r
+                    .pixels()
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("{} record {i}", self.split.name()))?;
+                let src = Source {
+                    pixels: &pixels,
+                    height: r.height as usize,
+                    width: r.width as usize,
+                    channels: r.channels as usize,
+                };
+                let mut rng = train.then(|| augment::sample_rng(self.seed, epoch, i as u64));
+                augment::process(
+                    &src,
+                    c,
+                    &norm,
+                    &self.augment,
+                    rng.as_mut(),
+                    &mut buf[slot * per_image..(slot + 1) * per_image],
+                );
+                labels.push(i64::from(r.label));
+            }
         }
-        let n = indices.len() as i64;
-        let mut images = Tensor::from_slice(&buf).reshape([n, c as i64, h as i64, w as i64]);
         let mut labels = Tensor::from_slice(&labels);
         if let Some(device) = self.pin_for {
-            images = images
-                .f_pin_memory(device)
-                .context("pinning a batch in host memory")?;
             labels = labels
                 .f_pin_memory(device)
                 .context("pinning a batch in host memory")?;
