@@ -3,6 +3,7 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line and dispatches to the modules here.
 
+pub mod autocast;
 pub mod bench_loader;
 pub mod bench_step;
 pub mod check_dist;

@@ -125,7 +125,9 @@ impl Head {
     }
 
     pub fn forward_t(&self, features: &Tensor, train: bool) -> HeadOutput {
-        let out = self.fc.forward(features);
+        // Losses and normalisation in fp32 also under bf16 autocast, which leaves a linear
+        // layer's output in bf16.
+        let out = self.fc.forward(features).to_kind(Kind::Float);
         if !self.config.loss.uses_embedding() {
             return HeadOutput {
                 primary: out,
