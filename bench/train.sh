@@ -2,7 +2,9 @@
 # Training-step throughput, ours against PyTorch on the same cores: `cosine-train bench-step`
 # and bench/train_step_pytorch.py run the same model, objective, optimiser step, batch and thread
 # count on a synthetic batch in memory (no data loading), REPEATS times alternately; the table
-# gives median images/s and the ratio ours / PyTorch. Both use the same libtorch 2.11.0 (the
+# gives median images/s and the ratio ours / PyTorch. Then the same on 2 ranks of one thread
+# each: ours under mpirun (fused all-reduce over MPI) against torchrun with
+# DistributedDataParallel over gloo, whole steps including the gradient synchronisation. Both use the same libtorch 2.11.0 (the
 # PyPI wheel `make setup` installs, imported as the torch Python package).
 #   bash bench/train.sh            (THREADS, REPEATS, STEPS override the defaults)
 set -euo pipefail
@@ -47,4 +49,28 @@ for spec in "resnet20 100 32 3 10" "resnet110-wfc 100 32 3 100" "resnet50 8 224 
   t=$(printf '%s\n' "${theirs[@]}" | median)
   awk -v m="$arch" -v b="$batch" -v s="${channels}x${size}x${size}" -v o="$o" -v t="$t" \
     'BEGIN { printf "| %s | %d | %s | %.1f | %.1f | %.3f |\n", m, b, s, o, t, o / t }'
+done
+
+echo
+echo "2 ranks x 1 thread, each stepping on half the batch; whole steps, gradient sync included"
+echo
+echo "| model | global batch | ours (mpirun) images/s | PyTorch DDP (torchrun, gloo) images/s | ours / PyTorch |"
+echo "| --- | ---: | ---: | ---: | ---: |"
+mpi=(mpirun -np 2 --oversubscribe --bind-to none -x OMPI_MCA_mpi_yield_when_idle=1)
+[ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
+for spec in "resnet20 100 32 3 10" "resnet110-wfc 100 32 3 100"; do
+  read -r arch batch size channels classes <<< "$spec"
+  common=(--arch "$arch" --batch-size $(( batch / 2 )) --size "$size" --channels "$channels" \
+    --classes "$classes" --steps "$steps" --warmup 2 --threads 1)
+  ours=(); theirs=()
+  for _ in $(seq 1 "$repeats"); do
+    ours+=("$("${mpi[@]}" "$bin" bench-step "${common[@]}" --dist mpi --whole-step | field images_per_sec)")
+    theirs+=("$(env -u LD_LIBRARY_PATH OMP_NUM_THREADS=1 "$venv/bin/python" -m torch.distributed.run \
+      --standalone --nproc-per-node 2 bench/train_step_pytorch.py "${common[@]}" --ddp 2>/dev/null |
+      field images_per_sec)")
+  done
+  o=$(printf '%s\n' "${ours[@]}" | median)
+  t=$(printf '%s\n' "${theirs[@]}" | median)
+  awk -v m="$arch" -v b="$batch" -v o="$o" -v t="$t" \
+    'BEGIN { printf "| %s | %d | %.1f | %.1f | %.3f |\n", m, b, o, t, o / t }'
 done

@@ -7,6 +7,10 @@ global-norm clip at 10, on one synthetic batch kept in memory. Prints one JSON l
 median step time, like bench-step.
 
     python bench/train_step_pytorch.py --arch resnet20 --batch-size 100 --size 32 --threads 2
+
+With --ddp, under torchrun, each process steps on --batch-size images and DistributedDataParallel
+(gloo on CPU, NCCL on CUDA) averages the gradients; rank 0 prints the median whole-step time.
+--device cuda and --precision bf16 (autocast) run it on a GPU, as bench/gpu-check.sh does.
 """
 
 import argparse
@@ -122,22 +126,38 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--ddp", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    rank, world = 0, 1
+    if a.ddp:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(a.device)
     torch.manual_seed(0)
-    model, l2 = build(a.arch, a.channels, a.classes)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    net, l2 = build(a.arch, a.channels, a.classes)
+    net = net.to(device)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    model = nn.parallel.DistributedDataParallel(net) if a.ddp else net
     velocity = [torch.zeros_like(p) for p in params]
-    images = torch.randn(a.batch_size, a.channels, a.size, a.size)
-    labels = torch.randint(a.classes, (a.batch_size,))
+    images = torch.randn(a.batch_size, a.channels, a.size, a.size, device=device)
+    images = images.contiguous(memory_format=fmt)
+    labels = torch.randint(a.classes, (a.batch_size,), device=device)
     lr, times = 0.01, []
     for i in range(a.warmup + a.steps):
         start = time.perf_counter()
         for p in params:
             p.grad = None
-        loss = F.cross_entropy(model(images), labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = F.cross_entropy(model(images).float(), labels)
         loss.backward()
         with torch.no_grad():
             grads = [p.grad + (2 * l2) * p if (l2 and p.dim() >= 2) else p.grad for p in params]
@@ -149,12 +169,16 @@ def main():
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    print(json.dumps({
-        "arch": a.arch, "batch_size": a.batch_size, "image": [a.channels, a.size, a.size],
-        "parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "steps": a.steps, "step_seconds_median": median,
-        "images_per_sec": a.batch_size / median,
-    }))
+    if rank == 0:
+        print(json.dumps({
+            "arch": a.arch, "batch_size": a.batch_size, "image": [a.channels, a.size, a.size],
+            "parameters": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "steps": a.steps, "step_seconds_median": median,
+            "images_per_sec": world * a.batch_size / median, "world_size": world,
+            "device": a.device, "precision": a.precision, "channels_last": a.channels_last,
+        }))
+    if a.ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

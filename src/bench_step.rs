@@ -57,7 +57,7 @@ pub fn run(
         hierarchy_is_a: false,
         seed: 0,
         device: args.device.to_string(),
-        precision: "fp32".into(),
+        precision: args.precision.clone(),
         sync_bn: false,
     };
     let classes: Vec<datasets_prep::manifest::ClassInfo> = (0..args.classes)
@@ -66,7 +66,11 @@ pub fn run(
             name: format!("class {i}"),
         })
         .collect();
-    let net = build_network_for(&config, args.channels, &classes, device)?;
+    let mut net = build_network_for(&config, args.channels, &classes, device)?;
+    if args.channels_last.resolve(device) {
+        net.use_channels_last();
+    }
+    let bf16 = args.precision == "bf16";
     let mut opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(&config));
     let params: i64 = opt.params.iter().map(|p| p.tensor.numel() as i64).sum();
     let b = args.batch_size as i64;
@@ -80,10 +84,12 @@ pub fn run(
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         opt.zero_grad();
-        let out = net.forward_t(&images, true);
-        let loss = net.head.loss(&out, &labels);
+        let loss = crate::autocast::bf16(bf16, device, || {
+            let out = net.forward_t(&images, true);
+            net.head.loss(&out, &labels)
+        });
         loss.backward();
-        let (grads, _) = if comm.size() > 1 {
+        let (grads, _) = if comm.size() > 1 && !args.whole_step {
             // Wait for the gradients (a GPU is asynchronous) and for the other ranks, untimed.
             let _ = f64::try_from(&loss)?;
             let computed = start.elapsed().as_secs_f64();
@@ -122,10 +128,14 @@ pub fn run(
         "device": format!("{device:?}"),
         "steps": args.steps,
         "step_seconds_median": median,
-        "images_per_sec": args.batch_size as f64 / median,
+        // All ranks together: each steps on --batch-size images.
+        "images_per_sec": (args.batch_size * comm.size()) as f64 / median,
         "world_size": comm.size(),
+        "precision": args.precision,
+        "channels_last": net.channels_last,
+        "whole_step": args.whole_step,
     });
-    if comm.size() > 1 {
+    if comm.size() > 1 && !args.whole_step {
         report["sync_seconds_median"] = json!(self::median(&mut reduce));
         report["allreduce_call_seconds_median"] = json!(self::median(&mut calls));
         report["sync_floats"] = json!(sync.len());

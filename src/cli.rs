@@ -17,6 +17,26 @@ EXIT STATUS:
     3  a collective did not complete within --collective-timeout (another rank died or hangs)
    75  stopped by SIGTERM or SIGUSR1 after writing a checkpoint: resume with --resume auto";
 
+/// `--channels-last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChannelsLast {
+    /// On for CUDA devices, off on CPUs.
+    Auto,
+    On,
+    Off,
+}
+
+impl ChannelsLast {
+    /// Whether to use channels-last memory order on `device`.
+    pub fn resolve(self, device: tch::Device) -> bool {
+        match self {
+            ChannelsLast::Auto => device.is_cuda(),
+            ChannelsLast::On => true,
+            ChannelsLast::Off => false,
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "cosine-train",
@@ -159,12 +179,17 @@ pub struct TrainArgs {
     /// Device: cpu, cuda (the local rank's GPU) or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
-    /// Precision: fp32, or bf16 (autocast, CUDA only).
+    /// Precision: fp32, or bf16 (autocast on the device: a GPU, or a CPU, fast where it has
+    /// bfloat16 instructions such as AVX512-BF16 or AMX). Evaluation stays in fp32.
     #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
     pub precision: String,
     /// Loader threads (results do not depend on it).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
+    /// Memory order of images and convolution kernels: channels-last (NHWC) is what GPU
+    /// tensor cores want; auto uses it on CUDA devices only. Results agree up to rounding.
+    #[arg(long, value_enum, default_value_t = ChannelsLast::Auto)]
+    pub channels_last: ChannelsLast,
     /// libtorch intra-op threads [default: the cores this rank may use, shared among the ranks
     /// of its node when they are not bound to cores].
     #[arg(long)]
@@ -298,6 +323,16 @@ pub struct BenchStepArgs {
     /// libtorch intra-op threads [default: the cores this rank may use].
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Precision: fp32, or bf16 (autocast, as `train --precision`).
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16"])]
+    pub precision: String,
+    /// Memory order (as `train --channels-last`).
+    #[arg(long, value_enum, default_value_t = ChannelsLast::Auto)]
+    pub channels_last: ChannelsLast,
+    /// With several ranks, time whole steps (compute and gradient all-reduce, no barrier
+    /// between them), as a training job sees them.
+    #[arg(long)]
+    pub whole_step: bool,
     #[command(flatten)]
     pub job: JobArgs,
 }

@@ -63,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 checkpoint_every: args.checkpoint_every,
                 keep_checkpoints: args.keep_checkpoints.max(1),
                 resume: args.resume.clone(),
+                channels_last: args.channels_last.resolve(job.device),
             };
             match job.finish(cosine_train::train::train(&config, &opts, &job.comm)) {
                 Ok(_) => Ok(ExitCode::SUCCESS),

@@ -99,7 +99,7 @@ pub enum Backend {
     Single,
     /// MPI (CPU tensors).
     Mpi,
-    /// NCCL (CUDA tensors), bootstrapped over MPI.
+    /// NCCL (CUDA tensors), bootstrapped over MPI (a lone process needs no MPI).
     Nccl,
 }
 
@@ -168,16 +168,21 @@ pub fn connect(
                 }
                 crate::device::DeviceChoice::Cuda(_) => device,
             };
-            let mpi = mpi::MpiCommunicator::init()?;
-            let rank = mpi.rank();
+            // A lone process makes its one-rank NCCL communicator without MPI.
+            let host: Box<dyn Communicator> = if launched_ranks().is_none() {
+                Box::new(single::SingleProcess)
+            } else {
+                Box::new(mpi::MpiCommunicator::init()?)
+            };
+            let rank = host.rank();
             let tch_device = resolved
-                .resolve(mpi.local_rank())
+                .resolve(host.local_rank())
                 .with_context(|| format!("rank {rank}"))?;
             let gpu = match tch_device {
                 tch::Device::Cuda(i) => i,
                 _ => unreachable!("a CUDA choice resolves to a CUDA device"),
             };
-            let comm = nccl::NcclCommunicator::over(mpi, gpu)
+            let comm = nccl::NcclCommunicator::over(host, gpu)
                 .with_context(|| format!("rank {rank}: NCCL on GPU {gpu}"))?;
             Ok((Box::new(comm), tch_device))
         }

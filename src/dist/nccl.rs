@@ -3,6 +3,8 @@
 //! The binary therefore builds and runs on machines without CUDA; there, [`NcclCommunicator::init`]
 //! returns [`DistError::NcclUnavailable`] saying what is missing instead of crashing. The NCCL
 //! unique id travels from rank 0 over MPI, which also carries the byte broadcasts and barriers.
+//! A lone process (no launcher, or a launcher's single rank) needs no MPI at all: it makes a
+//! one-rank NCCL communicator itself, so a GPU machine without MPI can still run NCCL.
 //! Collectives are enqueued on the legacy default stream, the stream libtorch uses unless told
 //! otherwise, so they are ordered with the kernels that produced and will consume the tensors.
 
@@ -16,7 +18,8 @@ use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducib
 pub struct NcclCommunicator {
     comm: ncclsys::ncclComm_t,
     gpu: usize,
-    mpi: MpiCommunicator,
+    /// Ranks, host-memory collectives and aborts: MPI, or the lone process itself.
+    host: Box<dyn Communicator>,
 }
 
 /// Why NCCL cannot be used in this process, or `None` when CUDA and libnccl are both there.
@@ -80,11 +83,12 @@ impl NcclCommunicator {
         }
         let mpi = MpiCommunicator::init()?;
         let gpu = gpu.unwrap_or_else(|| mpi.local_rank());
-        Self::over(mpi, gpu)
+        Self::over(Box::new(mpi), gpu)
     }
 
-    /// Creates the NCCL communicator of the job `mpi` connects, this rank on GPU `gpu`.
-    pub fn over(mpi: MpiCommunicator, gpu: usize) -> Result<Self> {
+    /// Creates the NCCL communicator of the job `host` connects (MPI, or a lone process), this
+    /// rank on GPU `gpu`.
+    pub fn over(host: Box<dyn Communicator>, gpu: usize) -> Result<Self> {
         if let Some(reason) = unavailable_reason() {
             return Err(DistError::NcclUnavailable(reason));
         }
@@ -93,7 +97,7 @@ impl NcclCommunicator {
             return Err(DistError::NcclUnavailable(format!(
                 "rank {} wants GPU {gpu} but only {visible} are visible on this node \
                  (launch at most one rank per GPU, or check CUDA_VISIBLE_DEVICES)",
-                mpi.rank()
+                host.rank()
             )));
         }
         cudarc::runtime::result::device::set(gpu as i32).map_err(|e| DistError::Failed {
@@ -102,21 +106,22 @@ impl NcclCommunicator {
         })?;
 
         let mut id = vec![0u8; 128];
-        if mpi.rank() == 0 {
+        if host.rank() == 0 {
             let uid = nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
             id = uid.internal.iter().map(|&c| c as u8).collect();
         }
-        mpi.broadcast_bytes(&mut id, 0)?;
+        host.broadcast_bytes(&mut id, 0)?;
         let mut internal = [0 as std::ffi::c_char; 128];
         for (dst, src) in internal.iter_mut().zip(&id) {
             *dst = *src as std::ffi::c_char;
         }
         let uid = ncclsys::ncclUniqueId { internal };
         let mut comm: ncclsys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; size and rank come from MPI and agree on all ranks.
-        unsafe { nccl::comm_init_rank(&mut comm, mpi.size() as i32, uid, mpi.rank() as i32) }
+        // SAFETY: `comm` is a valid out-pointer; size and rank come from the host communicator
+        // and agree on all ranks.
+        unsafe { nccl::comm_init_rank(&mut comm, host.size() as i32, uid, host.rank() as i32) }
             .map_err(|e| nccl_error("ncclCommInitRank", e))?;
-        Ok(Self { comm, gpu, mpi })
+        Ok(Self { comm, gpu, host })
     }
 
     /// The GPU this rank's communicator is bound to.
@@ -137,25 +142,25 @@ impl Communicator for NcclCommunicator {
         Backend::Nccl
     }
     fn rank(&self) -> usize {
-        self.mpi.rank()
+        self.host.rank()
     }
     fn size(&self) -> usize {
-        self.mpi.size()
+        self.host.size()
     }
     fn local_rank(&self) -> usize {
-        self.mpi.local_rank()
+        self.host.local_rank()
     }
     fn local_size(&self) -> usize {
-        self.mpi.local_size()
+        self.host.local_size()
     }
 
-    // Host buffers (metrics, counts) go over MPI; NCCL is for device memory.
+    // Host buffers (metrics, counts) go over MPI (or nowhere, alone); NCCL is for device memory.
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        self.mpi.all_reduce_sum_f32(buf)
+        self.host.all_reduce_sum_f32(buf)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        self.mpi.all_reduce_sum_f64(buf)
+        self.host.all_reduce_sum_f64(buf)
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
@@ -191,27 +196,27 @@ impl Communicator for NcclCommunicator {
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
-        self.mpi.broadcast_bytes(bytes, root)
+        self.host.broadcast_bytes(bytes, root)
     }
 
     fn barrier(&self) -> Result<()> {
-        self.mpi.barrier()
+        self.host.barrier()
     }
 
     fn abort(&self, message: &str, code: i32) -> ! {
         // SAFETY: aborting a live communicator; the process ends right after.
         let _ = unsafe { nccl::comm_abort(self.comm) };
-        self.mpi.abort(message, code)
+        self.host.abort(message, code)
     }
 
     fn abort_handle(&self) -> AbortHandle {
         let comm = self.comm as usize;
-        let mpi = self.mpi.abort_handle();
+        let host = self.host.abort_handle();
         AbortHandle::new(move |message, code| {
             // SAFETY: ncclCommAbort may be called from another thread while a collective is
             // pending on the communicator; that is its purpose. The process ends right after.
             let _ = unsafe { nccl::comm_abort(comm as ncclsys::ncclComm_t) };
-            mpi.abort(message, code)
+            host.abort(message, code)
         })
     }
 }

@@ -105,6 +105,37 @@ impl Arch {
     }
 }
 
+/// `t` (N, C, H, W) with the same values in channels-last memory order (strides of NHWC).
+pub fn channels_last(t: &Tensor) -> Tensor {
+    if t.dim() != 4 || is_channels_last(t) {
+        return t.shallow_clone();
+    }
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+/// Whether a 4-D tensor is laid out channels-last.
+pub fn is_channels_last(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    size.len() == 4
+        && stride[1] == 1
+        && stride[3] == size[1]
+        && stride[2] == size[1] * size[3]
+        && stride[0] == size[1] * size[2] * size[3]
+}
+
+/// Re-lays every 4-D variable of `vs` (the convolution kernels) out channels-last, in place:
+/// the variables stay the same tensors (optimiser and gradient views keep working).
+pub fn to_channels_last(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (_, mut t) in vs.variables() {
+            if t.dim() == 4 && !is_channels_last(&t) {
+                let relaid = channels_last(&t);
+                t.set_data(&relaid);
+            }
+        }
+    });
+}
+
 /// A built backbone.
 #[derive(Debug)]
 pub enum Backbone {

@@ -42,12 +42,26 @@ pub struct Network {
     pub vs: nn::VarStore,
     pub backbone: Backbone,
     pub head: Head,
+    /// Images and kernels in channels-last memory order (`--channels-last`).
+    pub channels_last: bool,
 }
 
 impl Network {
     pub fn forward_t(&self, images: &Tensor, train: bool) -> HeadOutput {
-        let features = self.backbone.forward_t(images, train);
+        let features = if self.channels_last {
+            self.backbone
+                .forward_t(&crate::model::channels_last(images), train)
+        } else {
+            self.backbone.forward_t(images, train)
+        };
         self.head.forward_t(&features, train)
+    }
+
+    /// Switches to channels-last memory order (before the optimiser is built, so that its
+    /// velocities follow).
+    pub fn use_channels_last(&mut self) {
+        crate::model::to_channels_last(&self.vs);
+        self.channels_last = true;
     }
 }
 
@@ -85,7 +99,12 @@ pub fn build_network_for(
         classes.len() as i64,
         class_embedding,
     );
-    Ok(Network { vs, backbone, head })
+    Ok(Network {
+        vs,
+        backbone,
+        head,
+        channels_last: false,
+    })
 }
 
 /// The L2 coefficient of every trainable tensor (reference-spec 4.6).
@@ -119,6 +138,8 @@ pub struct RunOptions {
     /// Checkpoints kept (the newest).
     pub keep_checkpoints: usize,
     pub resume: Option<ResumeMode>,
+    /// Channels-last memory order (resolved `--channels-last`).
+    pub channels_last: bool,
 }
 
 /// The run stopped early on a preemption signal after writing a checkpoint; exit with
@@ -189,7 +210,12 @@ fn check_room(out: &Path, bytes: u64, count: u64) -> anyhow::Result<()> {
 /// Saves the variables as `.safetensors` atomically (temp file, then rename).
 pub fn save_weights(vs: &nn::VarStore, path: &Path) -> anyhow::Result<()> {
     let tmp = path.with_extension(format!("tmp-{}.safetensors", std::process::id()));
-    vs.save(&tmp)
+    // Contiguous copies: channels-last kernels are strided, which the writer refuses.
+    let tensors: Vec<(String, Tensor)> = crate::tensors::sorted_variables(vs)
+        .into_iter()
+        .map(|(name, t)| (name, t.contiguous()))
+        .collect();
+    Tensor::write_safetensors(&tensors, &tmp)
         .with_context(|| format!("{}: cannot write the weights", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("{}: cannot rename into place", path.display()))
@@ -230,7 +256,10 @@ pub fn train(
         .as_deref()
         .map(|path| class_similarity(path, config.hierarchy_is_a, &m.classes))
         .transpose()?;
-    let net = build_network(config, &shards, opts.device)?;
+    let mut net = build_network(config, &shards, opts.device)?;
+    if opts.channels_last {
+        net.use_channels_last();
+    }
     broadcast_model(&net.vs, comm)?;
     let mut opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(config));
     let params: i64 = opt.params.iter().map(|p| p.tensor.numel() as i64).sum();
@@ -366,7 +395,7 @@ pub fn train(
     bar.set_position((progress.epoch * steps_per_epoch + progress.step) as u64);
     crate::signals::install();
     let fault = Fault::from_env()?;
-    let autocast = config.precision == "bf16" && opts.device.is_cuda();
+    let bf16 = config.precision == "bf16";
     let sync_bn = config.sync_bn && world > 1;
     let batch_size = config.batch_size.max(1);
     let checkpoint = |progress: &Progress, opt: &Sgd, files: &Option<RunFiles>| {
@@ -431,7 +460,7 @@ pub fn train(
                 // An empty share still runs the forward pass when the BatchNorms are
                 // synchronised (every rank joins their all-reduces), but has no loss.
                 let forward = || {
-                    tch::autocast(autocast, || {
+                    crate::autocast::bf16(bf16, opts.device, || {
                         let out = net.forward_t(&images, true);
                         (!batch.is_empty()).then(|| net.head.loss(&out, &labels))
                     })

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# GPU check: one script, two halves, so that a GPU machine without Rust (or MPI, or internet) can
+# run what this machine builds.
+#
+#   bash bench/gpu-check.sh build   here, with Rust: builds cosine-train with --features cuda
+#                                   against the torch 2.11.0 CUDA wheel set and gathers it with
+#                                   the shared libraries it needs besides libtorch/CUDA (Open MPI,
+#                                   the C++ runtime) into target/gpu-check/ (about 30 MiB)
+#   bash bench/gpu-check.sh run     on the GPU machine, from the repository root, with
+#                                   target/gpu-check/ copied along and Python's torch 2.11 (CUDA)
+#                                   installed: runs the checks below against that libtorch
+#   bash bench/gpu-check.sh         both, on a machine that has everything
+#
+# The run (about 2 minutes on one H200; every step is bounded by `timeout`):
+#   1. `cosine-train doctor`: CUDA seen by tch, its device count, cuDNN, NCCL loadable;
+#   2. `cosine-train check-dist --dist nccl --device cuda`: a one-rank NCCL all-reduce, broadcast
+#      and barrier (a lone process makes its NCCL communicator without MPI);
+#   3. ResNet-50 at 448 px, batch BATCH, STEPS timed steps: ours (`bench-step`) and the same step
+#      in PyTorch eager (bench/train_step_pytorch.py), bf16 autocast and fp32, each with
+#      channels-last and without; a table of images/s and the ratio ours / PyTorch.
+# The table also goes to $OUT/gpu-check.md when OUT is set (the device tool's output folder).
+# Settings: BATCH (32), STEPS (30), WARMUP (5), PYTHON (python3), GPU_CHECK_DEVICE (cuda; `cpu`
+# rehearses the run half on a machine without a GPU, with a small batch and image).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=target/gpu-check
+
+build() {
+  torch_cuda="${COSINE_LIBTORCH_PREFIX:-/opt/cosine-train}/torch-2.11.0-cuda"
+  [ -d "$torch_cuda/torch/lib" ] || COSINE_WITH_CUDA=1 bash launch/setup.sh
+  (
+    export LIBTORCH="$torch_cuda/torch"
+    # shellcheck source=/dev/null
+    source launch/env.sh
+    # Its own target directory: a CUDA libtorch would otherwise rebuild the CPU one's crates.
+    CARGO_TARGET_DIR=target/cuda cargo build --release -q -p cosine-train --features cuda
+    rm -rf "$bundle.partial"
+    mkdir -p "$bundle.partial/bin" "$bundle.partial/lib"
+    cp target/cuda/release/cosine-train "$bundle.partial/bin/"
+    strip "$bundle.partial/bin/cosine-train"
+    # Every library the binary loads except libtorch and CUDA (the GPU machine's torch package
+    # has those) and glibc's own (never copied: they must match the machine's loader).
+    ldd "$bundle.partial/bin/cosine-train" | awk '/=> \// { print $3 }' | while read -r lib; do
+      case "$lib" in
+        "$torch_cuda"/*) continue ;;
+      esac
+      case "$(basename "$lib")" in
+        libc.so.*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*|ld-linux*|libresolv.so.*) continue ;;
+      esac
+      cp -L "$lib" "$bundle.partial/lib/"
+    done
+    rm -rf "$bundle"
+    mv "$bundle.partial" "$bundle"
+  )
+  echo "gpu-check: bundle in $bundle ($(du -sh "$bundle" | cut -f1)); newest glibc symbol it needs:" \
+    "$(objdump -T "$bundle"/bin/cosine-train "$bundle"/lib/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)"
+}
+
+run() {
+  local device="${GPU_CHECK_DEVICE:-cuda}" py="${PYTHON:-python3}"
+  local batch="${BATCH:-32}" steps="${STEPS:-30}" warmup="${WARMUP:-5}" size=448
+  if [ "$device" = cpu ]; then
+    batch="${BATCH:-4}" steps="${STEPS:-2}" warmup="${WARMUP:-1}" size=64
+  fi
+  [ -x "$bundle/bin/cosine-train" ] || { echo "gpu-check: no $bundle; run 'bash bench/gpu-check.sh build' first" >&2; exit 1; }
+  local torch_lib nccl_lib links
+  torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
+    echo "gpu-check: $py cannot import torch (set PYTHON to a Python with torch 2.11)" >&2; exit 1; }
+  nccl_lib=$("$py" -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null || true)
+  # cudarc opens NCCL as libnccl.so; the wheel ships libnccl.so.2 only.
+  links=$(mktemp -d)
+  trap 'rm -rf "$links"' EXIT
+  if [ -n "$nccl_lib" ] && [ -e "$nccl_lib/libnccl.so.2" ]; then
+    ln -s "$nccl_lib/libnccl.so.2" "$links/libnccl.so"
+  fi
+  export LD_LIBRARY_PATH="$links:$PWD/$bundle/lib:$torch_lib${nccl_lib:+:$nccl_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  local bin="$bundle/bin/cosine-train" report
+  report=$(mktemp)
+  field() { sed -n "s/.*\"$1\": *\([^,}]*\).*/\1/p"; }
+  say() { echo "$@" | tee -a "$report"; }
+
+  say "# GPU check ($(date -u +%Y-%m-%dT%H:%MZ))"
+  say
+  say "- machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -n 1 || echo "no nvidia-smi"), $(nproc) cores"
+  say "- PyTorch: $("$py" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
+  local doctor
+  doctor=$(timeout 120 "$bin" doctor --json)
+  echo "$doctor"
+  say "- cosine-train doctor: libtorch $(echo "$doctor" | field libtorch_version | tr -d '"'), cuda_available $(echo "$doctor" | field cuda_available), devices $(echo "$doctor" | field cuda_device_count), cuDNN $(echo "$doctor" | field cudnn_version), NCCL $(echo "$doctor" | field nccl_version | tr -d '"')"
+  if [ "$device" = cuda ]; then
+    if [ "$(echo "$doctor" | field cuda_available)" != true ]; then
+      say "FAILED: tch does not see CUDA: $(echo "$doctor" | field cuda_unavailable_reason)"
+      exit 1
+    fi
+    local dist
+    dist=$(timeout 180 "$bin" check-dist --dist nccl --device cuda --elements 16777216 2>&1) || {
+      say "FAILED: one-rank NCCL check: $dist"; exit 1; }
+    echo "$dist"
+    say "- one-rank NCCL all-reduce of 16M floats, broadcast, barrier: passed"
+  fi
+  say
+  say "ResNet-50 training step, ${size}x${size}, batch $batch, median of $steps steps after $warmup, device $device"
+  say
+  say "| precision | channels-last | ours images/s | PyTorch images/s | ours / PyTorch |"
+  say "| --- | --- | ---: | ---: | ---: |"
+  local common=(--arch resnet50 --batch-size "$batch" --size "$size" --channels 3 --classes 200
+    --steps "$steps" --warmup "$warmup" --device "$device")
+  for precision in bf16 fp32; do
+    for cl in on off; do
+      local ours theirs py_cl=()
+      [ "$cl" = on ] && py_cl=(--channels-last)
+      ours=$(timeout 300 "$bin" bench-step "${common[@]}" --precision "$precision" \
+        --channels-last "$cl" --dist single | field images_per_sec) || ours=
+      theirs=$(env -u LD_LIBRARY_PATH timeout 300 "$py" bench/train_step_pytorch.py "${common[@]}" \
+        --precision "$precision" "${py_cl[@]}" | field images_per_sec) || theirs=
+      awk -v p="$precision" -v c="$cl" -v o="${ours:-0}" -v t="${theirs:-0}" 'BEGIN {
+        printf "| %s | %s | %.1f | %.1f | %s |\n", p, c, o, t, (o > 0 && t > 0) ? sprintf("%.3f", o / t) : "failed" }' |
+        tee -a "$report"
+    done
+  done
+  if [ -n "${OUT:-}" ]; then
+    cp "$report" "$OUT/gpu-check.md"
+  fi
+  rm -f "$report"
+}
+
+case "${1:-all}" in
+  build) build ;;
+  run) run ;;
+  all) build && run ;;
+  *) echo "usage: bash bench/gpu-check.sh [build|run]" >&2; exit 2 ;;
+esac
