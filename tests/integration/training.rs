@@ -70,6 +70,31 @@ fn train(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
     )
 }
 
+/// The small learning recipe of these tests: resnet8, 12 epochs of batch 25 in one SGDR cycle,
+/// evaluation at the end only, one libtorch thread and one loader thread.
+fn small_recipe<'a>(loss: &'a str, lr: &'a str) -> Vec<&'a str> {
+    vec![
+        "--arch",
+        "resnet8",
+        "--loss",
+        loss,
+        "--lr-max",
+        lr,
+        "--epochs",
+        "12",
+        "--sgdr-base",
+        "12",
+        "--batch-size",
+        "25",
+        "--eval-every",
+        "100",
+        "--threads",
+        "1",
+        "--workers",
+        "1",
+    ]
+}
+
 /// Each objective learns for real: 100 training images per class, a small ResNet, 480 steps
 /// (12 epochs of batch 25, one libtorch thread: about 20 s per objective).
 /// The bar, 50% top-1 on the full 10,000-image test set, is five times chance; PyTorch on
@@ -86,30 +111,7 @@ fn every_objective_learns_fashion_mnist_from_100_images_per_class() {
         ("cosine-ce", "0.5"),
     ] {
         let out = tmp.path().join(loss);
-        let o = train(
-            &data,
-            &out,
-            &[
-                "--arch",
-                "resnet8",
-                "--loss",
-                loss,
-                "--lr-max",
-                lr,
-                "--epochs",
-                "12",
-                "--sgdr-base",
-                "12",
-                "--batch-size",
-                "25",
-                "--eval-every",
-                "100",
-                "--threads",
-                "1",
-                "--workers",
-                "1",
-            ],
-        );
+        let o = train(&data, &out, &small_recipe(loss, lr));
         assert!(o.status.success(), "{}", show(&o));
         let lines = metrics(&out);
         let summary = lines.last().unwrap();
@@ -149,34 +151,9 @@ fn bf16_autocast_and_channels_last_learn_and_save_usable_weights() {
     let data = fashion(100);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bf16");
-    let o = train(
-        &data,
-        &out,
-        &[
-            "--arch",
-            "resnet8",
-            "--loss",
-            "cosine",
-            "--lr-max",
-            "0.5",
-            "--epochs",
-            "12",
-            "--sgdr-base",
-            "12",
-            "--batch-size",
-            "25",
-            "--eval-every",
-            "100",
-            "--threads",
-            "1",
-            "--workers",
-            "1",
-            "--precision",
-            "bf16",
-            "--channels-last",
-            "on",
-        ],
-    );
+    let mut args = small_recipe("cosine", "0.5");
+    args.extend(["--precision", "bf16", "--channels-last", "on"]);
+    let o = train(&data, &out, &args);
     assert!(o.status.success(), "{}", show(&o));
     let lines = metrics(&out);
     let best = lines.last().unwrap()["best_top1"].as_f64().unwrap();
