@@ -5,7 +5,8 @@
 //! aborts). Backends:
 //! * [`single::SingleProcess`]: one rank, collectives are identities; no MPI initialised.
 //! * [`mpi::MpiCommunicator`]: CPU buffers over MPI (rsmpi, OpenMPI).
-//! * [`nccl::NcclCommunicator`]: CUDA tensors over NCCL, loaded at run time; bootstrapped over MPI.
+//! * [`nccl::NcclCommunicator`]: CUDA tensors over NCCL, loaded at run time; bootstrapped over MPI
+//!   (a lone process needs none).
 
 pub mod mpi;
 pub mod nccl;
@@ -191,8 +192,8 @@ pub fn connect(
 }
 
 /// The launcher's rank count when this process was started as one of several ranks: the
-/// variable that says so and its value. Used only to refuse `--dist single` under a launcher;
-/// ranks themselves always come from MPI.
+/// variable that says so and its value. Used to refuse `--dist single` under a launcher and to
+/// let a lone NCCL process skip MPI; ranks themselves always come from MPI.
 pub fn launched_ranks() -> Option<(&'static str, usize)> {
     ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"]
         .into_iter()

@@ -1,6 +1,6 @@
 //! The NCCL backend: CUDA tensors reduced by NCCL, which cudarc loads at run time.
 //!
-//! The binary therefore builds and runs on machines without CUDA; there, [`NcclCommunicator::init`]
+//! The binary therefore builds and runs on machines without CUDA; there, [`NcclCommunicator::over`]
 //! returns [`DistError::NcclUnavailable`] saying what is missing instead of crashing. The NCCL
 //! unique id travels from rank 0 over MPI, which also carries the byte broadcasts and barriers.
 //! A lone process (no launcher, or a launcher's single rank) needs no MPI at all: it makes a
@@ -11,7 +11,6 @@
 use cudarc::nccl::{result as nccl, sys as ncclsys};
 use tch::Tensor;
 
-use super::mpi::MpiCommunicator;
 use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducible};
 
 /// A job's ranks connected through NCCL, one GPU per rank.
@@ -75,19 +74,8 @@ fn nccl_error(op: &'static str, err: nccl::NcclError) -> DistError {
 }
 
 impl NcclCommunicator {
-    /// Checks CUDA and libnccl, initialises MPI, binds this rank to its GPU (`gpu`, or the local
-    /// rank when `None`) and creates the NCCL communicator.
-    pub fn init(gpu: Option<usize>) -> Result<Self> {
-        if let Some(reason) = unavailable_reason() {
-            return Err(DistError::NcclUnavailable(reason));
-        }
-        let mpi = MpiCommunicator::init()?;
-        let gpu = gpu.unwrap_or_else(|| mpi.local_rank());
-        Self::over(Box::new(mpi), gpu)
-    }
-
-    /// Creates the NCCL communicator of the job `host` connects (MPI, or a lone process), this
-    /// rank on GPU `gpu`.
+    /// Checks CUDA and libnccl, binds this rank to GPU `gpu` and creates the NCCL communicator
+    /// of the job `host` connects (MPI, or a lone process).
     pub fn over(host: Box<dyn Communicator>, gpu: usize) -> Result<Self> {
         if let Some(reason) = unavailable_reason() {
             return Err(DistError::NcclUnavailable(reason));
