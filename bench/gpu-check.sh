@@ -45,15 +45,19 @@ build() {
         "$torch_cuda"/*) continue ;;
       esac
       case "$(basename "$lib")" in
-        libc.so.*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*|ld-linux*|libresolv.so.*) continue ;;
+        # glibc's own, and the C++ runtime (the machine's must be new enough for its torch).
+        libc.so.*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*|libutil.so.*|ld-linux*|libresolv.so.*) continue ;;
+        libstdc++.so.*|libgcc_s.so.*) continue ;;
       esac
       cp -L "$lib" "$bundle.partial/lib/"
     done
+    # The newest glibc any file needs, checked first by `run`.
+    objdump -T "$bundle.partial"/bin/cosine-train "$bundle.partial"/lib/* 2>/dev/null |
+      grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1 > "$bundle.partial/glibc"
     rm -rf "$bundle"
     mv "$bundle.partial" "$bundle"
   )
-  echo "gpu-check: bundle in $bundle ($(du -sh "$bundle" | cut -f1)); newest glibc symbol it needs:" \
-    "$(objdump -T "$bundle"/bin/cosine-train "$bundle"/lib/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1)"
+  echo "gpu-check: bundle in $bundle ($(du -sh "$bundle" | cut -f1)); needs glibc >= $(cat "$bundle/glibc")"
 }
 
 run() {
@@ -63,12 +67,20 @@ run() {
     batch="${BATCH:-4}" steps="${STEPS:-2}" warmup="${WARMUP:-1}" size=64
   fi
   [ -x "$bundle/bin/cosine-train" ] || { echo "gpu-check: no $bundle; run 'bash bench/gpu-check.sh build' first" >&2; exit 1; }
-  local torch_lib nccl_lib links
+  local need have
+  need=$(cat "$bundle/glibc" 2>/dev/null || echo 0)
+  have=$(getconf GNU_LIBC_VERSION | awk '{ print $2 }')
+  if [ "$(printf '%s\n' "$need" "$have" | sort -V | head -n 1)" != "$need" ]; then
+    echo "gpu-check: this machine's glibc $have is older than the $need the bundle was built for" \
+      "(build it on a machine with glibc <= $have)" >&2
+    exit 1
+  fi
+  local torch_lib nccl_lib
   torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
     echo "gpu-check: $py cannot import torch (set PYTHON to a Python with torch 2.11)" >&2; exit 1; }
   nccl_lib=$("$py" -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null || true)
   # cudarc opens NCCL as libnccl.so; the wheel ships libnccl.so.2 only.
-  links=$(mktemp -d)
+  links=$(mktemp -d) # global: the EXIT trap runs after this function's locals are gone
   trap 'rm -rf "$links"' EXIT
   if [ -n "$nccl_lib" ] && [ -e "$nccl_lib/libnccl.so.2" ]; then
     ln -s "$nccl_lib/libnccl.so.2" "$links/libnccl.so"

@@ -73,14 +73,20 @@ impl DeviceChoice {
 /// Whether this binary force-links libtorch_cuda (feature `cuda`).
 pub const BUILT_WITH_CUDA: bool = cfg!(feature = "cuda");
 
+/// Whether libtorch's CUDA library is mapped into this process. (libtorch's own `hasCUDA` is
+/// also false for a CUDA build on a machine without a driver, so it cannot tell the two apart.)
+fn libtorch_cuda_loaded() -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|maps| maps.contains("libtorch_cuda.so"))
+}
+
 /// A sentence on why libtorch sees no GPU.
 pub fn cuda_unavailable_reason() -> String {
     if !BUILT_WITH_CUDA {
         "this binary was built without the `cuda` feature, so libtorch's CUDA kernels are not \
          linked (rebuild with `cargo build --release --features cuda` against a CUDA libtorch)"
             .to_string()
-    } else if !tch::utils::has_cuda() {
-        "the libtorch this binary loaded is a CPU-only build".to_string()
+    } else if !libtorch_cuda_loaded() {
+        "the libtorch this binary loaded is a CPU-only build (no libtorch_cuda)".to_string()
     } else {
         "libtorch found no CUDA device (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides the GPUs)"
             .to_string()
