@@ -35,6 +35,7 @@ pub fn run(
             loss: args.loss.parse().map_err(anyhow::Error::msg)?,
             label_smoothing: 0.1,
             cls_weight: 0.1,
+            keras_ce_clip: false,
         },
         embedding: "onehot".into(),
         schedule: Schedule::CosineSteps {

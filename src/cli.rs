@@ -113,6 +113,10 @@ pub struct TrainArgs {
     /// Weight of the cross-entropy head in cosine-ce.
     #[arg(long, default_value_t = 0.1)]
     pub cls_weight: f64,
+    /// Cross-entropy exactly as the reference's Keras: probabilities clipped to [1e-7, 1-1e-7]
+    /// before the log (no gradient from samples beyond); default is the log-softmax form.
+    #[arg(long)]
+    pub ce_clip: bool,
     /// Class embeddings of the cosine losses: onehot, a .npy C x D matrix in class order, or a
     /// reference pickle (embedding + ind2label).
     #[arg(long, default_value = "onehot")]

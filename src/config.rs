@@ -290,6 +290,7 @@ pub fn resolve(args: &crate::cli::TrainArgs, source: &str) -> anyhow::Result<Run
             loss,
             label_smoothing: args.label_smoothing,
             cls_weight: args.cls_weight,
+            keras_ce_clip: args.ce_clip,
         },
         embedding: args.embedding.clone(),
         schedule,

@@ -61,7 +61,15 @@ pub struct ObjectiveConfig {
     pub loss: LossKind,
     pub label_smoothing: f64,
     pub cls_weight: f64,
+    /// Cross-entropy as Keras computes it (`--ce-clip`): softmax probabilities clipped to
+    /// [1e-7, 1 - 1e-7] before the log, which zeroes the gradient of samples outside. Off: the
+    /// log-softmax form. Absent in configurations written before the option (off).
+    #[serde(default)]
+    pub keras_ce_clip: bool,
 }
+
+/// Keras' probability clip (`epsilon()`).
+pub const KERAS_EPSILON: f64 = 1e-7;
 
 /// Keras L2 coefficient of the cosine+CE head's dense kernel.
 pub const CLS_HEAD_L2: f64 = 5e-4;
@@ -148,7 +156,16 @@ impl Head {
     /// The mean loss of a batch (L2 terms excluded: the optimiser adds them to the gradient).
     pub fn loss(&self, out: &HeadOutput, labels: &Tensor) -> Tensor {
         match self.config.loss {
-            LossKind::Ce => out.primary.cross_entropy_for_logits(labels),
+            LossKind::Ce => self.ce(&out.primary, labels),
+            LossKind::CeLs if self.config.keras_ce_clip => {
+                let targets = smoothed_targets(
+                    labels,
+                    self.config.label_smoothing,
+                    self.classes,
+                    out.primary.device(),
+                );
+                keras_clipped_ce(&out.primary, &targets)
+            }
             LossKind::CeLs => smoothed_ce(
                 &out.primary,
                 labels,
@@ -162,8 +179,20 @@ impl Head {
                     .as_ref()
                     .expect("cosine-ce has a classification head");
                 self.cosine_loss(&out.primary, labels)
-                    + cls.cross_entropy_for_logits(labels) * self.config.cls_weight
+                    + self.ce(cls, labels) * self.config.cls_weight
             }
+        }
+    }
+
+    /// Mean cross-entropy of `logits` against hard `labels`, in the configured form.
+    fn ce(&self, logits: &Tensor, labels: &Tensor) -> Tensor {
+        if self.config.keras_ce_clip {
+            let targets = logits
+                .zeros_like()
+                .scatter_value(1, &labels.unsqueeze(1), 1.0);
+            keras_clipped_ce(logits, &targets)
+        } else {
+            logits.cross_entropy_for_logits(labels)
         }
     }
 
@@ -214,17 +243,32 @@ impl Head {
     }
 }
 
-/// Cross-entropy against smoothed targets: 1 - ls on the true class, ls / (C - 1) elsewhere (the
+/// Smoothed target distributions (N, C): 1 - ls on the true class, ls / (C - 1) elsewhere (the
 /// reference's convention, not PyTorch's ls / C).
-pub fn smoothed_ce(logits: &Tensor, labels: &Tensor, ls: f64, classes: i64) -> Tensor {
+pub fn smoothed_targets(labels: &Tensor, ls: f64, classes: i64, device: tch::Device) -> Tensor {
     let off = ls / (classes - 1).max(1) as f64;
-    let targets = Tensor::full(
-        [labels.size()[0], classes],
-        off,
-        (Kind::Float, logits.device()),
+    Tensor::full([labels.size()[0], classes], off, (Kind::Float, device)).scatter_value(
+        1,
+        &labels.unsqueeze(1),
+        1.0 - ls,
     )
-    .scatter_value(1, &labels.unsqueeze(1), 1.0 - ls);
+}
+
+/// Cross-entropy against smoothed targets (see [`smoothed_targets`]), log-softmax form.
+pub fn smoothed_ce(logits: &Tensor, labels: &Tensor, ls: f64, classes: i64) -> Tensor {
+    let targets = smoothed_targets(labels, ls, classes, logits.device());
     -(logits.log_softmax(1, Kind::Float) * targets)
+        .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+        .mean(Kind::Float)
+}
+
+/// Keras' categorical cross-entropy of `logits` against target distributions (N, C): softmax
+/// probabilities clipped to [eps, 1 - eps], then -sum t log p, averaged over the batch.
+pub fn keras_clipped_ce(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let p = logits
+        .softmax(1, Kind::Float)
+        .clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON);
+    -(p.log() * targets)
         .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
         .mean(Kind::Float)
 }
