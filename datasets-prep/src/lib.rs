@@ -16,6 +16,7 @@ pub mod reader;
 pub mod rng;
 pub mod sources;
 pub mod verify;
+mod writeback;
 
 pub use format::ShardError;
 pub use manifest::{Encoding, Manifest, Split};
