@@ -144,20 +144,20 @@ fn pack_into(
     let mut stats = PixelStats::default();
     // One stream of work over both splits, train first, so that the workers never wait for a
     // split's last images to be written before the next split starts.
-    let work: Vec<(Split, &Item)> = [(Split::Train, &listing.train), (Split::Test, &listing.test)]
+    let splits = [(Split::Train, &listing.train), (Split::Test, &listing.test)];
+    let work: Vec<(Split, &Item)> = splits
         .into_iter()
         .flat_map(|(split, items)| items.iter().map(move |item| (split, item)))
         .collect();
-    let mut writers =
-        [(Split::Train, &listing.train), (Split::Test, &listing.test)].map(|(split, items)| {
-            SplitWriter::new(
-                dir,
-                split,
-                opts.shard_bytes,
-                listing.classes.len(),
-                items.len(),
-            )
-        });
+    let mut writers = splits.map(|(split, items)| {
+        SplitWriter::new(
+            dir,
+            split,
+            opts.shard_bytes,
+            listing.classes.len(),
+            items.len(),
+        )
+    });
     // Workers decode and resize chunk k+1 while the writer thread stores chunk k.
     let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Result<Stored, String>>>(1);
     std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -219,9 +219,10 @@ fn pack_into(
     })?;
     let [train, test] = writers;
     let (train, test) = (train.finish()?, test.finish()?);
-    bar.finish_and_clear();
     // The shards' fsyncs and checksums ran in the background; wait for the last of them.
+    bar.set_prefix("syncing");
     let (train, test) = (train.wait()?, test.wait()?);
+    bar.finish_and_clear();
     if train.count == 0 {
         bail!(
             "no training image could be stored ({} skipped)",
