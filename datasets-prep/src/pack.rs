@@ -437,8 +437,9 @@ fn store(
     })
 }
 
-/// Bytes written before their write-back to disk is started (see `writeback`).
-const WRITEBACK_STEP: u64 = 16 << 20;
+/// Bytes written before their write-back to disk is started (see `writeback`); 4 MiB packed
+/// 600 CUB-like images 5-8% faster than 16 MiB here (the disk lags less at the end).
+const WRITEBACK_STEP: u64 = 4 << 20;
 
 /// Most records in one shard file; bounds the table a writer reserves before it knows the count.
 const MAX_RECORDS_PER_SHARD: u64 = 1 << 16;
