@@ -415,7 +415,7 @@ fn many_shards_are_identical_whatever_the_thread_count() {
             );
         }
     }
-    // Upscaled to ~400 x 480 x 3 bytes per record: two or three records per 1 MiB shard.
+    // Upscaled to about 400 x 500 x 3 bytes per record: one record per 1 MiB shard.
     let extra = ["--short-side", "400", "--shard-mib", "1"];
     let (one, three) = (tmp.path().join("one"), tmp.path().join("three"));
     pack_ok(
