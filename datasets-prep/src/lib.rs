@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod mat;
 pub mod pack;
 pub mod pickle;
+mod readahead;
 pub mod reader;
 pub mod rng;
 pub mod sources;

@@ -20,8 +20,10 @@ use crate::manifest::{
     ClassInfo, Encoding, FORMAT_NAME, Manifest, Resize, Selection, ShardInfo, SkippedImage, Split,
     SplitInfo, Storage,
 };
+use crate::readahead;
 use crate::rng::SplitMix64;
 use crate::sources::{ImageData, Item, Listing, Source};
+use crate::writeback::{self, Flusher};
 
 /// What `pack` was asked to do.
 #[derive(Clone, Debug)]
@@ -66,6 +68,10 @@ impl PackOptions {
 
 /// Images processed per parallel batch: bounds memory, not results.
 const CHUNK: usize = 64;
+
+/// Chunks of input files read ahead of the workers (see `readahead`): 256 CUB-like images,
+/// about 25 MB, outlast a device flush of this VM's disk (0.1-0.4 s) on 2 cores.
+const READ_AHEAD_CHUNKS: usize = 4;
 
 /// Packs and returns the manifest written.
 pub fn pack(opts: &PackOptions) -> anyhow::Result<Manifest> {
@@ -149,9 +155,11 @@ fn pack_into(
         .into_iter()
         .flat_map(|(split, items)| items.iter().map(move |item| (split, item)))
         .collect();
+    let flusher = Flusher::new();
     let mut writers = splits.map(|(split, items)| {
         SplitWriter::new(
             dir,
+            &flusher,
             split,
             opts.shard_bytes,
             listing.classes.len(),
@@ -201,11 +209,23 @@ fn pack_into(
             }
             Ok(())
         });
-        for chunk in work.chunks(CHUNK) {
+        // The loader reads the input files of the next chunks while this one is decoded.
+        let (send_inputs, receive_inputs) = std::sync::mpsc::sync_channel(READ_AHEAD_CHUNKS);
+        let all = &work;
+        scope.spawn(move || {
+            for chunk in all.chunks(CHUNK) {
+                let items: Vec<&Item> = chunk.iter().map(|&(_, item)| item).collect();
+                if send_inputs.send(readahead::read_chunk(&items)).is_err() {
+                    break; // the workers stopped
+                }
+            }
+        });
+        for (chunk, inputs) in work.chunks(CHUNK).zip(receive_inputs) {
             let processed = chunk
                 .par_iter()
-                .map_init(Resizer::new, |r, &(split, item)| {
-                    store(item, short_side, opts, split == Split::Train, r)
+                .zip(inputs)
+                .map_init(Resizer::new, |r, (&(split, item), input)| {
+                    store(item, input, short_side, opts, split == Split::Train, r)
                 })
                 .collect();
             if send.send(processed).is_err() {
@@ -222,6 +242,7 @@ fn pack_into(
     // The shards' fsyncs and checksums ran in the background; wait for the last of them.
     bar.set_prefix("syncing");
     let (train, test) = (train.wait()?, test.wait()?);
+    flusher.finish().map_err(anyhow::Error::msg)?;
     bar.finish_and_clear();
     if train.count == 0 {
         bail!(
@@ -398,17 +419,18 @@ impl ChannelSums {
 
 fn store(
     item: &Item,
+    input: readahead::Input,
     short_side: Option<u32>,
     opts: &PackOptions,
     train: bool,
     resizer: &mut Resizer,
 ) -> Result<Stored, String> {
-    let pixels = match &item.data {
-        ImageData::Pixels(p) => p.clone(),
-        ImageData::File(path) => {
-            let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-            image_ops::decode_image(&bytes).map_err(|e| format!("cannot decode image: {e}"))?
+    let pixels = match (&item.data, input) {
+        (_, Some(bytes)) => {
+            image_ops::decode_image(&bytes?).map_err(|e| format!("cannot decode image: {e}"))?
         }
+        (ImageData::Pixels(p), None) => p.clone(),
+        (ImageData::File(_), None) => return Err("the file was not read".into()),
     };
     let pixels = match short_side {
         Some(target) => image_ops::resize_short_side(pixels, target, resizer)?,
@@ -441,6 +463,10 @@ fn store(
 /// 600 CUB-like images 5-8% faster than 16 MiB here (the disk lags less at the end).
 const WRITEBACK_STEP: u64 = 4 << 20;
 
+/// Bytes written to a shard before a background flush to stable storage is asked for (see
+/// `writeback::Flusher`).
+const FLUSH_STEP: u64 = 32 << 20;
+
 /// Most records in one shard file; bounds the table a writer reserves before it knows the count.
 const MAX_RECORDS_PER_SHARD: u64 = 1 << 16;
 
@@ -448,6 +474,7 @@ const MAX_RECORDS_PER_SHARD: u64 = 1 << 16;
 /// table) of each file is reserved for the records still to come, and written last.
 struct SplitWriter<'a> {
     dir: &'a Path,
+    flusher: &'a Flusher,
     split: Split,
     shard_bytes: u64,
     /// Images of the split not yet given to `push` or `skip`.
@@ -495,13 +522,23 @@ struct OpenShard {
     next_offset: u64,
     /// Records before this offset are already on their way to disk.
     written_back: u64,
+    /// Where the open shard ended when its last background flush was asked for.
+    flush_asked: u64,
     entries: Vec<RecordEntry>,
 }
 
 impl<'a> SplitWriter<'a> {
-    fn new(dir: &'a Path, split: Split, shard_bytes: u64, classes: usize, items: usize) -> Self {
+    fn new(
+        dir: &'a Path,
+        flusher: &'a Flusher,
+        split: Split,
+        shard_bytes: u64,
+        classes: usize,
+        items: usize,
+    ) -> Self {
         SplitWriter {
             dir,
+            flusher,
             split,
             shard_bytes,
             remaining: items as u64,
@@ -544,12 +581,16 @@ impl<'a> SplitWriter<'a> {
             o.out
                 .flush()
                 .with_context(|| format!("{}: write failed", o.path.display()))?;
-            crate::writeback::start(
+            writeback::start(
                 o.out.get_ref(),
                 o.written_back,
                 o.next_offset - o.written_back,
             );
             o.written_back = o.next_offset;
+            if o.next_offset - o.flush_asked >= FLUSH_STEP {
+                self.flusher.request(o.out.get_ref(), &o.path);
+                o.flush_asked = o.next_offset;
+            }
         }
         self.per_class[label] += 1;
         self.remaining = self.remaining.saturating_sub(1);
@@ -582,6 +623,7 @@ impl<'a> SplitWriter<'a> {
             reserved,
             next_offset: data_offset,
             written_back: data_offset,
+            flush_asked: data_offset,
             entries: Vec::new(),
         })
     }

@@ -24,3 +24,68 @@ pub fn start(file: &File, offset: u64, len: u64) {
 
 #[cfg(not(target_os = "linux"))]
 pub fn start(_file: &File, _offset: u64, _len: u64) {}
+
+/// Flushes files to stable storage on a thread of its own, while the pack goes on.
+///
+/// Closing a shard ends with an fsync, and on the disks measured here an fsync costs about
+/// 1.5 ms per MB written since the previous one (the device flushes its cache): 0.9 s for
+/// 600 MB. Flushing the open shard every few tens of MB while images are still being decoded
+/// leaves the last fsync of the pack only the tail to flush.
+pub struct Flusher {
+    requests: Option<std::sync::mpsc::SyncSender<(File, std::path::PathBuf)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Flusher {
+    pub fn new() -> Self {
+        // One request may wait while one is flushed; more would only repeat the same work.
+        let (requests, receive) = std::sync::mpsc::sync_channel::<(File, std::path::PathBuf)>(1);
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let record = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("flusher".into())
+            .spawn(move || {
+                for (file, path) in receive {
+                    // An error here is kept for `finish`: the file's own fsync might not see it
+                    // again (the kernel reports a write-back error once per open file).
+                    if let Err(e) = file.sync_data() {
+                        let mut failed = record.lock().unwrap_or_else(|p| p.into_inner());
+                        failed.get_or_insert_with(|| {
+                            format!("{}: fsync failed: {e}", path.display())
+                        });
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => Flusher {
+                requests: Some(requests),
+                thread: Some(thread),
+                failed,
+            },
+            // Without a thread, flushing is left to each file's fsync on close.
+            Err(_) => Flusher {
+                requests: None,
+                thread: None,
+                failed,
+            },
+        }
+    }
+
+    /// Asks for `file` to be flushed soon, unless a request is already waiting.
+    pub fn request(&self, file: &File, path: &std::path::Path) {
+        if let (Some(requests), Ok(file)) = (&self.requests, file.try_clone()) {
+            let _ = requests.try_send((file, path.to_path_buf()));
+        }
+    }
+
+    /// Waits for the flush under way and reports the first that failed.
+    pub fn finish(mut self) -> Result<(), String> {
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        failed.map_or(Ok(()), Err)
+    }
+}
