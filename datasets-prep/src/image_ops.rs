@@ -4,6 +4,8 @@ use fast_image_resize::images::Image;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::DynamicImage;
 
+use crate::buffers::BufferPool;
+
 /// Row-major HWC u8 pixels.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pixels {
@@ -19,9 +21,9 @@ pub const RESIZE_FILTER: &str = "bilinear-antialiased (Pillow BILINEAR equivalen
 
 /// Decodes any JPEG or PNG into 1 (grey) or 3 (RGB) u8 channels. Alpha is dropped, 16-bit
 /// samples are reduced to 8 bits, and EXIF orientation is ignored (as the reference does).
-pub fn decode_image(bytes: &[u8]) -> Result<Pixels, String> {
+pub fn decode_image(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, String> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
-        return decode_jpeg(bytes);
+        return decode_jpeg_with(bytes, pool);
     }
     // `load_from_memory` never applies EXIF orientation; that takes an explicit call.
     let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
@@ -31,6 +33,11 @@ pub fn decode_image(bytes: &[u8]) -> Result<Pixels, String> {
 /// Decodes a JPEG straight into grey or RGB with zune-jpeg (about 20% faster than going through
 /// `image`'s dynamic image and conversion).
 pub fn decode_jpeg(bytes: &[u8]) -> Result<Pixels, String> {
+    decode_jpeg_with(bytes, &BufferPool::new(0))
+}
+
+/// `decode_jpeg` into a buffer from `pool`.
+pub fn decode_jpeg_with(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, String> {
     use zune_core::colorspace::ColorSpace;
     let mut decoder = zune_jpeg::JpegDecoder::new(std::io::Cursor::new(bytes));
     decoder
@@ -43,7 +50,12 @@ pub fn decode_jpeg(bytes: &[u8]) -> Result<Pixels, String> {
         ColorSpace::RGB
     };
     decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
-    let data = decoder.decode().map_err(|e| format!("JPEG: {e:?}"))?;
+    let size = decoder.output_buffer_size().ok_or("JPEG: no header")?;
+    let mut data = pool.take(size);
+    if let Err(e) = decoder.decode_into(&mut data) {
+        pool.give(data);
+        return Err(format!("JPEG: {e:?}"));
+    }
     let info = decoder.info().ok_or("JPEG: no header")?;
     let (height, width, channels) = (
         u32::from(info.height),
@@ -111,8 +123,14 @@ pub fn short_side_size(height: u32, width: u32, target: u32) -> (u32, u32) {
 }
 
 /// Resizes so that the shorter side is `target` (up or down), with Pillow's antialiased
-/// bilinear filter. Returns the input unchanged when it already has that size.
-pub fn resize_short_side(p: Pixels, target: u32, resizer: &mut Resizer) -> Result<Pixels, String> {
+/// bilinear filter. Returns the input unchanged when it already has that size. The resized
+/// pixels are written into a buffer from `pool`, and the input's buffer goes back to it.
+pub fn resize_short_side(
+    p: Pixels,
+    target: u32,
+    resizer: &mut Resizer,
+    pool: &BufferPool,
+) -> Result<Pixels, String> {
     let (height, width) = short_side_size(p.height, p.width, target);
     if (height, width) == (p.height, p.width) {
         return Ok(p);
@@ -124,11 +142,14 @@ pub fn resize_short_side(p: Pixels, target: u32, resizer: &mut Resizer) -> Resul
     };
     let src =
         Image::from_vec_u8(p.width, p.height, p.data, pixel_type).map_err(|e| e.to_string())?;
-    let mut dst = Image::new(width, height, pixel_type);
+    let len = width as usize * height as usize * usize::from(p.channels);
+    let mut dst =
+        Image::from_vec_u8(width, height, pool.take(len), pixel_type).map_err(|e| e.to_string())?;
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     resizer
         .resize(&src, &mut dst, &options)
         .map_err(|e| e.to_string())?;
+    pool.give(src.into_vec());
     Ok(Pixels {
         height,
         width,
@@ -174,7 +195,7 @@ mod tests {
             data: vec![77; 40 * 60 * 3],
         };
         let mut r = Resizer::new();
-        let out = resize_short_side(p, 10, &mut r).unwrap();
+        let out = resize_short_side(p, 10, &mut r, &BufferPool::new(0)).unwrap();
         assert_eq!((out.height, out.width, out.channels), (10, 15, 3));
         assert!(out.data.iter().all(|&v| v == 77));
     }

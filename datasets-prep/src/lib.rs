@@ -6,6 +6,7 @@
 //! * [`sources`] reads each raw dataset layout; [`pack`] turns a listing into a shard directory.
 //! * [`mat`] and [`pickle`] are safe readers for the MATLAB and Python files some datasets ship.
 
+pub mod buffers;
 pub mod format;
 pub mod image_ops;
 pub mod manifest;

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use fast_image_resize::Resizer;
 use rayon::prelude::*;
 
+use crate::buffers::BufferPool;
 use crate::format::{RecordEntry, data_offset_for, encode_shard_head};
 use crate::image_ops::{self, Pixels};
 use crate::manifest::{
@@ -156,6 +157,9 @@ fn pack_into(
         .flat_map(|(split, items)| items.iter().map(move |item| (split, item)))
         .collect();
     let flusher = Flusher::new();
+    // Enough spare buffers for every image in flight: one chunk decoding, one waiting, one
+    // being written.
+    let pool = BufferPool::new(3 * CHUNK);
     let mut writers = splits.map(|(split, items)| {
         SplitWriter::new(
             dir,
@@ -187,7 +191,8 @@ fn pack_into(
                             if split == Split::Train {
                                 stats.add(&stored.sums);
                             }
-                            writer.push(item.label, stored)?;
+                            writer.push(item.label, &stored)?;
+                            pool.give(stored.bytes);
                         }
                         Err(reason) if opts.skip_bad => {
                             writer.skip();
@@ -225,7 +230,15 @@ fn pack_into(
                 .par_iter()
                 .zip(inputs)
                 .map_init(Resizer::new, |r, (&(split, item), input)| {
-                    store(item, input, short_side, opts, split == Split::Train, r)
+                    store(
+                        item,
+                        input,
+                        short_side,
+                        opts,
+                        split == Split::Train,
+                        r,
+                        &pool,
+                    )
                 })
                 .collect();
             if send.send(processed).is_err() {
@@ -424,16 +437,16 @@ fn store(
     opts: &PackOptions,
     train: bool,
     resizer: &mut Resizer,
+    pool: &BufferPool,
 ) -> Result<Stored, String> {
     let pixels = match (&item.data, input) {
-        (_, Some(bytes)) => {
-            image_ops::decode_image(&bytes?).map_err(|e| format!("cannot decode image: {e}"))?
-        }
+        (_, Some(bytes)) => image_ops::decode_image(&bytes?, pool)
+            .map_err(|e| format!("cannot decode image: {e}"))?,
         (ImageData::Pixels(p), None) => p.clone(),
         (ImageData::File(_), None) => return Err("the file was not read".into()),
     };
     let pixels = match short_side {
-        Some(target) => image_ops::resize_short_side(pixels, target, resizer)?,
+        Some(target) => image_ops::resize_short_side(pixels, target, resizer, pool)?,
         None => pixels,
     };
     // Statistics are of the train split only.
@@ -445,7 +458,11 @@ fn store(
     let (height, width, channels) = (pixels.height, pixels.width, pixels.channels);
     let bytes = match opts.encoding {
         Encoding::Raw => pixels.data,
-        Encoding::Jpeg => image_ops::encode_jpeg(&pixels, opts.jpeg_quality)?,
+        Encoding::Jpeg => {
+            let encoded = image_ops::encode_jpeg(&pixels, opts.jpeg_quality);
+            pool.give(pixels.data);
+            encoded?
+        }
     };
     if bytes.len() > u32::MAX as usize {
         return Err(format!("{} bytes is too large for one record", bytes.len()));
@@ -553,7 +570,7 @@ impl<'a> SplitWriter<'a> {
         self.remaining = self.remaining.saturating_sub(1);
     }
 
-    fn push(&mut self, label: usize, s: Stored) -> anyhow::Result<()> {
+    fn push(&mut self, label: usize, s: &Stored) -> anyhow::Result<()> {
         let full = self.open.as_ref().is_some_and(|o| {
             o.entries.len() as u64 == o.reserved
                 || o.next_offset - o.data_offset + s.bytes.len() as u64 > self.shard_bytes
