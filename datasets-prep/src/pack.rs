@@ -785,8 +785,11 @@ fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
         std::fs::rename(tmp, out)
             .with_context(|| format!("{}: cannot rename to {}", tmp.display(), out.display()))?;
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        sync_dir(parent)?;
+    // The rename is durable once the directory holding both names is synced ("" for a bare
+    // name means the current directory).
+    match out.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+        _ => sync_dir(Path::new("."))?,
     }
     Ok(())
 }
