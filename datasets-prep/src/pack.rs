@@ -645,8 +645,8 @@ impl<'a> SplitWriter<'a> {
         })
     }
 
-    /// Writes the head of the open shard, then syncs it and computes its checksum on a thread of
-    /// its own, so that the next records need not wait for the disk.
+    /// Writes the head of the open shard, then computes its checksum and syncs it on a thread
+    /// of its own, so that the next records need not wait for the disk.
     fn close(&mut self) -> anyhow::Result<()> {
         let Some(o) = self.open.take() else {
             return Ok(());
@@ -663,16 +663,20 @@ impl<'a> SplitWriter<'a> {
         let records = o.entries.len() as u64;
         let (name, path, bytes) = (o.file, o.path, o.next_offset);
         self.shards.push(std::thread::spawn(move || {
-            file.sync_all()
-                .with_context(|| format!("{}: fsync failed", path.display()))?;
+            // The checksum is computed from the page cache while the disk is still taking the
+            // last writes, then the fsync waits for whatever of them is left.
             // SAFETY: the file was written by this process and is not modified while mapped.
             let map = unsafe { memmap2::Mmap::map(&file) }
                 .with_context(|| format!("{}: cannot map for its checksum", path.display()))?;
+            let xxh3 = crate::format::checksum(&map);
+            drop(map);
+            file.sync_all()
+                .with_context(|| format!("{}: fsync failed", path.display()))?;
             Ok(ShardInfo {
                 file: name,
                 records,
                 bytes,
-                xxh3: crate::format::checksum(&map),
+                xxh3,
             })
         }));
         Ok(())
