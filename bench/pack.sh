@@ -58,5 +58,8 @@ printf '  ratio, same work (both on disk):              %8.2fx\n' \
   "$(echo "$ours_rate / $pillow_durable_rate" | bc -l)"
 printf '  ratio, against Pillow left in page cache:     %8.2fx\n' \
   "$(echo "$ours_rate / $pillow_rate" | bc -l)"
+rounded() { printf ' %.1f' "$@"; }
+echo "every round, images/s (Pillow page cache | Pillow fsynced | ours):"
+echo " $(rounded "${pillow_rates[@]}") |$(rounded "${pillow_durable_rates[@]}") |$(rounded "${ours_rates[@]}")"
 echo "random-access reads of the packed train split (raw storage):"
 target/release/examples/read_bench "$work/shards" 3 | sed 's/^/  /'
