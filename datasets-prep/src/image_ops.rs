@@ -50,8 +50,12 @@ pub fn decode_jpeg_with(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, Strin
         ColorSpace::RGB
     };
     decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
-    let size = decoder.output_buffer_size().ok_or("JPEG: no header")?;
+    let size = (decoder.output_buffer_size()).ok_or("JPEG: no output size (missing header?)")?;
     let mut data = pool.take(size);
+    // A lenient decode can stop early and leave the rest of the buffer as it was: zeros, as from
+    // a fresh buffer, and never pixels of an image decoded before (output must not depend on
+    // which thread had which buffer).
+    data.fill(0);
     if let Err(e) = decoder.decode_into(&mut data) {
         pool.give(data);
         return Err(format!("JPEG: {e:?}"));

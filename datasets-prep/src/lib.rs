@@ -5,6 +5,8 @@
 //!   [`manifest`] the `manifest.json` beside them, [`reader`] opens and validates both.
 //! * [`sources`] reads each raw dataset layout; [`pack`] turns a listing into a shard directory.
 //! * [`mat`] and [`pickle`] are safe readers for the MATLAB and Python files some datasets ship.
+//! * [`image_ops`] decodes and pre-resizes one image, into buffers recycled through
+//!   [`buffers::BufferPool`].
 
 pub mod buffers;
 pub mod format;

@@ -9,7 +9,8 @@
 use std::fs::File;
 
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without waiting.
-/// Advisory: errors are ignored here, the fsync on close reports them.
+/// Advisory: errors are ignored here; the background flush (`Flusher`) or the fsync on close
+/// reports them.
 #[cfg(target_os = "linux")]
 pub fn start(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
@@ -79,7 +80,8 @@ impl Flusher {
         }
     }
 
-    /// Waits for the flush under way and reports the first that failed.
+    /// Waits for the flushes asked for (the one under way and any queued) and reports the first
+    /// that failed.
     pub fn finish(mut self) -> Result<(), String> {
         self.requests = None;
         if let Some(thread) = self.thread.take() {
