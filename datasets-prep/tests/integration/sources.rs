@@ -452,3 +452,76 @@ fn many_shards_are_identical_whatever_the_thread_count() {
     assert_eq!(m.split(Split::Test).len(), 8);
     assert!(m.verify_checksums().is_empty());
 }
+
+/// A pack bigger than the step at which the open shard is flushed in the background (32 MiB)
+/// and longer than one read-ahead chunk of input files (64): complete, the same on 1 and 2
+/// threads, and every record holds the pixels of its own file.
+#[test]
+fn background_flushes_and_read_ahead_keep_the_output_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    let n = 150u32;
+    for k in 0..n {
+        let class = ["a", "b", "c"][k as usize % 3];
+        let split = if k % 10 == 9 { "test" } else { "train" };
+        write_jpeg(
+            &root.join(format!("{split}/{class}/{k:03}.jpg")),
+            k,
+            40,
+            50,
+            3,
+        );
+    }
+    // 400 x 500 x 3 bytes per record: 135 train records, about 81 MB in one shard.
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    pack_ok(
+        "folder",
+        &root,
+        &one,
+        &["--short-side", "400", "--threads", "1"],
+    );
+    pack_ok(
+        "folder",
+        &root,
+        &two,
+        &["--short-side", "400", "--threads", "2"],
+    );
+    let files = dir_bytes(&one);
+    assert_eq!(
+        files,
+        dir_bytes(&two),
+        "byte-identical whatever the thread count"
+    );
+    let train_bytes: usize = (files.iter())
+        .filter(|(name, _)| name.to_string_lossy().starts_with("train-"))
+        .map(|(_, b)| b.len())
+        .sum();
+    assert!(
+        train_bytes > 64 << 20,
+        "{train_bytes} bytes of train shards"
+    );
+
+    let o = run(datasets_prep().arg("verify").arg(&one));
+    assert!(o.status.success(), "{}", show(&o));
+    let m = ShardDir::open(&one).unwrap();
+    let train = m.split(Split::Train);
+    assert_eq!((train.len(), m.split(Split::Test).len()), (135, 15));
+    // Records are in listing order (class folders a, b, c, then file names), each the file's
+    // own pixels, resized as the library does it.
+    let expected = (0..3).flat_map(|c| (0..n).filter(move |k| k % 3 == c && k % 10 != 9));
+    let pool = datasets_prep::buffers::BufferPool::new(0);
+    let mut resizer = fast_image_resize::Resizer::new();
+    for (i, k) in expected.enumerate() {
+        let class = ["a", "b", "c"][k as usize % 3];
+        let bytes = std::fs::read(root.join(format!("train/{class}/{k:03}.jpg"))).unwrap();
+        let decoded = datasets_prep::image_ops::decode_jpeg(&bytes).unwrap();
+        let resized =
+            datasets_prep::image_ops::resize_short_side(decoded, 400, &mut resizer, &pool).unwrap();
+        let record = train.record(i).unwrap();
+        assert_eq!(record.label, k % 3, "record {i}");
+        assert!(
+            record.bytes == resized.data.as_slice(),
+            "record {i} is file {k:03}"
+        );
+    }
+}
