@@ -219,8 +219,8 @@ fn pack_into(
         let all = &work;
         scope.spawn(move || {
             for chunk in all.chunks(CHUNK) {
-                let items: Vec<&Item> = chunk.iter().map(|&(_, item)| item).collect();
-                if send_inputs.send(readahead::read_chunk(&items)).is_err() {
+                let items = chunk.iter().map(|&(_, item)| item);
+                if send_inputs.send(readahead::read_chunk(items)).is_err() {
                     break; // the workers stopped
                 }
             }

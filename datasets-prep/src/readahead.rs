@@ -19,9 +19,9 @@ pub type Input = Option<Result<Vec<u8>, String>>;
 
 /// Reads the inputs of `items`, in order. All files are opened and announced to the kernel
 /// first, so that it can fetch them concurrently, then read one after the other.
-pub fn read_chunk(items: &[&Item]) -> Vec<Input> {
+pub fn read_chunk<'a>(items: impl IntoIterator<Item = &'a Item>) -> Vec<Input> {
     let opened: Vec<Option<std::io::Result<File>>> = items
-        .iter()
+        .into_iter()
         .map(|item| match &item.data {
             ImageData::File(path) => Some(open_announced(path)),
             ImageData::Pixels(_) => None,

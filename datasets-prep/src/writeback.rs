@@ -58,18 +58,12 @@ impl Flusher {
                     }
                 }
             });
-        match thread {
-            Ok(thread) => Flusher {
-                requests: Some(requests),
-                thread: Some(thread),
-                failed,
-            },
-            // Without a thread, flushing is left to each file's fsync on close.
-            Err(_) => Flusher {
-                requests: None,
-                thread: None,
-                failed,
-            },
+        // Without a thread, flushing is left to each file's fsync on close.
+        let thread = thread.ok();
+        Flusher {
+            requests: thread.is_some().then_some(requests),
+            thread,
+            failed,
         }
     }
 
