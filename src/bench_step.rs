@@ -85,7 +85,7 @@ pub fn run(
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         opt.zero_grad();
-        let loss = crate::autocast::bf16(bf16, device, || {
+        let loss = crate::runtime::autocast::bf16(bf16, device, || {
             let out = net.forward_t(&images, true);
             net.head.loss(&out, &labels)
         });

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::device::DeviceChoice;
+use crate::runtime::device::DeviceChoice;
 use crate::dist::Backend;
 
 /// Exit status documented in `--help`.

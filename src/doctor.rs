@@ -39,10 +39,10 @@ pub fn collect() -> EnvReport {
             .and_then(libtorch_version_in)
             .unwrap_or_else(|| "unknown".into()),
         libtorch_dir,
-        built_with_cuda_feature: crate::device::BUILT_WITH_CUDA,
+        built_with_cuda_feature: crate::runtime::device::BUILT_WITH_CUDA,
         cuda_available,
         cuda_device_count: tch::Cuda::device_count(),
-        cuda_unavailable_reason: (!cuda_available).then(crate::device::cuda_unavailable_reason),
+        cuda_unavailable_reason: (!cuda_available).then(crate::runtime::device::cuda_unavailable_reason),
         cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available())
             .then(tch::utils::version_cudnn),
         mpi_library: crate::dist::mpi::library_version(),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::cli::JobArgs;
-use crate::device::DeviceChoice;
+use crate::runtime::device::DeviceChoice;
 use crate::dist::watchdog::Watched;
 use crate::dist::{self, Communicator};
 

@@ -3,7 +3,6 @@
 //!
 //! The binary (`src/main.rs`) only parses the command line and dispatches to the modules here.
 
-pub mod autocast;
 pub mod bench_loader;
 pub mod bench_step;
 pub mod check_dist;
@@ -11,20 +10,17 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
-pub mod device;
 pub mod dist;
 pub mod doctor;
 pub mod embedding;
 pub mod eval_run;
-pub mod fault;
 pub mod hierarchy;
 pub mod job;
-pub mod memory;
 pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod report;
+pub mod runtime;
 pub mod schedule;
-pub mod signals;
 pub mod tensors;
 pub mod train;

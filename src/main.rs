@@ -10,7 +10,7 @@ use cosine_train::job::Job;
 use cosine_train::{check_dist, doctor};
 
 fn main() -> ExitCode {
-    cosine_train::memory::tune_allocator();
+    cosine_train::runtime::memory::tune_allocator();
     init_logging();
     let mut command = Cli::command();
     // The long version describes the environment; only probe it when asked for.
@@ -71,7 +71,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if job.comm.rank() == 0 {
                         eprintln!("cosine-train: {e}");
                     }
-                    Ok(ExitCode::from(cosine_train::signals::EXIT_PREEMPTED as u8))
+                    Ok(ExitCode::from(cosine_train::runtime::signals::EXIT_PREEMPTED as u8))
                 }
                 Err(e) => Err(e),
             }

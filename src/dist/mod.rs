@@ -116,9 +116,9 @@ impl fmt::Display for Backend {
 }
 
 /// The backend `backend` stands for on `device`: `Auto` is NCCL for CUDA and MPI otherwise.
-pub fn resolve_backend(backend: Backend, device: crate::device::DeviceChoice) -> Backend {
+pub fn resolve_backend(backend: Backend, device: crate::runtime::device::DeviceChoice) -> Backend {
     match backend {
-        Backend::Auto if matches!(device, crate::device::DeviceChoice::Cuda(_)) => Backend::Nccl,
+        Backend::Auto if matches!(device, crate::runtime::device::DeviceChoice::Cuda(_)) => Backend::Nccl,
         Backend::Auto => Backend::Mpi,
         other => other,
     }
@@ -130,7 +130,7 @@ pub fn resolve_backend(backend: Backend, device: crate::device::DeviceChoice) ->
 /// (an MPI singleton).
 pub fn connect(
     backend: Backend,
-    device: crate::device::DeviceChoice,
+    device: crate::runtime::device::DeviceChoice,
 ) -> anyhow::Result<(Box<dyn Communicator>, tch::Device)> {
     use anyhow::Context;
     device.ensure_available()?;
@@ -164,10 +164,10 @@ pub fn connect(
                 return Err(DistError::NcclUnavailable(reason).into());
             }
             let resolved = match device {
-                crate::device::DeviceChoice::Cpu => {
+                crate::runtime::device::DeviceChoice::Cpu => {
                     anyhow::bail!("--dist nccl needs --device cuda (NCCL reduces GPU tensors)")
                 }
-                crate::device::DeviceChoice::Cuda(_) => device,
+                crate::runtime::device::DeviceChoice::Cuda(_) => device,
             };
             // A lone process makes its one-rank NCCL communicator without MPI.
             let host: Box<dyn Communicator> = if launched_ranks().is_none() {

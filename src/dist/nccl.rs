@@ -27,7 +27,7 @@ pub fn unavailable_reason() -> Option<String> {
     if !tch::Cuda::is_available() {
         reasons.push(format!(
             "CUDA: {}",
-            crate::device::cuda_unavailable_reason()
+            crate::runtime::device::cuda_unavailable_reason()
         ));
     }
     if !nccl_library_present() {

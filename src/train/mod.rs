@@ -29,7 +29,7 @@ use crate::config::RunConfig;
 use crate::data::loader::LoaderSpec;
 use crate::data::{batches, epoch_order};
 use crate::dist::Communicator;
-use crate::fault::Fault;
+use crate::runtime::fault::Fault;
 use crate::model::Backbone;
 use crate::objective::{Head, HeadOutput};
 use crate::optim::Sgd;
@@ -143,7 +143,7 @@ pub struct RunOptions {
 }
 
 /// The run stopped early on a preemption signal after writing a checkpoint; exit with
-/// [`crate::signals::EXIT_PREEMPTED`] and resume later.
+/// [`crate::runtime::signals::EXIT_PREEMPTED`] and resume later.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "stopped by {signal} after step {step}; checkpoint {checkpoint}; resume with --resume auto"
@@ -393,7 +393,7 @@ pub fn train(
             .progress_chars("=> "),
     );
     bar.set_position((progress.epoch * steps_per_epoch + progress.step) as u64);
-    crate::signals::install();
+    crate::runtime::signals::install();
     let fault = Fault::from_env()?;
     let bf16 = config.precision == "bf16";
     let sync_bn = config.sync_bn && world > 1;
@@ -460,7 +460,7 @@ pub fn train(
                 // An empty share still runs the forward pass when the BatchNorms are
                 // synchronised (every rank joins their all-reduces), but has no loss.
                 let forward = || {
-                    crate::autocast::bf16(bf16, opts.device, || {
+                    crate::runtime::autocast::bf16(bf16, opts.device, || {
                         let out = net.forward_t(&images, true);
                         (!batch.is_empty()).then(|| net.head.loss(&out, &labels))
                     })
@@ -489,7 +489,7 @@ pub fn train(
                     step + 1
                 ));
             }
-            let stop_requested = crate::signals::requested();
+            let stop_requested = crate::runtime::signals::requested();
             let (grads, totals) = sync.reduce(
                 &opt.params,
                 local_loss.as_ref(),
@@ -519,7 +519,7 @@ pub fn train(
             if totals.stop {
                 // Every rank saw the same flag in the all-reduce: all stop after this step.
                 let written = checkpoint(&progress, &opt, &files)?;
-                let signal = crate::signals::name(stop_requested.unwrap_or(libc::SIGTERM));
+                let signal = crate::runtime::signals::name(stop_requested.unwrap_or(libc::SIGTERM));
                 let stopped = Stopped {
                     signal: if stop_requested.is_some() {
                         signal

@@ -88,7 +88,7 @@ impl Fault {
                 }
                 Kind::Panic => panic!("injected panic ({}) at step {step}", Self::VARIABLE),
                 Kind::Signal => {
-                    crate::signals::raise_term();
+                    crate::runtime::signals::raise_term();
                     Ok(())
                 }
                 Kind::Perturb => {
