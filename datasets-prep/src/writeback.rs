@@ -8,7 +8,7 @@
 
 use std::fs::File;
 
-use crate::pack::ShardWriteError;
+use crate::format::ShardWriteError;
 
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without waiting.
 /// Advisory: errors are ignored here; the background flush (`Flusher`) or the fsync on close
