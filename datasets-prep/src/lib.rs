@@ -7,7 +7,9 @@
 //! * [`mat`] and [`pickle`] are safe readers for the MATLAB and Python files some datasets ship.
 //! * [`image_ops`] decodes and pre-resizes one image, into buffers recycled through
 //!   [`buffers::BufferPool`].
+//! * [`atomic`] replaces a small file atomically and durably (for the whole workspace).
 
+pub mod atomic;
 pub mod buffers;
 pub mod format;
 pub mod image_ops;

@@ -6,13 +6,12 @@
 //! sibling name and renamed into place only once complete: an interrupted pack leaves nothing
 //! that `verify` or the trainer would accept.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use fast_image_resize::Resizer;
 use rayon::prelude::*;
 
+use crate::atomic::{self, AtomicWriteError};
 use crate::buffers::BufferPool;
 use crate::format::{ShardWriteError, SplitWriter};
 use crate::image_ops::{self, ImageError, Pixels};
@@ -60,6 +59,9 @@ pub enum PackError {
     NoTrainingImage { skipped: usize },
     #[error(transparent)]
     Write(#[from] ShardWriteError),
+    /// `manifest.json` cannot be written.
+    #[error(transparent)]
+    Manifest(#[from] AtomicWriteError),
     #[error("the shard writer thread panicked")]
     WriterPanicked,
     /// `op` says what was being done, e.g. "cannot create", "fsync failed".
@@ -380,8 +382,10 @@ fn pack_into(
     if !empty.is_empty() {
         return Err(PackError::ClassesEmptiedBySkips { classes: empty });
     }
-    write_file_synced(&dir.join("manifest.json"), manifest.to_json().as_bytes())?;
-    sync_dir(dir)?;
+    // Written last and atomically: a directory with a manifest.json holds every shard it names,
+    // even under its temporary name. Syncing `dir` for the manifest's rename also makes the
+    // shard files' entries durable.
+    atomic::write_file(&dir.join("manifest.json"), manifest.to_json().as_bytes())?;
     Ok(manifest)
 }
 
@@ -608,17 +612,8 @@ impl PixelStats {
     }
 }
 
-fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<(), PackError> {
-    let mut f = File::create(path).map_err(PackError::io(path, "cannot create"))?;
-    f.write_all(bytes)
-        .map_err(PackError::io(path, "write failed"))?;
-    f.sync_all().map_err(PackError::io(path, "fsync failed"))
-}
-
 fn sync_dir(dir: &Path) -> Result<(), PackError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(PackError::io(dir, "fsync failed"))
+    atomic::sync_dir(dir).map_err(PackError::io(dir, "fsync failed"))
 }
 
 /// Moves the finished `tmp` directory to `out`, replacing an existing `out` (only reached with
