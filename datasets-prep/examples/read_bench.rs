@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
         let (mut bytes, mut checksum) = (0usize, 0u64);
         for &i in &order {
             let r = train.record(i)?;
-            let px = r.pixels().map_err(anyhow::Error::msg)?;
+            let px = r.pixels()?;
             bytes += px.len();
             // Touch every 64th byte so the pages are really read.
             checksum += px.iter().step_by(64).map(|&b| u64::from(b)).sum::<u64>();

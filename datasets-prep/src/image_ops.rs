@@ -16,33 +16,67 @@ pub struct Pixels {
     pub data: Vec<u8>,
 }
 
+/// Why an image cannot be decoded, resized or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// zune-jpeg refused the JPEG (its `Display` and `Debug` are the same text).
+    #[error("JPEG: {source:?}")]
+    Jpeg {
+        source: zune_jpeg::errors::DecodeErrors,
+    },
+    #[error("JPEG: no output size (missing header?)")]
+    JpegNoOutputSize,
+    #[error("JPEG: no header")]
+    JpegNoHeader,
+    #[error("JPEG: decoded {bytes} bytes for a {height}x{width}x{channels} image")]
+    JpegSize {
+        bytes: usize,
+        height: u32,
+        width: u32,
+        channels: u8,
+    },
+    /// A PNG (or any other format but JPEG) that does not decode.
+    #[error("{source}")]
+    Decode { source: image::ImageError },
+    #[error("{source}")]
+    ResizeBuffer {
+        source: fast_image_resize::ImageBufferError,
+    },
+    #[error("{source}")]
+    Resize {
+        source: fast_image_resize::ResizeError,
+    },
+    #[error("{source}")]
+    Encode { source: image::ImageError },
+}
+
 /// Name of the resize filter recorded in manifests.
 pub const RESIZE_FILTER: &str = "bilinear-antialiased (Pillow BILINEAR equivalent)";
 
 /// Decodes any JPEG or PNG into 1 (grey) or 3 (RGB) u8 channels. Alpha is dropped, 16-bit
 /// samples are reduced to 8 bits, and EXIF orientation is ignored (as the reference does).
-pub fn decode_image(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, String> {
+pub fn decode_image(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, ImageError> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
         return decode_jpeg_with(bytes, pool);
     }
     // `load_from_memory` never applies EXIF orientation; that takes an explicit call.
-    let img = image::load_from_memory(bytes).map_err(|e| e.to_string())?;
+    let img = image::load_from_memory(bytes).map_err(|source| ImageError::Decode { source })?;
     Ok(from_dynamic(img))
 }
 
 /// Decodes a JPEG straight into grey or RGB with zune-jpeg (about 20% faster than going through
 /// `image`'s dynamic image and conversion).
-pub fn decode_jpeg(bytes: &[u8]) -> Result<Pixels, String> {
+pub fn decode_jpeg(bytes: &[u8]) -> Result<Pixels, ImageError> {
     decode_jpeg_with(bytes, &BufferPool::new(0))
 }
 
 /// `decode_jpeg` into a buffer from `pool`.
-pub fn decode_jpeg_with(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, String> {
+pub fn decode_jpeg_with(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, ImageError> {
     use zune_core::colorspace::ColorSpace;
     let mut decoder = zune_jpeg::JpegDecoder::new(std::io::Cursor::new(bytes));
     decoder
         .decode_headers()
-        .map_err(|e| format!("JPEG: {e:?}"))?;
+        .map_err(|source| ImageError::Jpeg { source })?;
     let grey = matches!(decoder.input_colorspace(), Some(ColorSpace::Luma));
     let out = if grey {
         ColorSpace::Luma
@@ -50,27 +84,29 @@ pub fn decode_jpeg_with(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, Strin
         ColorSpace::RGB
     };
     decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
-    let size = (decoder.output_buffer_size()).ok_or("JPEG: no output size (missing header?)")?;
+    let size = (decoder.output_buffer_size()).ok_or(ImageError::JpegNoOutputSize)?;
     let mut data = pool.take(size);
     // A lenient decode can stop early and leave the rest of the buffer as it was: zeros, as from
     // a fresh buffer, and never pixels of an image decoded before (output must not depend on
     // which thread had which buffer).
     data.fill(0);
-    if let Err(e) = decoder.decode_into(&mut data) {
+    if let Err(source) = decoder.decode_into(&mut data) {
         pool.give(data);
-        return Err(format!("JPEG: {e:?}"));
+        return Err(ImageError::Jpeg { source });
     }
-    let info = decoder.info().ok_or("JPEG: no header")?;
+    let info = decoder.info().ok_or(ImageError::JpegNoHeader)?;
     let (height, width, channels) = (
         u32::from(info.height),
         u32::from(info.width),
         if grey { 1u8 } else { 3 },
     );
     if data.len() != (height * width) as usize * usize::from(channels) {
-        return Err(format!(
-            "JPEG: decoded {} bytes for a {height}x{width}x{channels} image",
-            data.len()
-        ));
+        return Err(ImageError::JpegSize {
+            bytes: data.len(),
+            height,
+            width,
+            channels,
+        });
     }
     Ok(Pixels {
         height,
@@ -134,7 +170,7 @@ pub fn resize_short_side(
     target: u32,
     resizer: &mut Resizer,
     pool: &BufferPool,
-) -> Result<Pixels, String> {
+) -> Result<Pixels, ImageError> {
     let (height, width) = short_side_size(p.height, p.width, target);
     if (height, width) == (p.height, p.width) {
         return Ok(p);
@@ -144,15 +180,15 @@ pub fn resize_short_side(
     } else {
         PixelType::U8x3
     };
-    let src =
-        Image::from_vec_u8(p.width, p.height, p.data, pixel_type).map_err(|e| e.to_string())?;
+    let src = Image::from_vec_u8(p.width, p.height, p.data, pixel_type)
+        .map_err(|source| ImageError::ResizeBuffer { source })?;
     let len = width as usize * height as usize * usize::from(p.channels);
-    let mut dst =
-        Image::from_vec_u8(width, height, pool.take(len), pixel_type).map_err(|e| e.to_string())?;
+    let mut dst = Image::from_vec_u8(width, height, pool.take(len), pixel_type)
+        .map_err(|source| ImageError::ResizeBuffer { source })?;
     let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
     resizer
         .resize(&src, &mut dst, &options)
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| ImageError::Resize { source })?;
     pool.give(src.into_vec());
     Ok(Pixels {
         height,
@@ -163,7 +199,7 @@ pub fn resize_short_side(
 }
 
 /// Encodes as a baseline JPEG of the given quality (1..=100).
-pub fn encode_jpeg(p: &Pixels, quality: u8) -> Result<Vec<u8>, String> {
+pub fn encode_jpeg(p: &Pixels, quality: u8) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::new();
     let color = if p.channels == 1 {
         image::ExtendedColorType::L8
@@ -172,7 +208,7 @@ pub fn encode_jpeg(p: &Pixels, quality: u8) -> Result<Vec<u8>, String> {
     };
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
         .encode(&p.data, p.width, p.height, color)
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| ImageError::Encode { source })?;
     Ok(out)
 }
 

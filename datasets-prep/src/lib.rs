@@ -7,7 +7,9 @@
 //! * [`mat`] and [`pickle`] are safe readers for the MATLAB and Python files some datasets ship.
 //! * [`image_ops`] decodes and pre-resizes one image, into buffers recycled through
 //!   [`buffers::BufferPool`].
+//! * [`atomic`] replaces a small file atomically and durably (for the whole workspace).
 
+pub mod atomic;
 pub mod buffers;
 pub mod format;
 pub mod image_ops;
@@ -25,3 +27,22 @@ mod writeback;
 pub use format::ShardError;
 pub use manifest::{Encoding, Manifest, Split};
 pub use reader::{Record, ShardDir, SplitReader};
+
+#[cfg(test)]
+mod tests {
+    /// Callers move these errors across threads and into `anyhow` (which needs all three).
+    #[test]
+    fn public_errors_are_send_sync_and_static() {
+        fn check<E: std::error::Error + Send + Sync + 'static>() {}
+        check::<crate::atomic::AtomicWriteError>();
+        check::<crate::format::ShardError>();
+        check::<crate::format::ShardWriteError>();
+        check::<crate::image_ops::ImageError>();
+        check::<crate::mat::MatError>();
+        check::<crate::pack::PackError>();
+        check::<crate::pack::StoreError>();
+        check::<crate::pickle::PickleError>();
+        check::<crate::reader::PixelsError>();
+        check::<crate::sources::SourceError>();
+    }
+}

@@ -99,10 +99,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("datasets-prep: {err:#}");
+            eprintln!("datasets-prep: {}", describe(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. The library's errors already include their cause's
+/// message in their own, so a cause is added only when its text is not there yet.
+fn describe(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -177,5 +191,14 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::other("disk on fire");
+        let err = datasets_prep::format::ShardError::io(std::path::Path::new("x.shard"), io);
+        assert_eq!(describe(&err.into()), "x.shard: disk on fire");
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&err), "outer: inner");
     }
 }

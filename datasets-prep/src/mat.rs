@@ -4,6 +4,72 @@
 
 use std::io::Read;
 
+/// Why a MAT file, or a variable in it, cannot be read as needed.
+#[derive(Debug, thiserror::Error)]
+pub enum MatError {
+    #[error("{len} bytes is too short for a MAT file header (128)")]
+    TooShort { len: usize },
+    #[error("this is a MAT v7.3 (HDF5) file; save it with -v7 or -v6")]
+    Hdf5,
+    #[error("big-endian MAT files are not supported")]
+    BigEndian,
+    #[error("not a Level 5 MAT file (no endian indicator at byte 126)")]
+    NotLevel5,
+    #[error("compressed variable does not inflate: {source}")]
+    Inflate { source: std::io::Error },
+    #[error("compressed element holds type {found}, expected a matrix")]
+    CompressedNotMatrix { found: u32 },
+    #[error("truncated element tag")]
+    TruncatedTag,
+    #[error("small data element claims {bytes} bytes (at most 4)")]
+    SmallElementTooLong { bytes: usize },
+    #[error("truncated small data element")]
+    TruncatedSmallElement,
+    #[error("element size overflows")]
+    SizeOverflows,
+    #[error("element of {bytes} bytes at offset {offset} runs past the end ({len} bytes)")]
+    PastTheEnd {
+        bytes: usize,
+        offset: usize,
+        len: usize,
+    },
+    #[error("data type {found} is not numeric")]
+    NotNumericType { found: u32 },
+    #[error("cells/structs nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+    #[error("missing array flags")]
+    MissingFlags,
+    #[error("bad dimension {value}")]
+    BadDimension { value: f64 },
+    #[error("dimensions overflow")]
+    DimensionsOverflow,
+    #[error("cell element has type {found}, expected a matrix")]
+    CellNotMatrix { found: u32 },
+    #[error("struct field name length is zero")]
+    ZeroFieldNameLength,
+    #[error("struct field has type {found}, expected a matrix")]
+    FieldNotMatrix { found: u32 },
+    #[error("array {name:?} has {values} values for dimensions {dims:?}")]
+    ValueCount {
+        name: String,
+        values: usize,
+        dims: Vec<usize>,
+    },
+    #[error("no variable {name:?} (variables: {variables:?})")]
+    NoVariable {
+        name: String,
+        variables: Vec<String>,
+    },
+    #[error("struct has no field {name:?} (fields: {fields:?})")]
+    NoField { name: String, fields: Vec<String> },
+    /// A value of another kind than the one asked for (`as_numbers`, `struct_field`).
+    #[error("expected {expected}, found {found}")]
+    WrongKind {
+        expected: &'static str,
+        found: &'static str,
+    },
+}
+
 /// A MATLAB value. Numeric data is converted to f64, in column-major order like MATLAB's.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MatValue {
@@ -32,15 +98,18 @@ pub enum MatValue {
 
 impl MatValue {
     /// Numeric data as f64 values, or an error naming what it is instead.
-    pub fn as_numbers(&self) -> Result<&[f64], String> {
+    pub fn as_numbers(&self) -> Result<&[f64], MatError> {
         match self {
             MatValue::Numeric { data, .. } => Ok(data),
-            other => Err(format!("expected a numeric array, found {}", other.kind())),
+            other => Err(MatError::WrongKind {
+                expected: "a numeric array",
+                found: other.kind(),
+            }),
         }
     }
 
     /// The field `name` of every element of a struct array.
-    pub fn struct_field(&self, name: &str) -> Result<Vec<&MatValue>, String> {
+    pub fn struct_field(&self, name: &str) -> Result<Vec<&MatValue>, MatError> {
         match self {
             MatValue::Struct {
                 fields, elements, ..
@@ -48,10 +117,16 @@ impl MatValue {
                 let k = fields
                     .iter()
                     .position(|f| f == name)
-                    .ok_or_else(|| format!("struct has no field {name:?} (fields: {fields:?})"))?;
+                    .ok_or_else(|| MatError::NoField {
+                        name: name.to_string(),
+                        fields: fields.clone(),
+                    })?;
                 Ok(elements.iter().map(|e| &e[k]).collect())
             }
-            other => Err(format!("expected a struct array, found {}", other.kind())),
+            other => Err(MatError::WrongKind {
+                expected: "a struct array",
+                found: other.kind(),
+            }),
         }
     }
 
@@ -90,20 +165,17 @@ const MAX_INFLATED_BYTES: u64 = 1 << 32;
 const MAX_DEPTH: usize = 32;
 
 /// Reads every variable of a MAT file: (name, value) in file order.
-pub fn read_mat(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, String> {
+pub fn read_mat(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, MatError> {
     if bytes.len() < 128 {
-        return Err(format!(
-            "{} bytes is too short for a MAT file header (128)",
-            bytes.len()
-        ));
+        return Err(MatError::TooShort { len: bytes.len() });
     }
     if bytes.starts_with(b"MATLAB 7.3") || bytes.starts_with(b"\x89HDF") {
-        return Err("this is a MAT v7.3 (HDF5) file; save it with -v7 or -v6".into());
+        return Err(MatError::Hdf5);
     }
     match &bytes[126..128] {
         b"IM" => {}
-        b"MI" => return Err("big-endian MAT files are not supported".into()),
-        _ => return Err("not a Level 5 MAT file (no endian indicator at byte 126)".into()),
+        b"MI" => return Err(MatError::BigEndian),
+        _ => return Err(MatError::NotLevel5),
     }
     let mut vars = Vec::new();
     let mut pos = 128;
@@ -117,12 +189,10 @@ pub fn read_mat(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, String> {
                 flate2::read::ZlibDecoder::new(data)
                     .take(MAX_INFLATED_BYTES)
                     .read_to_end(&mut inflated)
-                    .map_err(|e| format!("compressed variable does not inflate: {e}"))?;
+                    .map_err(|source| MatError::Inflate { source })?;
                 let (ty, inner, _) = element(&inflated, 0)?;
                 if ty != MI_MATRIX {
-                    return Err(format!(
-                        "compressed element holds type {ty}, expected a matrix"
-                    ));
+                    return Err(MatError::CompressedNotMatrix { found: ty });
                 }
                 vars.push(matrix(inner, 0)?);
             }
@@ -133,44 +203,43 @@ pub fn read_mat(bytes: &[u8]) -> Result<Vec<(String, MatValue)>, String> {
 }
 
 /// Reads the variable `name`, or says which variables the file has.
-pub fn variable(vars: &[(String, MatValue)], name: &str) -> Result<MatValue, String> {
+pub fn variable(vars: &[(String, MatValue)], name: &str) -> Result<MatValue, MatError> {
     vars.iter()
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.clone())
-        .ok_or_else(|| {
-            let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-            format!("no variable {name:?} (variables: {names:?})")
+        .ok_or_else(|| MatError::NoVariable {
+            name: name.to_string(),
+            variables: vars.iter().map(|(n, _)| n.clone()).collect(),
         })
 }
 
-fn u32_at(b: &[u8], at: usize) -> Result<u32, String> {
+fn u32_at(b: &[u8], at: usize) -> Result<u32, MatError> {
     b.get(at..at + 4)
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or_else(|| "truncated element tag".to_string())
+        .ok_or(MatError::TruncatedTag)
 }
 
 /// Parses the data element at `pos`: (type, data bytes, position of the next element).
-fn element(b: &[u8], pos: usize) -> Result<(u32, &[u8], usize), String> {
+fn element(b: &[u8], pos: usize) -> Result<(u32, &[u8], usize), MatError> {
     let first = u32_at(b, pos)?;
     if first >> 16 != 0 {
         // Small data element: 2-byte size, 2-byte type, up to 4 bytes of data in the tag.
         let (ty, n) = (first & 0xffff, (first >> 16) as usize);
         if n > 4 {
-            return Err(format!("small data element claims {n} bytes (at most 4)"));
+            return Err(MatError::SmallElementTooLong { bytes: n });
         }
         let data = b
             .get(pos + 4..pos + 4 + n)
-            .ok_or("truncated small data element")?;
+            .ok_or(MatError::TruncatedSmallElement)?;
         return Ok((ty, data, pos + 8));
     }
     let n = u32_at(b, pos + 4)? as usize;
     let start = pos + 8;
-    let end = start.checked_add(n).ok_or("element size overflows")?;
-    let data = b.get(start..end).ok_or_else(|| {
-        format!(
-            "element of {n} bytes at offset {pos} runs past the end ({} bytes)",
-            b.len()
-        )
+    let end = start.checked_add(n).ok_or(MatError::SizeOverflows)?;
+    let data = b.get(start..end).ok_or(MatError::PastTheEnd {
+        bytes: n,
+        offset: pos,
+        len: b.len(),
     })?;
     // Elements are padded to 8 bytes, except compressed ones.
     let next = if first == MI_COMPRESSED {
@@ -181,7 +250,7 @@ fn element(b: &[u8], pos: usize) -> Result<(u32, &[u8], usize), String> {
     Ok((first, data, next.min(b.len())))
 }
 
-fn numbers(ty: u32, data: &[u8]) -> Result<Vec<f64>, String> {
+fn numbers(ty: u32, data: &[u8]) -> Result<Vec<f64>, MatError> {
     macro_rules! conv {
         ($t:ty, $n:expr) => {
             data.chunks_exact($n)
@@ -200,14 +269,14 @@ fn numbers(ty: u32, data: &[u8]) -> Result<Vec<f64>, String> {
         MI_DOUBLE => conv!(f64, 8),
         MI_INT64 => conv!(i64, 8),
         MI_UINT64 => conv!(u64, 8),
-        other => return Err(format!("data type {other} is not numeric")),
+        other => return Err(MatError::NotNumericType { found: other }),
     })
 }
 
 /// Parses the body of an miMATRIX element into (name, value).
-fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
+fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), MatError> {
     if depth > MAX_DEPTH {
-        return Err(format!("cells/structs nested deeper than {MAX_DEPTH}"));
+        return Err(MatError::TooDeep);
     }
     if b.is_empty() {
         // An empty miMATRIX is MATLAB's empty array.
@@ -220,7 +289,7 @@ fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
         ));
     }
     let (_, flags, pos) = element(b, 0)?;
-    let class = *flags.first().ok_or("missing array flags")?;
+    let class = *flags.first().ok_or(MatError::MissingFlags)?;
     let (dims_ty, dims_raw, pos) = element(b, pos)?;
     let dims: Vec<usize> = numbers(dims_ty, dims_raw)?
         .into_iter()
@@ -228,14 +297,14 @@ fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
             if d >= 0.0 && d <= u32::MAX as f64 {
                 Ok(d as usize)
             } else {
-                Err(format!("bad dimension {d}"))
+                Err(MatError::BadDimension { value: d })
             }
         })
         .collect::<Result<_, _>>()?;
     let count = dims
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or("dimensions overflow")?;
+        .ok_or(MatError::DimensionsOverflow)?;
     let (_, name_raw, mut pos) = element(b, pos)?;
     let name = String::from_utf8_lossy(name_raw).into_owned();
     let value = match class {
@@ -244,7 +313,7 @@ fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
             for _ in 0..count {
                 let (ty, inner, next) = element(b, pos)?;
                 if ty != MI_MATRIX {
-                    return Err(format!("cell element has type {ty}, expected a matrix"));
+                    return Err(MatError::CellNotMatrix { found: ty });
                 }
                 elements.push(matrix(inner, depth + 1)?.1);
                 pos = next;
@@ -255,7 +324,7 @@ fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
             let (ty, len_raw, next) = element(b, pos)?;
             let name_len = numbers(ty, len_raw)?.first().copied().unwrap_or(0.0) as usize;
             if name_len == 0 {
-                return Err("struct field name length is zero".into());
+                return Err(MatError::ZeroFieldNameLength);
             }
             let (_, names_raw, next) = element(b, next)?;
             pos = next;
@@ -272,7 +341,7 @@ fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
                 for _ in &fields {
                     let (ty, inner, next) = element(b, pos)?;
                     if ty != MI_MATRIX {
-                        return Err(format!("struct field has type {ty}, expected a matrix"));
+                        return Err(MatError::FieldNotMatrix { found: ty });
                     }
                     values.push(matrix(inner, depth + 1)?.1);
                     pos = next;
@@ -301,14 +370,68 @@ fn matrix(b: &[u8], depth: usize) -> Result<(String, MatValue), String> {
             let (ty, raw, _) = element(b, pos)?;
             let data = numbers(ty, raw)?;
             if data.len() != count {
-                return Err(format!(
-                    "array {name:?} has {} values for dimensions {dims:?}",
-                    data.len()
-                ));
+                return Err(MatError::ValueCount {
+                    name,
+                    values: data.len(),
+                    dims,
+                });
             }
             MatValue::Numeric { dims, data }
         }
         other => MatValue::Unsupported { class: other },
     };
     Ok((name, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_headers_have_their_own_errors() {
+        assert_eq!(
+            read_mat(&[0; 10]).unwrap_err().to_string(),
+            "10 bytes is too short for a MAT file header (128)"
+        );
+        let mut header = vec![b' '; 128];
+        assert!(matches!(read_mat(&header), Err(MatError::NotLevel5)));
+        header[126..].copy_from_slice(b"MI");
+        assert!(matches!(read_mat(&header), Err(MatError::BigEndian)));
+        header[126..].copy_from_slice(b"IM");
+        assert!(read_mat(&header).unwrap().is_empty());
+        // A matrix element that claims more bytes than the file has.
+        header.extend(MI_MATRIX.to_le_bytes());
+        header.extend(1000u32.to_le_bytes());
+        let err = read_mat(&header).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MatError::PastTheEnd {
+                    bytes: 1000,
+                    offset: 128,
+                    len: 136
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_variables_and_fields_are_named() {
+        let vars = vec![(
+            "a".to_string(),
+            MatValue::Numeric {
+                dims: vec![1, 1],
+                data: vec![1.0],
+            },
+        )];
+        assert_eq!(
+            variable(&vars, "b").unwrap_err().to_string(),
+            "no variable \"b\" (variables: [\"a\"])"
+        );
+        assert_eq!(
+            vars[0].1.struct_field("x").unwrap_err().to_string(),
+            "expected a struct array, found a numeric array"
+        );
+    }
 }

@@ -6,25 +6,106 @@
 //! sibling name and renamed into place only once complete: an interrupted pack leaves nothing
 //! that `verify` or the trainer would accept.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
 use fast_image_resize::Resizer;
 use rayon::prelude::*;
 
+use crate::atomic::{self, AtomicWriteError};
 use crate::buffers::BufferPool;
-use crate::format::{RecordEntry, data_offset_for, encode_shard_head};
-use crate::image_ops::{self, Pixels};
+use crate::format::{ShardWriteError, SplitWriter};
+use crate::image_ops::{self, ImageError, Pixels};
 use crate::manifest::{
-    ClassInfo, Encoding, FORMAT_NAME, Manifest, Resize, Selection, ShardInfo, SkippedImage, Split,
-    SplitInfo, Storage,
+    ClassInfo, Encoding, FORMAT_NAME, Manifest, Resize, Selection, SkippedImage, Split, Storage,
 };
 use crate::readahead;
 use crate::rng::SplitMix64;
-use crate::sources::{ImageData, Item, Listing, Source};
-use crate::writeback::{self, Flusher};
+use crate::sources::{ImageData, Item, Listing, Source, SourceError};
+use crate::writeback::Flusher;
+
+/// Why `pack` failed. Nothing is left at `--out` (an existing directory stays as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("{path}: already exists; pass --force to replace it")]
+    OutExists { path: PathBuf },
+    #[error("--quality {quality} is out of range: expected 1..=100")]
+    Quality { quality: u8 },
+    #[error("--per-class 0 would leave no training images: expected at least 1")]
+    ZeroPerClass,
+    #[error("{path}: --out has no file name")]
+    NoFileName { path: PathBuf },
+    /// The source's metadata cannot be used.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// Classes (as `id (name)`) without a training image in the listing.
+    #[error(
+        "{} class(es) have no training images: {}",
+        .classes.len(),
+        .classes.join(", ")
+    )]
+    ClassesWithoutTraining { classes: Vec<String> },
+    /// Classes (as `id (name)`) whose every training image was left out by `skip_bad`.
+    #[error(
+        "after leaving out unreadable images: {} class(es) have no training images: {}",
+        .classes.len(),
+        .classes.join(", ")
+    )]
+    ClassesEmptiedBySkips { classes: Vec<String> },
+    /// An image that cannot be stored, without `skip_bad`; `image` names it as the listing does
+    /// (a path, or `file#record`).
+    #[error("{image}: {source} (pass --skip-bad to leave such images out)")]
+    Image { image: String, source: StoreError },
+    #[error("no training image could be stored ({skipped} skipped)")]
+    NoTrainingImage { skipped: usize },
+    #[error(transparent)]
+    Write(#[from] ShardWriteError),
+    /// `manifest.json` cannot be written.
+    #[error(transparent)]
+    Manifest(#[from] AtomicWriteError),
+    #[error("the shard writer thread panicked")]
+    WriterPanicked,
+    /// `op` says what was being done, e.g. "cannot create", "fsync failed".
+    #[error("{path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{from}: cannot rename to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl PackError {
+    fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> PackError {
+        move |source| PackError::Io {
+            path: path.to_path_buf(),
+            op,
+            source,
+        }
+    }
+}
+
+/// Why one image cannot be stored: with `skip_bad` it is left out, and this is the reason the
+/// manifest lists; without, the pack fails with [`PackError::Image`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{source}")]
+    Read { source: std::io::Error },
+    #[error("the file was not read")]
+    NotRead,
+    #[error("cannot decode image: {source}")]
+    Decode { source: ImageError },
+    #[error("{source}")]
+    Resize { source: ImageError },
+    #[error("{source}")]
+    Encode { source: ImageError },
+    #[error("{bytes} bytes is too large for one record")]
+    TooLarge { bytes: usize },
+}
 
 /// What `pack` was asked to do.
 #[derive(Clone, Debug)]
@@ -75,23 +156,21 @@ const CHUNK: usize = 64;
 const READ_AHEAD_CHUNKS: usize = 4;
 
 /// Packs and returns the manifest written.
-pub fn pack(opts: &PackOptions) -> anyhow::Result<Manifest> {
+pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
     if opts.out.exists() && !opts.force {
-        bail!(
-            "{}: already exists; pass --force to replace it",
-            opts.out.display()
-        );
+        return Err(PackError::OutExists {
+            path: opts.out.clone(),
+        });
     }
     if opts.jpeg_quality == 0 || opts.jpeg_quality > 100 {
-        bail!(
-            "--quality {} is out of range: expected 1..=100",
-            opts.jpeg_quality
-        );
+        return Err(PackError::Quality {
+            quality: opts.jpeg_quality,
+        });
     }
     let mut listing = opts.source.load(&opts.root)?;
     if let Some(k) = opts.per_class {
         if k == 0 {
-            bail!("--per-class 0 would leave no training images: expected at least 1");
+            return Err(PackError::ZeroPerClass);
         }
         listing.train = select_per_class(
             std::mem::take(&mut listing.train),
@@ -100,7 +179,10 @@ pub fn pack(opts: &PackOptions) -> anyhow::Result<Manifest> {
             opts.seed,
         );
     }
-    check_every_class_trains(&listing)?;
+    let empty = classes_without_training(&listing.classes, &train_counts(&listing));
+    if !empty.is_empty() {
+        return Err(PackError::ClassesWithoutTraining { classes: empty });
+    }
     let short_side = opts.short_side.unwrap_or(listing.default_short_side);
 
     let parent = match opts.out.parent() {
@@ -110,14 +192,15 @@ pub fn pack(opts: &PackOptions) -> anyhow::Result<Manifest> {
     let file_name = opts
         .out
         .file_name()
-        .context("--out has no file name")?
+        .ok_or_else(|| PackError::NoFileName {
+            path: opts.out.clone(),
+        })?
         .to_string_lossy()
         .into_owned();
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    std::fs::create_dir_all(&parent).map_err(PackError::io(&parent, "cannot create"))?;
     let tmp = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    std::fs::create_dir(&tmp).map_err(PackError::io(&tmp, "cannot create"))?;
     let result = pack_into(opts, &listing, short_side, &tmp).and_then(|m| {
         replace_dir(&tmp, &opts.out)?;
         Ok(m)
@@ -133,7 +216,7 @@ fn pack_into(
     listing: &Listing,
     short_side: Option<u32>,
     dir: &Path,
-) -> anyhow::Result<Manifest> {
+) -> Result<Manifest, PackError> {
     let total = (listing.train.len() + listing.test.len()) as u64;
     let bar = if opts.progress {
         indicatif::ProgressBar::new(total)
@@ -171,9 +254,9 @@ fn pack_into(
         )
     });
     // Workers decode and resize chunk k+1 while the writer thread stores chunk k.
-    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Result<Stored, String>>>(1);
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let writing = scope.spawn(|| -> anyhow::Result<()> {
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Result<Stored, StoreError>>>(1);
+    std::thread::scope(|scope| -> Result<(), PackError> {
+        let writing = scope.spawn(|| -> Result<(), PackError> {
             let mut current = None;
             for (chunk, processed) in work.chunks(CHUNK).zip(receive) {
                 for (&(split, item), result) in chunk.iter().zip(processed) {
@@ -191,7 +274,8 @@ fn pack_into(
                             if split == Split::Train {
                                 stats.add(&stored.sums);
                             }
-                            writer.push(item.label, &stored)?;
+                            let shape = (stored.height, stored.width, stored.channels);
+                            writer.push(item.label, shape, &stored.bytes)?;
                             pool.give(stored.bytes);
                         }
                         Err(reason) if opts.skip_bad => {
@@ -199,14 +283,14 @@ fn pack_into(
                             skipped.push(SkippedImage {
                                 split: split.name().into(),
                                 path: item.name.clone(),
-                                reason,
+                                reason: reason.to_string(),
                             });
                         }
-                        Err(reason) => {
-                            bail!(
-                                "{}: {reason} (pass --skip-bad to leave such images out)",
-                                item.name
-                            )
+                        Err(source) => {
+                            return Err(PackError::Image {
+                                image: item.name.clone(),
+                                source,
+                            });
                         }
                     }
                     bar.inc(1);
@@ -246,22 +330,19 @@ fn pack_into(
             }
         }
         drop(send);
-        writing
-            .join()
-            .map_err(|_| anyhow::anyhow!("the shard writer thread panicked"))?
+        writing.join().map_err(|_| PackError::WriterPanicked)?
     })?;
     let [train, test] = writers;
     let (train, test) = (train.finish()?, test.finish()?);
     // The shards' fsyncs and checksums ran in the background; wait for the last of them.
     bar.set_prefix("syncing");
     let (train, test) = (train.wait()?, test.wait()?);
-    flusher.finish().map_err(anyhow::Error::msg)?;
+    flusher.finish()?;
     bar.finish_and_clear();
     if train.count == 0 {
-        bail!(
-            "no training image could be stored ({} skipped)",
-            skipped.len()
-        );
+        return Err(PackError::NoTrainingImage {
+            skipped: skipped.len(),
+        });
     }
     let channels = stats.channels();
     let (train_mean, train_std) = stats.mean_std(channels);
@@ -294,9 +375,17 @@ fn pack_into(
         train_std,
         skipped,
     };
-    check_classes_after_skips(&manifest.classes, &manifest.train)?;
-    write_file_synced(&dir.join("manifest.json"), manifest.to_json().as_bytes())?;
-    sync_dir(dir)?;
+    let counts: Vec<usize> = (manifest.train.per_class.iter())
+        .map(|&c| c as usize)
+        .collect();
+    let empty = classes_without_training(&manifest.classes, &counts);
+    if !empty.is_empty() {
+        return Err(PackError::ClassesEmptiedBySkips { classes: empty });
+    }
+    // Written last and atomically: a directory with a manifest.json holds every shard it names,
+    // even under its temporary name. Syncing `dir` for the manifest's rename also makes the
+    // shard files' entries durable.
+    atomic::write_file(&dir.join("manifest.json"), manifest.to_json().as_bytes())?;
     Ok(manifest)
 }
 
@@ -320,34 +409,23 @@ pub fn select_per_class(items: Vec<Item>, classes: usize, k: usize, seed: u64) -
         .collect()
 }
 
-fn check_every_class_trains(listing: &Listing) -> anyhow::Result<()> {
+/// Training images per class of the listing.
+fn train_counts(listing: &Listing) -> Vec<usize> {
     let mut counts = vec![0usize; listing.classes.len()];
     for item in &listing.train {
         counts[item.label] += 1;
     }
-    check_counts(&listing.classes, &counts)
+    counts
 }
 
-fn check_classes_after_skips(classes: &[ClassInfo], train: &SplitInfo) -> anyhow::Result<()> {
-    let counts: Vec<usize> = train.per_class.iter().map(|&c| c as usize).collect();
-    check_counts(classes, &counts).context("after leaving out unreadable images")
-}
-
-fn check_counts(classes: &[ClassInfo], counts: &[usize]) -> anyhow::Result<()> {
-    let empty: Vec<String> = classes
+/// The classes, as `id (name)`, whose count is zero.
+fn classes_without_training(classes: &[ClassInfo], counts: &[usize]) -> Vec<String> {
+    classes
         .iter()
         .zip(counts)
         .filter(|(_, n)| **n == 0)
         .map(|(c, _)| format!("{} ({})", c.id, c.name))
-        .collect();
-    if !empty.is_empty() {
-        bail!(
-            "{} class(es) have no training images: {}",
-            empty.len(),
-            empty.join(", ")
-        );
-    }
-    Ok(())
+        .collect()
 }
 
 /// One image ready to be written.
@@ -438,15 +516,18 @@ fn store(
     train: bool,
     resizer: &mut Resizer,
     pool: &BufferPool,
-) -> Result<Stored, String> {
+) -> Result<Stored, StoreError> {
     let pixels = match (&item.data, input) {
-        (_, Some(bytes)) => image_ops::decode_image(&bytes?, pool)
-            .map_err(|e| format!("cannot decode image: {e}"))?,
+        (_, Some(bytes)) => {
+            let bytes = bytes.map_err(|source| StoreError::Read { source })?;
+            image_ops::decode_image(&bytes, pool).map_err(|source| StoreError::Decode { source })?
+        }
         (ImageData::Pixels(p), None) => p.clone(),
-        (ImageData::File(_), None) => return Err("the file was not read".into()),
+        (ImageData::File(_), None) => return Err(StoreError::NotRead),
     };
     let pixels = match short_side {
-        Some(target) => image_ops::resize_short_side(pixels, target, resizer, pool)?,
+        Some(target) => image_ops::resize_short_side(pixels, target, resizer, pool)
+            .map_err(|source| StoreError::Resize { source })?,
         None => pixels,
     };
     // Statistics are of the train split only.
@@ -461,11 +542,11 @@ fn store(
         Encoding::Jpeg => {
             let encoded = image_ops::encode_jpeg(&pixels, opts.jpeg_quality);
             pool.give(pixels.data);
-            encoded?
+            encoded.map_err(|source| StoreError::Encode { source })?
         }
     };
     if bytes.len() > u32::MAX as usize {
-        return Err(format!("{} bytes is too large for one record", bytes.len()));
+        return Err(StoreError::TooLarge { bytes: bytes.len() });
     }
     Ok(Stored {
         bytes,
@@ -474,224 +555,6 @@ fn store(
         channels,
         sums,
     })
-}
-
-/// Bytes written before their write-back to disk is started (see `writeback`); 4 MiB packed
-/// 600 CUB-like images 5-8% faster than 16 MiB here (the disk lags less at the end).
-const WRITEBACK_STEP: u64 = 4 << 20;
-
-/// Bytes written to a shard before a background flush to stable storage is asked for (see
-/// `writeback::Flusher`).
-const FLUSH_STEP: u64 = 32 << 20;
-
-/// Most records in one shard file; bounds the table a writer reserves before it knows the count.
-const MAX_RECORDS_PER_SHARD: u64 = 1 << 16;
-
-/// Writes one split's shard files, streaming records to disk as they come: the head (header and
-/// table) of each file is reserved for the records still to come, and written last.
-struct SplitWriter<'a> {
-    dir: &'a Path,
-    flusher: &'a Flusher,
-    split: Split,
-    shard_bytes: u64,
-    /// Images of the split not yet given to `push` or `skip`.
-    remaining: u64,
-    open: Option<OpenShard>,
-    /// Closed shards, in order, each being synced and checksummed on its own thread.
-    shards: Vec<ClosingShard>,
-    per_class: Vec<u64>,
-}
-
-type ClosingShard = std::thread::JoinHandle<anyhow::Result<ShardInfo>>;
-
-/// A split whose shard files are all written, some perhaps still on their way to disk.
-struct WrittenSplit {
-    per_class: Vec<u64>,
-    shards: Vec<ClosingShard>,
-}
-
-impl WrittenSplit {
-    /// Waits until every shard file is on disk and returns the split's description.
-    fn wait(self) -> anyhow::Result<SplitInfo> {
-        let shards = self
-            .shards
-            .into_iter()
-            .map(|closing| {
-                closing
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("a shard closing thread panicked"))?
-            })
-            .collect::<anyhow::Result<Vec<ShardInfo>>>()?;
-        Ok(SplitInfo {
-            count: shards.iter().map(|s| s.records).sum(),
-            per_class: self.per_class,
-            shards,
-        })
-    }
-}
-
-struct OpenShard {
-    file: String,
-    path: PathBuf,
-    out: std::io::BufWriter<File>,
-    data_offset: u64,
-    reserved: u64,
-    next_offset: u64,
-    /// Records before this offset are already on their way to disk.
-    written_back: u64,
-    /// Where the open shard ended when its last background flush was asked for.
-    flush_asked: u64,
-    entries: Vec<RecordEntry>,
-}
-
-impl<'a> SplitWriter<'a> {
-    fn new(
-        dir: &'a Path,
-        flusher: &'a Flusher,
-        split: Split,
-        shard_bytes: u64,
-        classes: usize,
-        items: usize,
-    ) -> Self {
-        SplitWriter {
-            dir,
-            flusher,
-            split,
-            shard_bytes,
-            remaining: items as u64,
-            open: None,
-            shards: Vec::new(),
-            per_class: vec![0; classes],
-        }
-    }
-
-    /// An image that will not be written (left out by --skip-bad).
-    fn skip(&mut self) {
-        self.remaining = self.remaining.saturating_sub(1);
-    }
-
-    fn push(&mut self, label: usize, s: &Stored) -> anyhow::Result<()> {
-        let full = self.open.as_ref().is_some_and(|o| {
-            o.entries.len() as u64 == o.reserved
-                || o.next_offset - o.data_offset + s.bytes.len() as u64 > self.shard_bytes
-        });
-        if full {
-            self.close()?;
-        }
-        if self.open.is_none() {
-            self.open = Some(self.start()?);
-        }
-        let o = self.open.as_mut().expect("opened above");
-        o.entries.push(RecordEntry {
-            offset: o.next_offset,
-            length: s.bytes.len() as u32,
-            label: label as u32,
-            height: s.height,
-            width: s.width,
-            channels: s.channels,
-        });
-        o.next_offset += s.bytes.len() as u64;
-        o.out
-            .write_all(&s.bytes)
-            .with_context(|| format!("{}: write failed", o.path.display()))?;
-        if o.next_offset - o.written_back >= WRITEBACK_STEP {
-            o.out
-                .flush()
-                .with_context(|| format!("{}: write failed", o.path.display()))?;
-            writeback::start(
-                o.out.get_ref(),
-                o.written_back,
-                o.next_offset - o.written_back,
-            );
-            o.written_back = o.next_offset;
-            if o.next_offset - o.flush_asked >= FLUSH_STEP {
-                self.flusher.request(o.out.get_ref(), &o.path);
-                o.flush_asked = o.next_offset;
-            }
-        }
-        self.per_class[label] += 1;
-        self.remaining = self.remaining.saturating_sub(1);
-        Ok(())
-    }
-
-    fn start(&self) -> anyhow::Result<OpenShard> {
-        let file = format!("{}-{:05}.shard", self.split.name(), self.shards.len());
-        let path = self.dir.join(&file);
-        let reserved = self.remaining.clamp(1, MAX_RECORDS_PER_SHARD);
-        let data_offset = data_offset_for(reserved).context("shard table too large")?;
-        let mut out = std::io::BufWriter::with_capacity(
-            1 << 20,
-            // Readable too: its checksum is computed through a map of this handle once closed.
-            File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .with_context(|| format!("{}: cannot create", path.display()))?,
-        );
-        std::io::Seek::seek(&mut out, std::io::SeekFrom::Start(data_offset))
-            .with_context(|| format!("{}: seek failed", path.display()))?;
-        Ok(OpenShard {
-            file,
-            path,
-            out,
-            data_offset,
-            reserved,
-            next_offset: data_offset,
-            written_back: data_offset,
-            flush_asked: data_offset,
-            entries: Vec::new(),
-        })
-    }
-
-    /// Writes the head of the open shard, then computes its checksum and syncs it on a thread
-    /// of its own, so that the next records need not wait for the disk.
-    fn close(&mut self) -> anyhow::Result<()> {
-        let Some(o) = self.open.take() else {
-            return Ok(());
-        };
-        let head = encode_shard_head(&o.entries, o.data_offset);
-        let write_err = || format!("{}: write failed", o.path.display());
-        let mut file = o
-            .out
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .with_context(write_err)?;
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0)).with_context(write_err)?;
-        file.write_all(&head).with_context(write_err)?;
-        let records = o.entries.len() as u64;
-        let (name, path, bytes) = (o.file, o.path, o.next_offset);
-        self.shards.push(std::thread::spawn(move || {
-            // The checksum is computed from the page cache while the disk is still taking the
-            // last writes, then the fsync waits for whatever of them is left.
-            // SAFETY: the file was written by this process and is not modified while mapped.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("{}: cannot map for its checksum", path.display()))?;
-            let xxh3 = crate::format::checksum(&map);
-            drop(map);
-            file.sync_all()
-                .with_context(|| format!("{}: fsync failed", path.display()))?;
-            Ok(ShardInfo {
-                file: name,
-                records,
-                bytes,
-                xxh3,
-            })
-        }));
-        Ok(())
-    }
-
-    fn finish(mut self) -> anyhow::Result<WrittenSplit> {
-        if self.open.is_none() && self.shards.is_empty() {
-            self.open = Some(self.start()?); // an empty split still has one (empty) shard file
-        }
-        self.close()?;
-        Ok(WrittenSplit {
-            per_class: self.per_class,
-            shards: self.shards,
-        })
-    }
 }
 
 /// Exact per-channel pixel sums of the train split (integers, so order does not matter).
@@ -749,23 +612,13 @@ impl PixelStats {
     }
 }
 
-fn write_file_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut f = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("{}: write failed", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("{}: fsync failed", path.display()))
-}
-
-fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: fsync failed", dir.display()))
+fn sync_dir(dir: &Path) -> Result<(), PackError> {
+    atomic::sync_dir(dir).map_err(PackError::io(dir, "fsync failed"))
 }
 
 /// Moves the finished `tmp` directory to `out`, replacing an existing `out` (only reached with
 /// `--force`) so that at every moment one complete directory exists under one of the names.
-fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
+fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
     if out.exists() {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
@@ -774,20 +627,15 @@ fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             std::process::id()
         ));
-        std::fs::rename(out, &old)
-            .with_context(|| format!("{}: cannot move aside", out.display()))?;
-        std::fs::rename(tmp, out)
-            .with_context(|| format!("{}: cannot rename to {}", tmp.display(), out.display()))?;
+        std::fs::rename(out, &old).map_err(PackError::io(out, "cannot move aside"))?;
+        rename(tmp, out)?;
         if old.is_dir() {
-            std::fs::remove_dir_all(&old)
-                .with_context(|| format!("{}: cannot remove", old.display()))?;
+            std::fs::remove_dir_all(&old).map_err(PackError::io(&old, "cannot remove"))?;
         } else {
-            std::fs::remove_file(&old)
-                .with_context(|| format!("{}: cannot remove", old.display()))?;
+            std::fs::remove_file(&old).map_err(PackError::io(&old, "cannot remove"))?;
         }
     } else {
-        std::fs::rename(tmp, out)
-            .with_context(|| format!("{}: cannot rename to {}", tmp.display(), out.display()))?;
+        rename(tmp, out)?;
     }
     // The rename is durable once the directory holding both names is synced ("" for a bare
     // name means the current directory).
@@ -796,6 +644,14 @@ fn replace_dir(tmp: &Path, out: &Path) -> anyhow::Result<()> {
         _ => sync_dir(Path::new("."))?,
     }
     Ok(())
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), PackError> {
+    std::fs::rename(from, to).map_err(|source| PackError::Rename {
+        from: from.to_path_buf(),
+        to: to.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -94,6 +94,105 @@ impl Value {
     }
 }
 
+/// Why a pickle, or a numpy array inside one, cannot be used.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PickleError {
+    /// The bytes break a rule of the pickle format (or of the safe subset read here).
+    #[error("pickle byte {offset}: {rule}")]
+    Parse { offset: usize, rule: ParseRule },
+    #[error("expected a numpy array, found {found}")]
+    NotAnArray { found: String },
+    #[error("ndarray state is not a tuple")]
+    StateNotATuple,
+    #[error("ndarray state has {fields} fields, expected 5")]
+    StateFields { fields: usize },
+    #[error("ndarray shape is not a tuple")]
+    ShapeNotATuple,
+    #[error("bad ndarray dimension")]
+    BadDimension,
+    #[error("ndarray shape overflows")]
+    ShapeOverflows,
+    #[error("ndarray dtype is not numpy.dtype(code, 0, 1) with a state")]
+    BadDtype,
+    #[error("dtype code {code:?} is not understood")]
+    DtypeCode { code: String },
+    #[error("big-endian dtype {dtype} is not supported")]
+    BigEndian { dtype: String },
+    #[error("dtype {dtype} has no item size")]
+    NoItemSize { dtype: String },
+    #[error("ndarray data is not bytes")]
+    DataNotLatin1,
+    #[error("ndarray data is {found}, expected bytes")]
+    DataNotBytes { found: String },
+    #[error("ndarray of shape {shape:?} and dtype {dtype} needs {expected} bytes, has {found}")]
+    DataSize {
+        shape: Vec<usize>,
+        dtype: String,
+        expected: usize,
+        found: usize,
+    },
+    /// `NdArray::to_f64` does not convert this element type.
+    #[error("dtype {dtype} is not supported")]
+    UnsupportedDtype { dtype: String },
+}
+
+/// The rule of the pickle format that the bytes at [`PickleError::Parse`]'s offset break.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParseRule {
+    #[error("truncated pickle")]
+    Truncated,
+    #[error("length {length} is implausible")]
+    ImplausibleLength { length: u64 },
+    #[error("unterminated text line")]
+    UnterminatedLine,
+    #[error("text line is not UTF-8")]
+    LineNotUtf8,
+    #[error("stack too deep")]
+    StackTooDeep,
+    #[error("pop across a mark")]
+    PopAcrossMark,
+    #[error("stack underflow")]
+    StackUnderflow,
+    #[error("stack underflow building a tuple")]
+    TupleUnderflow,
+    #[error("too many marks")]
+    TooManyMarks,
+    #[error("no mark on the stack")]
+    NoMark,
+    #[error("mark beyond the stack")]
+    MarkBeyondStack,
+    #[error("memo too large")]
+    MemoTooLarge,
+    #[error("memoising an empty stack")]
+    MemoEmptyStack,
+    #[error("bad memo key")]
+    BadMemoKey,
+    #[error("memo key {key} was never stored")]
+    MemoKeyMissing { key: u64 },
+    #[error("SETITEM on {target}")]
+    SetItemOn { target: String },
+    #[error("odd number of items for a dict")]
+    OddDictItems,
+    #[error("APPEND on {target}")]
+    AppendOn { target: String },
+    #[error("pickle protocol {protocol} is not supported")]
+    Protocol { protocol: u8 },
+    #[error("integer of {bytes} bytes is too large")]
+    IntegerTooLarge { bytes: usize },
+    #[error("bad integer {text:?}")]
+    BadInteger { text: String },
+    #[error("bad float {text:?}")]
+    BadFloat { text: String },
+    #[error("unicode string is not UTF-8")]
+    StrNotUtf8,
+    #[error("STACK_GLOBAL name is not a string")]
+    GlobalName,
+    #[error("STACK_GLOBAL module is not a string")]
+    GlobalModule,
+    #[error("opcode 0x{opcode:02x} is not supported")]
+    Opcode { opcode: u8 },
+}
+
 /// Largest container or string length accepted from a length prefix (damage guard).
 const MAX_LEN: usize = 1 << 34;
 /// Most stack entries, marks and memo entries accepted.
@@ -108,7 +207,7 @@ struct Machine<'a> {
 }
 
 /// Parses a pickle into its value tree.
-pub fn parse(bytes: &[u8]) -> Result<Value, String> {
+pub fn parse(bytes: &[u8]) -> Result<Value, PickleError> {
     let mut m = Machine {
         b: bytes,
         pos: 0,
@@ -116,100 +215,101 @@ pub fn parse(bytes: &[u8]) -> Result<Value, String> {
         marks: Vec::new(),
         memo: HashMap::new(),
     };
-    m.run().map_err(|e| format!("pickle byte {}: {e}", m.pos))
+    m.run().map_err(|rule| PickleError::Parse {
+        offset: m.pos,
+        rule,
+    })
 }
 
 impl<'a> Machine<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ParseRule> {
         let end = self
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.b.len())
-            .ok_or("truncated pickle")?;
+            .ok_or(ParseRule::Truncated)?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Result<u8, ParseRule> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Result<u16, ParseRule> {
         let s = self.take(2)?;
         Ok(u16::from_le_bytes([s[0], s[1]]))
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, ParseRule> {
         let s = self.take(4)?;
         Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, ParseRule> {
         let s = self.take(8)?;
         Ok(u64::from_le_bytes(s.try_into().expect("8 bytes")))
     }
-    fn checked_len(n: u64) -> Result<usize, String> {
+    fn checked_len(n: u64) -> Result<usize, ParseRule> {
         usize::try_from(n)
             .ok()
             .filter(|&n| n <= MAX_LEN)
-            .ok_or_else(|| format!("length {n} is implausible"))
+            .ok_or(ParseRule::ImplausibleLength { length: n })
     }
-    fn line(&mut self) -> Result<&'a str, String> {
+    fn line(&mut self) -> Result<&'a str, ParseRule> {
         let rest = &self.b[self.pos..];
         let n = rest
             .iter()
             .position(|&c| c == b'\n')
-            .ok_or("unterminated text line")?;
-        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "text line is not UTF-8")?;
+            .ok_or(ParseRule::UnterminatedLine)?;
+        let s = std::str::from_utf8(&rest[..n]).map_err(|_| ParseRule::LineNotUtf8)?;
         self.pos += n + 1;
         Ok(s)
     }
-    fn push(&mut self, v: Value) -> Result<(), String> {
+    fn push(&mut self, v: Value) -> Result<(), ParseRule> {
         if self.stack.len() >= MAX_ITEMS {
-            return Err("stack too deep".into());
+            return Err(ParseRule::StackTooDeep);
         }
         self.stack.push(v);
         Ok(())
     }
-    fn pop(&mut self) -> Result<Value, String> {
+    fn pop(&mut self) -> Result<Value, ParseRule> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
-            return Err("pop across a mark".into());
+            return Err(ParseRule::PopAcrossMark);
         }
-        self.stack
-            .pop()
-            .ok_or_else(|| "stack underflow".to_string())
+        self.stack.pop().ok_or(ParseRule::StackUnderflow)
     }
-    fn top(&mut self) -> Result<&mut Value, String> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| "stack underflow".to_string())
+    fn top(&mut self) -> Result<&mut Value, ParseRule> {
+        self.stack.last_mut().ok_or(ParseRule::StackUnderflow)
     }
-    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
-        let m = self.marks.pop().ok_or("no mark on the stack")?;
+    fn pop_mark(&mut self) -> Result<Vec<Value>, ParseRule> {
+        let m = self.marks.pop().ok_or(ParseRule::NoMark)?;
         if m > self.stack.len() {
-            return Err("mark beyond the stack".into());
+            return Err(ParseRule::MarkBeyondStack);
         }
         Ok(self.stack.split_off(m))
     }
-    fn memo_put(&mut self, key: u64) -> Result<(), String> {
+    fn memo_put(&mut self, key: u64) -> Result<(), ParseRule> {
         if self.memo.len() >= MAX_ITEMS {
-            return Err("memo too large".into());
+            return Err(ParseRule::MemoTooLarge);
         }
-        let v = self.stack.last().ok_or("memoising an empty stack")?.clone();
+        let v = self.stack.last().ok_or(ParseRule::MemoEmptyStack)?.clone();
         self.memo.insert(key, v);
         Ok(())
     }
-    fn memo_get(&mut self, key: u64) -> Result<(), String> {
+    fn memo_get(&mut self, key: u64) -> Result<(), ParseRule> {
         let v = self
             .memo
             .get(&key)
             .cloned()
-            .ok_or_else(|| format!("memo key {key} was never stored"))?;
+            .ok_or(ParseRule::MemoKeyMissing { key })?;
         self.push(v)
     }
-    fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<(), String> {
+    fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<(), ParseRule> {
         let Value::Dict(d) = target else {
-            return Err(format!("SETITEM on {}", target.describe()));
+            return Err(ParseRule::SetItemOn {
+                target: target.describe(),
+            });
         };
         if !items.len().is_multiple_of(2) {
-            return Err("odd number of items for a dict".into());
+            return Err(ParseRule::OddDictItems);
         }
         let mut d = d.borrow_mut();
         let mut it = items.into_iter();
@@ -218,24 +318,26 @@ impl<'a> Machine<'a> {
         }
         Ok(())
     }
-    fn append(&mut self, target: &Value, items: Vec<Value>) -> Result<(), String> {
+    fn append(&mut self, target: &Value, items: Vec<Value>) -> Result<(), ParseRule> {
         match target {
             Value::List(l) => {
                 l.borrow_mut().extend(items);
                 Ok(())
             }
-            other => Err(format!("APPEND on {}", other.describe())),
+            other => Err(ParseRule::AppendOn {
+                target: other.describe(),
+            }),
         }
     }
 
-    fn run(&mut self) -> Result<Value, String> {
+    fn run(&mut self) -> Result<Value, ParseRule> {
         loop {
             let op = self.u8()?;
             match op {
                 0x80 => {
                     let proto = self.u8()?;
                     if proto > 5 {
-                        return Err(format!("pickle protocol {proto} is not supported"));
+                        return Err(ParseRule::Protocol { protocol: proto });
                     }
                 }
                 0x95 => {
@@ -244,7 +346,7 @@ impl<'a> Machine<'a> {
                 b'.' => return self.pop(),
                 b'(' => {
                     if self.marks.len() >= MAX_ITEMS {
-                        return Err("too many marks".into());
+                        return Err(ParseRule::TooManyMarks);
                     }
                     self.marks.push(self.stack.len());
                 }
@@ -284,7 +386,7 @@ impl<'a> Machine<'a> {
                     };
                     let raw = self.take(n)?;
                     if n > 8 {
-                        return Err(format!("integer of {n} bytes is too large"));
+                        return Err(ParseRule::IntegerTooLarge { bytes: n });
                     }
                     let mut buf = if raw.last().is_some_and(|&b| b & 0x80 != 0) {
                         [0xffu8; 8]
@@ -299,7 +401,9 @@ impl<'a> Machine<'a> {
                     let v = match text {
                         "00" => Value::Bool(false),
                         "01" => Value::Bool(true),
-                        t => Value::Int(t.parse().map_err(|_| format!("bad integer {t:?}"))?),
+                        t => Value::Int(t.parse().map_err(|_| ParseRule::BadInteger {
+                            text: t.to_string(),
+                        })?),
                     };
                     self.push(v)?
                 }
@@ -309,9 +413,11 @@ impl<'a> Machine<'a> {
                 }
                 b'F' => {
                     let t = self.line()?;
-                    self.push(Value::Float(
-                        t.parse().map_err(|_| format!("bad float {t:?}"))?,
-                    ))?
+                    self.push(Value::Float(t.parse().map_err(|_| {
+                        ParseRule::BadFloat {
+                            text: t.to_string(),
+                        }
+                    })?))?
                 }
                 // Byte strings: Python 2 str (read as bytes) and Python 3 bytes / bytearray.
                 b'U' | b'C' | b'T' | b'B' | 0x8e | 0x96 => {
@@ -342,7 +448,7 @@ impl<'a> Machine<'a> {
                         }
                     };
                     let raw = self.take(n)?;
-                    let s = std::str::from_utf8(raw).map_err(|_| "unicode string is not UTF-8")?;
+                    let s = std::str::from_utf8(raw).map_err(|_| ParseRule::StrNotUtf8)?;
                     self.push(Value::Str(s.into()))?
                 }
                 b']' => self.push(Value::List(Rc::default()))?,
@@ -370,7 +476,7 @@ impl<'a> Machine<'a> {
                     if self.stack.len() < n
                         || self.marks.last().is_some_and(|&m| m > self.stack.len() - n)
                     {
-                        return Err("stack underflow building a tuple".into());
+                        return Err(ParseRule::TupleUnderflow);
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
                     self.push(Value::Tuple(Rc::new(items)))?
@@ -404,7 +510,7 @@ impl<'a> Machine<'a> {
                     self.push(Value::List(Rc::new(RefCell::new(items))))?
                 }
                 b'p' => {
-                    let key = self.line()?.parse().map_err(|_| "bad memo key")?;
+                    let key = self.line()?.parse().map_err(|_| ParseRule::BadMemoKey)?;
                     self.memo_put(key)?
                 }
                 b'q' => {
@@ -420,7 +526,7 @@ impl<'a> Machine<'a> {
                     self.memo_put(key)?
                 }
                 b'g' => {
-                    let key = self.line()?.parse().map_err(|_| "bad memo key")?;
+                    let key = self.line()?.parse().map_err(|_| ParseRule::BadMemoKey)?;
                     self.memo_get(key)?
                 }
                 b'h' => {
@@ -437,14 +543,8 @@ impl<'a> Machine<'a> {
                     self.push(Value::Global { module, name })?
                 }
                 0x93 => {
-                    let name = self
-                        .pop()?
-                        .as_text()
-                        .ok_or("STACK_GLOBAL name is not a string")?;
-                    let module = self
-                        .pop()?
-                        .as_text()
-                        .ok_or("STACK_GLOBAL module is not a string")?;
+                    let name = self.pop()?.as_text().ok_or(ParseRule::GlobalName)?;
+                    let module = self.pop()?.as_text().ok_or(ParseRule::GlobalModule)?;
                     self.push(Value::Global { module, name })?
                 }
                 b'R' | 0x81 => {
@@ -463,7 +563,7 @@ impl<'a> Machine<'a> {
                         state: Box::new(state),
                     })?
                 }
-                other => return Err(format!("opcode 0x{other:02x} is not supported")),
+                other => return Err(ParseRule::Opcode { opcode: other }),
             }
         }
     }
@@ -481,36 +581,40 @@ pub struct NdArray {
 
 impl NdArray {
     /// The elements as f64 in C (row-major) order.
-    pub fn to_f64(&self) -> Result<Vec<f64>, String> {
-        let values: Vec<f64> = match self.dtype.as_str() {
-            "f8" => self
-                .data
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
-                .collect(),
-            "f4" => self
-                .data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")).into())
-                .collect(),
-            "u1" => self.data.iter().map(|&v| v.into()).collect(),
-            "i8" => self
-                .data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64)
-                .collect(),
-            "i4" => self
-                .data
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().expect("4")).into())
-                .collect(),
-            other => return Err(format!("dtype {other} is not supported")),
+    pub fn to_f64(&self) -> Result<Vec<f64>, PickleError> {
+        fn le<const N: usize, T>(data: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            data.chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunks of N bytes")))
+                .collect()
+        }
+        let (itemsize, values): (usize, Vec<f64>) = match self.dtype.as_str() {
+            "f8" => (8, le(&self.data, f64::from_le_bytes)),
+            "f4" => (4, le(&self.data, |b| f32::from_le_bytes(b).into())),
+            "u1" => (1, self.data.iter().map(|&v| v.into()).collect()),
+            "i8" => (8, le(&self.data, |b| i64::from_le_bytes(b) as f64)),
+            "i4" => (4, le(&self.data, |b| i32::from_le_bytes(b).into())),
+            other => {
+                return Err(PickleError::UnsupportedDtype {
+                    dtype: other.to_string(),
+                });
+            }
         };
         if !self.fortran_order || self.shape.len() < 2 {
             return Ok(values);
         }
-        // Column-major to row-major, for 2-D arrays.
-        let (rows, cols) = (self.shape[0], self.shape[1..].iter().product::<usize>());
+        // Column-major to row-major, for 2-D arrays. The fields are public: an array not made
+        // by `ndarray` may disagree with its shape, an error here rather than a panic.
+        let rows = self.shape[0];
+        let cols = (self.shape[1..].iter()).try_fold(1usize, |a, &d| a.checked_mul(d));
+        let Some(cols) = cols.filter(|&c| rows.checked_mul(c) == Some(values.len())) else {
+            let count = (self.shape.iter()).try_fold(1usize, |a, &d| a.checked_mul(d));
+            return Err(PickleError::DataSize {
+                shape: self.shape.clone(),
+                dtype: self.dtype.clone(),
+                expected: count.map_or(usize::MAX, |n| n.saturating_mul(itemsize)),
+                found: self.data.len(),
+            });
+        };
         Ok((0..rows * cols)
             .map(|i| values[(i % cols) * rows + i / cols])
             .collect())
@@ -526,8 +630,10 @@ const NUMPY_MULTIARRAY: [&str; 2] = ["numpy.core.multiarray", "numpy._core.multi
 /// Recognises the exact structure numpy pickles an ndarray as:
 /// `BUILD(_reconstruct(ndarray, (0,), b'b'), (version, shape, dtype, fortran, rawdata))`,
 /// with `dtype = BUILD(dtype(code, 0, 1), (3, endian, ...))`. Anything else is an error.
-pub fn ndarray(v: &Value) -> Result<NdArray, String> {
-    let not_array = || format!("expected a numpy array, found {}", v.describe());
+pub fn ndarray(v: &Value) -> Result<NdArray, PickleError> {
+    let not_array = || PickleError::NotAnArray {
+        found: v.describe(),
+    };
     let Value::Build { obj, state } = v else {
         return Err(not_array());
     };
@@ -544,26 +650,25 @@ pub fn ndarray(v: &Value) -> Result<NdArray, String> {
     {
         return Err(not_array());
     }
-    let state = state.items().ok_or("ndarray state is not a tuple")?;
+    let state = state.items().ok_or(PickleError::StateNotATuple)?;
     let [_, shape, dtype, fortran, raw] = state.as_slice() else {
-        return Err(format!(
-            "ndarray state has {} fields, expected 5",
-            state.len()
-        ));
+        return Err(PickleError::StateFields {
+            fields: state.len(),
+        });
     };
     let shape: Vec<usize> = shape
         .items()
-        .ok_or("ndarray shape is not a tuple")?
+        .ok_or(PickleError::ShapeNotATuple)?
         .iter()
         .map(|d| {
             d.as_int()
                 .and_then(|d| usize::try_from(d).ok())
-                .ok_or("bad ndarray dimension")
+                .ok_or(PickleError::BadDimension)
         })
         .collect::<Result<_, _>>()?;
     let (code, endian) = dtype_code(dtype)?;
     if endian == '>' {
-        return Err(format!("big-endian dtype {code} is not supported"));
+        return Err(PickleError::BigEndian { dtype: code });
     }
     let fortran_order = matches!(fortran, Value::Bool(true) | Value::Int(1));
     let data = match raw {
@@ -571,28 +676,28 @@ pub fn ndarray(v: &Value) -> Result<NdArray, String> {
         // Python 2 str pickled with latin-1 semantics and read back as str.
         Value::Str(s) => s
             .chars()
-            .map(|c| u8::try_from(u32::from(c)).map_err(|_| "ndarray data is not bytes"))
+            .map(|c| u8::try_from(u32::from(c)).map_err(|_| PickleError::DataNotLatin1))
             .collect::<Result<_, _>>()?,
         other => {
-            return Err(format!(
-                "ndarray data is {}, expected bytes",
-                other.describe()
-            ));
+            return Err(PickleError::DataNotBytes {
+                found: other.describe(),
+            });
         }
     };
-    let itemsize: usize = code[1..]
-        .parse()
-        .map_err(|_| format!("dtype {code} has no item size"))?;
+    let Ok(itemsize) = code[1..].parse::<usize>() else {
+        return Err(PickleError::NoItemSize { dtype: code });
+    };
     let count = shape
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or("ndarray shape overflows")?;
+        .ok_or(PickleError::ShapeOverflows)?;
     if count.checked_mul(itemsize) != Some(data.len()) {
-        return Err(format!(
-            "ndarray of shape {shape:?} and dtype {code} needs {} bytes, has {}",
-            count.saturating_mul(itemsize),
-            data.len()
-        ));
+        return Err(PickleError::DataSize {
+            expected: count.saturating_mul(itemsize),
+            found: data.len(),
+            shape,
+            dtype: code,
+        });
     }
     Ok(NdArray {
         shape,
@@ -602,28 +707,27 @@ pub fn ndarray(v: &Value) -> Result<NdArray, String> {
     })
 }
 
-fn dtype_code(v: &Value) -> Result<(String, char), String> {
-    let bad = || "ndarray dtype is not numpy.dtype(code, 0, 1) with a state".to_string();
+fn dtype_code(v: &Value) -> Result<(String, char), PickleError> {
     let Value::Build { obj, state } = v else {
-        return Err(bad());
+        return Err(PickleError::BadDtype);
     };
     let Value::Reduce { callable, args } = obj.as_ref() else {
-        return Err(bad());
+        return Err(PickleError::BadDtype);
     };
     if !is_global(callable, &["numpy"], "dtype") {
-        return Err(bad());
+        return Err(PickleError::BadDtype);
     }
     let code = args
         .items()
         .and_then(|a| a.first().and_then(Value::as_text))
-        .ok_or_else(bad)?;
+        .ok_or(PickleError::BadDtype)?;
     let endian = state
         .items()
         .and_then(|s| s.get(1).and_then(Value::as_text))
         .and_then(|e| e.chars().next())
         .unwrap_or('|');
     if code.len() < 2 || !code.is_ascii() {
-        return Err(format!("dtype code {code:?} is not understood"));
+        return Err(PickleError::DtypeCode { code });
     }
     Ok((code, endian))
 }
@@ -663,5 +767,56 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_rule_and_the_byte() {
+        let e = parse(b"\x80\x09.").unwrap_err();
+        assert_eq!(
+            e,
+            PickleError::Parse {
+                offset: 2,
+                rule: ParseRule::Protocol { protocol: 9 }
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "pickle byte 2: pickle protocol 9 is not supported"
+        );
+        let e = parse(b"\xff").unwrap_err();
+        assert_eq!(e.to_string(), "pickle byte 1: opcode 0xff is not supported");
+        let e = ndarray(&parse(b"K\x07.").unwrap()).unwrap_err();
+        assert_eq!(e.to_string(), "expected a numpy array, found an int");
+    }
+
+    #[test]
+    fn fortran_arrays_are_reordered_and_inconsistent_ones_refused() {
+        let a = NdArray {
+            shape: vec![2, 3],
+            dtype: "u1".into(),
+            fortran_order: true,
+            data: vec![1, 4, 2, 5, 3, 6],
+        };
+        assert_eq!(a.to_f64().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let short = NdArray {
+            data: vec![1, 4, 2],
+            ..a.clone()
+        };
+        assert!(matches!(
+            short.to_f64(),
+            Err(PickleError::DataSize {
+                expected: 6,
+                found: 3,
+                ..
+            })
+        ));
+        let other = NdArray {
+            dtype: "c16".into(),
+            ..a
+        };
+        assert_eq!(
+            other.to_f64().unwrap_err().to_string(),
+            "dtype c16 is not supported"
+        );
     }
 }

@@ -15,7 +15,7 @@ use crate::sources::{ImageData, Item};
 
 /// The encoded bytes of one input, or why they could not be read; `None` for an item whose
 /// pixels are already in memory (array sources).
-pub type Input = Option<Result<Vec<u8>, String>>;
+pub type Input = Option<std::io::Result<Vec<u8>>>;
 
 /// Reads the inputs of `items`, in order. All files are opened and announced to the kernel
 /// first, so that it can fetch them concurrently, then read one after the other.
@@ -31,9 +31,9 @@ pub fn read_chunk<'a>(items: impl IntoIterator<Item = &'a Item>) -> Vec<Input> {
         .into_iter()
         .map(|file| {
             file.map(|file| {
-                let mut file = file.map_err(|e| e.to_string())?;
+                let mut file = file?;
                 let mut bytes = Vec::new();
-                file.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+                file.read_to_end(&mut bytes)?;
                 Ok(bytes)
             })
         })

@@ -11,6 +11,22 @@ use memmap2::Mmap;
 use crate::format::{RecordEntry, ShardError, checksum, parse_shard};
 use crate::manifest::{Encoding, MAX_MANIFEST_BYTES, Manifest, Split};
 
+/// Why [`Record::pixels`] cannot give a record's pixels.
+#[derive(Debug, thiserror::Error)]
+pub enum PixelsError {
+    #[error(transparent)]
+    Decode(#[from] crate::image_ops::ImageError),
+    /// (height, width, channels) of the decoded JPEG and of the record table.
+    #[error(
+        "JPEG is {}x{}x{}, the record table says {}x{}x{}",
+        .decoded.0, .decoded.1, .decoded.2, .table.0, .table.1, .table.2
+    )]
+    ShapeMismatch {
+        decoded: (u32, u32, u8),
+        table: (u32, u32, u8),
+    },
+}
+
 /// One image of a split, borrowed from the memory map.
 #[derive(Clone, Copy, Debug)]
 pub struct Record<'a> {
@@ -25,17 +41,15 @@ pub struct Record<'a> {
 impl Record<'_> {
     /// The pixels as row-major HWC u8 with `self.channels` channels: borrowed for raw storage,
     /// decoded for JPEG. A JPEG whose size or channels disagree with the table is an error.
-    pub fn pixels(&self) -> Result<Cow<'_, [u8]>, String> {
+    pub fn pixels(&self) -> Result<Cow<'_, [u8]>, PixelsError> {
         match self.encoding {
             Encoding::Raw => Ok(Cow::Borrowed(self.bytes)),
             Encoding::Jpeg => {
                 let img = crate::image_ops::decode_jpeg(self.bytes)?;
-                if (img.height, img.width, img.channels) != (self.height, self.width, self.channels)
-                {
-                    return Err(format!(
-                        "JPEG is {}x{}x{}, the record table says {}x{}x{}",
-                        img.height, img.width, img.channels, self.height, self.width, self.channels
-                    ));
+                let decoded = (img.height, img.width, img.channels);
+                let table = (self.height, self.width, self.channels);
+                if decoded != table {
+                    return Err(PixelsError::ShapeMismatch { decoded, table });
                 }
                 Ok(Cow::Owned(img.data))
             }

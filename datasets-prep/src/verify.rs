@@ -27,7 +27,7 @@ pub fn verify(dir: &Path) -> Vec<ShardError> {
                         let bytes =
                             &map[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
                         let err = match crate::image_ops::decode_jpeg(bytes) {
-                            Err(reason) => reason,
+                            Err(reason) => reason.to_string(),
                             Ok(p)
                                 if (p.height, p.width, p.channels)
                                     != (e.height, e.width, e.channels) =>

@@ -8,6 +8,8 @@
 
 use std::fs::File;
 
+use crate::format::ShardWriteError;
+
 /// Asks the kernel to start writing `len` bytes at `offset` of `file` to disk, without waiting.
 /// Advisory: errors are ignored here; the background flush (`Flusher`) or the fsync on close
 /// reports them.
@@ -35,7 +37,7 @@ pub fn start(_file: &File, _offset: u64, _len: u64) {}
 pub struct Flusher {
     requests: Option<std::sync::mpsc::SyncSender<(File, std::path::PathBuf)>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<ShardWriteError>>>,
 }
 
 impl Flusher {
@@ -50,10 +52,12 @@ impl Flusher {
                 for (file, path) in receive {
                     // An error here is kept for `finish`: the file's own fsync might not see it
                     // again (the kernel reports a write-back error once per open file).
-                    if let Err(e) = file.sync_data() {
+                    if let Err(source) = file.sync_data() {
                         let mut failed = record.lock().unwrap_or_else(|p| p.into_inner());
-                        failed.get_or_insert_with(|| {
-                            format!("{}: fsync failed: {e}", path.display())
+                        failed.get_or_insert(ShardWriteError::Io {
+                            path,
+                            op: "fsync failed",
+                            source,
                         });
                     }
                 }
@@ -76,7 +80,7 @@ impl Flusher {
 
     /// Waits for the flushes asked for (the one under way and any queued) and reports the first
     /// that failed.
-    pub fn finish(mut self) -> Result<(), String> {
+    pub fn finish(mut self) -> Result<(), ShardWriteError> {
         self.requests = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

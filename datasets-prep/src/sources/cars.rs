@@ -9,11 +9,15 @@ use crate::mat::{self, MatValue};
 pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError> {
     let annos_path = required(source, root, "cars_annos.mat")?;
     let bad = |reason: String| SourceError::invalid(&annos_path, reason);
-    let vars = mat::read_mat(&read_file(&annos_path)?).map_err(&bad)?;
-    let annos = mat::variable(&vars, "annotations").map_err(&bad)?;
-    let paths = annos.struct_field("relative_im_path").map_err(&bad)?;
-    let classes_raw = annos.struct_field("class").map_err(&bad)?;
-    let tests = annos.struct_field("test").map_err(&bad)?;
+    let vars = mat::read_mat(&read_file(&annos_path)?).map_err(|e| bad(e.to_string()))?;
+    let annos = mat::variable(&vars, "annotations").map_err(|e| bad(e.to_string()))?;
+    let paths = annos
+        .struct_field("relative_im_path")
+        .map_err(|e| bad(e.to_string()))?;
+    let classes_raw = annos
+        .struct_field("class")
+        .map_err(|e| bad(e.to_string()))?;
+    let tests = annos.struct_field("test").map_err(|e| bad(e.to_string()))?;
     let names: Vec<String> = match mat::variable(&vars, "class_names") {
         Ok(MatValue::Cell { elements, .. }) => elements
             .iter()

@@ -116,7 +116,7 @@ fn read_binary(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
 
 fn read_python(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
     let bad = |reason: String| SourceError::invalid(path, reason);
-    let root = pickle::parse(&read_file(path)?).map_err(&bad)?;
+    let root = pickle::parse(&read_file(path)?).map_err(|e| bad(e.to_string()))?;
     let label_key = if classes == 100 {
         "fine_labels"
     } else {

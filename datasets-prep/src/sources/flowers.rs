@@ -12,8 +12,9 @@ pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError>
     let jpg = required(source, root, "jpg")?;
 
     let numbers = |path: &Path, var: &str| -> Result<Vec<f64>, SourceError> {
-        let vars = mat::read_mat(&read_file(path)?).map_err(|e| SourceError::invalid(path, e))?;
-        let v = mat::variable(&vars, var).map_err(|e| SourceError::invalid(path, e))?;
+        let vars = mat::read_mat(&read_file(path)?)
+            .map_err(|e| SourceError::invalid(path, e.to_string()))?;
+        let v = mat::variable(&vars, var).map_err(|e| SourceError::invalid(path, e.to_string()))?;
         v.as_numbers()
             .map(<[f64]>::to_vec)
             .map_err(|e| SourceError::invalid(path, format!("{var}: {e}")))

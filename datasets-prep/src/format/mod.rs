@@ -4,8 +4,16 @@
 //! page boundary, then the records' bytes back to back in table order. All integers are
 //! little-endian. Parsing never trusts a length or offset: every rule broken has its own
 //! [`ShardError`] variant naming the file and record.
+//!
+//! This module holds the constants, the header and table encoding, parsing and validation; its
+//! `writer` submodule lays out and writes a split's shard files (errors: [`ShardWriteError`]).
+
+mod writer;
 
 use std::path::{Path, PathBuf};
+
+pub use writer::ShardWriteError;
+pub(crate) use writer::SplitWriter;
 
 /// First 8 bytes of every shard file.
 pub const MAGIC: [u8; 8] = *b"CTSHARD\0";
