@@ -1,17 +1,14 @@
 //! The four objectives (`--loss`), their heads and prediction rules (reference-spec section 1).
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::model::layers::{BatchNorm, linear};
+use crate::choice::Choice;
+use crate::model::layers::{BatchNorm, Pass, linear};
 
 /// `--loss`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossKind {
     /// Softmax cross-entropy.
     Ce,
@@ -23,31 +20,25 @@ pub enum LossKind {
     CosineCe,
 }
 
-pub const LOSS_NAMES: &str = "ce, ce-ls, cosine, cosine-ce";
-
-impl FromStr for LossKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "ce" => LossKind::Ce,
-            "ce-ls" => LossKind::CeLs,
-            "cosine" => LossKind::Cosine,
-            "cosine-ce" => LossKind::CosineCe,
-            _ => return Err(format!("unknown loss '{s}': expected one of {LOSS_NAMES}")),
-        })
-    }
-}
-
-impl fmt::Display for LossKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Choice for LossKind {
+    const WHAT: &'static str = "loss";
+    const ALL: &'static [LossKind] = &[
+        LossKind::Ce,
+        LossKind::CeLs,
+        LossKind::Cosine,
+        LossKind::CosineCe,
+    ];
+    fn name(self) -> &'static str {
+        match self {
             LossKind::Ce => "ce",
             LossKind::CeLs => "ce-ls",
             LossKind::Cosine => "cosine",
             LossKind::CosineCe => "cosine-ce",
-        })
+        }
     }
 }
+
+crate::choice_traits!(LossKind);
 
 impl LossKind {
     pub fn uses_embedding(self) -> bool {
@@ -132,7 +123,12 @@ impl Head {
         }
     }
 
+    /// The head's output for training or evaluation (no synchronised statistics).
     pub fn forward_t(&self, features: &Tensor, train: bool) -> HeadOutput {
+        self.forward(features, Pass::training(train))
+    }
+
+    pub fn forward(&self, features: &Tensor, pass: Pass) -> HeadOutput {
         // Losses and normalisation in fp32 also under bf16 autocast, which leaves a linear
         // layer's output in bf16.
         let out = self.fc.forward(features).to_kind(Kind::Float);
@@ -146,7 +142,7 @@ impl Head {
         let cls_logits = self
             .cls
             .as_ref()
-            .map(|(bn, fc)| f.relu().apply_t(bn, train).apply(fc));
+            .map(|(bn, fc)| bn.forward(&f.relu(), pass).apply(fc));
         HeadOutput {
             primary: f,
             cls_logits,

@@ -44,9 +44,35 @@ pub fn sgdr_cycle(epoch: usize, base: usize, mul: usize) -> SgdrCycle {
 }
 
 /// Total epochs of the first `cycles` SGDR cycles (5 cycles of 12 x 2^i: 372).
-pub fn sgdr_epochs(base: usize, mul: usize, cycles: usize) -> usize {
-    (0..cycles).map(|i| base * mul.pow(i as u32)).sum()
+pub const fn sgdr_epochs(base: usize, mul: usize, cycles: usize) -> usize {
+    let (mut total, mut length, mut i): (usize, usize, usize) = (0, base, 0);
+    while i < cycles {
+        total = total.saturating_add(length);
+        length = length.saturating_mul(mul);
+        i += 1;
+    }
+    total
 }
+
+/// `--schedule`: which [`Schedule`] a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleKind {
+    Sgdr,
+    CosineSteps,
+}
+
+impl crate::choice::Choice for ScheduleKind {
+    const WHAT: &'static str = "schedule";
+    const ALL: &'static [ScheduleKind] = &[ScheduleKind::Sgdr, ScheduleKind::CosineSteps];
+    fn name(self) -> &'static str {
+        match self {
+            ScheduleKind::Sgdr => "sgdr",
+            ScheduleKind::CosineSteps => "cosine-steps",
+        }
+    }
+}
+
+crate::choice_traits!(ScheduleKind);
 
 impl Schedule {
     /// The learning rate of step `step` (0-based, of `steps_per_epoch`) in epoch `epoch` of a run

@@ -68,6 +68,33 @@ pub struct EpochBatches {
 }
 
 impl LoaderSpec {
+    /// The loader of `split` of `shards`: the data's own normalisation (train-split mean and
+    /// std), `channels` as stored, `workers` threads with two batches each buffered, and
+    /// page-locked batches when they go to a GPU.
+    pub fn new(
+        shards: Arc<ShardDir>,
+        split: Split,
+        augment: AugmentConfig,
+        seed: u64,
+        workers: usize,
+        device: tch::Device,
+    ) -> Self {
+        let m = shards.manifest();
+        LoaderSpec {
+            channels: usize::from(m.channels),
+            mean: m.train_mean.iter().map(|&v| v as f32).collect(),
+            // A channel without variation (a constant image border) would divide by zero.
+            std: m.train_std.iter().map(|&v| (v as f32).max(1e-3)).collect(),
+            shards,
+            split,
+            augment,
+            seed,
+            workers,
+            prefetch: 2 * workers.max(1),
+            pin_for: device.is_cuda().then_some(device),
+        }
+    }
+
     /// Starts the workers for one pass over `indices` (dataset record indices) in batches of
     /// `batch`; `train` turns augmentation on with draws seeded by (seed, epoch, record index).
     pub fn start(
@@ -189,7 +216,6 @@ impl LoaderSpec {
                 }
                 let pixels = r
                     .pixels()
-                    .map_err(anyhow::Error::msg)
                     .with_context(|| format!("{} record {i}", self.split.name()))?;
                 let src = Source {
                     pixels: &pixels,

@@ -8,12 +8,12 @@
 //! * [`nccl::NcclCommunicator`]: CUDA tensors over NCCL, loaded at run time; bootstrapped over MPI
 //!   (a lone process needs none).
 
+pub mod job;
 pub mod mpi;
 pub mod nccl;
 pub mod single;
 pub mod watchdog;
 
-use std::fmt;
 use std::sync::Arc;
 
 use tch::Tensor;
@@ -89,10 +89,7 @@ impl AbortHandle {
 }
 
 /// Which backend to use (`--dist`).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     /// MPI on CPU, NCCL when the device is CUDA.
     Auto,
@@ -104,21 +101,27 @@ pub enum Backend {
     Nccl,
 }
 
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl crate::choice::Choice for Backend {
+    const WHAT: &'static str = "backend";
+    const ALL: &'static [Backend] = &[Backend::Auto, Backend::Single, Backend::Mpi, Backend::Nccl];
+    fn name(self) -> &'static str {
+        match self {
             Backend::Auto => "auto",
             Backend::Single => "single",
             Backend::Mpi => "mpi",
             Backend::Nccl => "nccl",
-        })
+        }
     }
 }
+
+crate::choice_traits!(Backend);
 
 /// The backend `backend` stands for on `device`: `Auto` is NCCL for CUDA and MPI otherwise.
 pub fn resolve_backend(backend: Backend, device: crate::runtime::device::DeviceChoice) -> Backend {
     match backend {
-        Backend::Auto if matches!(device, crate::runtime::device::DeviceChoice::Cuda(_)) => Backend::Nccl,
+        Backend::Auto if matches!(device, crate::runtime::device::DeviceChoice::Cuda(_)) => {
+            Backend::Nccl
+        }
         Backend::Auto => Backend::Mpi,
         other => other,
     }

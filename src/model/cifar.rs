@@ -3,9 +3,9 @@
 //! glorot-uniform kernels, as the reference's `cifar_resnet.SmallResNet`.
 
 use tch::Tensor;
-use tch::nn::{self, ModuleT};
+use tch::nn;
 
-use super::layers::{BatchNorm, ConvInit, conv2d};
+use super::layers::{BatchNorm, ConvInit, Pass, conv2d};
 
 #[derive(Debug)]
 struct BasicBlock {
@@ -39,9 +39,9 @@ impl BasicBlock {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let out = out.apply(&self.conv2).apply_t(&self.bn2, train);
+    fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
+        let out = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
+        let out = self.bn2.forward(&out.apply(&self.conv2), pass);
         let mut shortcut = if self.stride > 1 {
             x.avg_pool2d(
                 [self.stride, self.stride],
@@ -106,12 +106,12 @@ impl CifarResNet {
     }
 }
 
-impl ModuleT for CifarResNet {
+impl CifarResNet {
     /// Images (N, C, H, W) to globally average-pooled features (N, out_dim).
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut h = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
+        let mut h = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
         for block in &self.blocks {
-            h = block.forward_t(&h, train);
+            h = block.forward(&h, pass);
         }
         h.mean_dim([2i64, 3].as_slice(), false, tch::Kind::Float)
     }

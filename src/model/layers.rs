@@ -84,14 +84,54 @@ pub fn linear(p: nn::Path, d_in: i64, d_out: i64) -> nn::Linear {
     nn::linear(p, d_in, d_out, config)
 }
 
+/// How BatchNorm layers behave in one forward pass. Every forward takes one explicitly, so no
+/// layer depends on state outside the network.
+#[derive(Clone, Copy)]
+pub enum Pass<'a> {
+    /// Inference: normalise with the running statistics.
+    Eval,
+    /// Training: normalise with the batch's statistics and update the running ones.
+    Train,
+    /// Training with statistics over every rank's batch (`--sync-bn`), summed by `reducer`.
+    TrainSynced(&'a dyn BatchStatsReducer),
+    /// The `batch`-th batch (1-based) of a precise-BN pass ("precise BN", Wu & Johnson 2021):
+    /// the running statistics become the plain average of the pass's batch statistics;
+    /// parameters and update counts are untouched.
+    PreciseStats { batch: i64 },
+}
+
+impl Pass<'_> {
+    /// `Train` or `Eval`.
+    pub fn training(train: bool) -> Pass<'static> {
+        if train { Pass::Train } else { Pass::Eval }
+    }
+
+    /// Whether the layers use batch statistics (every pass but `Eval`).
+    pub fn uses_batch_statistics(&self) -> bool {
+        !matches!(self, Pass::Eval)
+    }
+}
+
+/// Sums per-channel statistics over the ranks of a job, for synchronised BatchNorm. The
+/// data-parallel part of training implements it over its communicator.
+pub trait BatchStatsReducer {
+    /// `packed` (a 1-D f32 tensor on the model's device) summed over all ranks, on the same
+    /// device. A failure ends the job (a rank left out would hang every other rank).
+    fn sum_over_ranks(&self, packed: &Tensor) -> Tensor;
+}
+
 /// Batch normalisation with bias-corrected running statistics.
 ///
 /// libtorch's running averages start at (0, 1) and move by 1% per step, so with the few steps
-/// per epoch of a small dataset they never match the network (`shared/docs/findings.md`: 15%
-/// instead of 63% accuracy). TensorFlow, which the reference ran on, debiases the average by
-/// 1 - decay^t. The same estimate results from updating with momentum (1 - decay) / (1 - decay^t)
-/// at update t, which is what `forward_t` passes to libtorch. So `running_mean`/`running_var`
-/// always hold the corrected values (torchvision-compatible), and `num_batches_tracked` holds t.
+/// per epoch of a small dataset they never match the network (`docs/findings.md`: 15% instead of
+/// 63% accuracy). TensorFlow, which the reference ran on, debiases the average by 1 - decay^t.
+/// The same estimate results from updating with momentum (1 - decay) / (1 - decay^t) at update
+/// t, which is what `forward` passes to libtorch. So `running_mean`/`running_var` always hold the
+/// corrected values (torchvision-compatible), and `num_batches_tracked` holds t.
+///
+/// `num_batches_tracked` lives in host memory whatever the model's device: reading it for the
+/// next momentum never waits for a GPU, and a checkpoint load or an average across ranks that
+/// replaces it is seen at the next update without any cache to invalidate.
 #[derive(Debug)]
 pub struct BatchNorm {
     pub weight: Tensor,
@@ -99,42 +139,6 @@ pub struct BatchNorm {
     pub running_mean: Tensor,
     pub running_var: Tensor,
     pub num_batches_tracked: Tensor,
-    /// Host copy of `num_batches_tracked` (reading the tensor every step would synchronise a
-    /// GPU); `None` until first read, and after `forget_step_count` (e.g. a checkpoint load).
-    steps: std::cell::Cell<Option<i64>>,
-    /// Value of `STEP_COUNT_GENERATION` when `steps` was cached.
-    steps_generation: std::cell::Cell<u64>,
-    /// Precise-BN pass this layer last took part in, and how many batches it has averaged.
-    precise: std::cell::Cell<(u64, i64)>,
-}
-
-/// Bumped by [`forget_all_step_counts`]: every BatchNorm re-reads its buffer on next use.
-static STEP_COUNT_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Makes every BatchNorm re-read `num_batches_tracked` on its next update (after the buffers
-/// were replaced wholesale: a checkpoint load, an average across ranks).
-pub fn forget_all_step_counts() {
-    STEP_COUNT_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-thread_local! {
-    /// Non-zero while `with_precise_bn` runs: the pass's number.
-    static PRECISE_PASS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    static PRECISE_PASSES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-}
-
-/// Runs `f` (forward passes in training mode over training data) with every BatchNorm replacing
-/// its running statistics by the plain average of the batch statistics it sees ("precise BN",
-/// Wu & Johnson 2021). Parameters and update counts are untouched.
-pub fn with_precise_bn<T>(f: impl FnOnce() -> T) -> T {
-    let pass = PRECISE_PASSES.with(|n| {
-        n.set(n.get() + 1);
-        n.get()
-    });
-    PRECISE_PASS.with(|p| p.set(pass));
-    let out = f();
-    PRECISE_PASS.with(|p| p.set(0));
-    out
 }
 
 impl BatchNorm {
@@ -146,51 +150,70 @@ impl BatchNorm {
             running_var: p.ones_no_train("running_var", &[channels]),
             num_batches_tracked: p.add(
                 "num_batches_tracked",
-                Tensor::zeros([], (Kind::Int64, p.device())),
+                Tensor::zeros([], (Kind::Int64, tch::Device::Cpu)),
                 false,
             ),
-            steps: std::cell::Cell::new(Some(0)),
-            steps_generation: std::cell::Cell::new(
-                STEP_COUNT_GENERATION.load(std::sync::atomic::Ordering::Relaxed),
-            ),
-            precise: std::cell::Cell::new((0, 0)),
         }
-    }
-
-    /// Re-reads the update count from the buffer on next use (after its value was replaced).
-    pub fn forget_step_count(&self) {
-        self.steps.set(None);
     }
 
     /// The momentum that makes update `t` (1-based) produce the debiased average.
     pub fn debiased_momentum(t: i64) -> f64 {
         (1.0 - BN_DECAY) / (1.0 - BN_DECAY.powi(t.clamp(1, i32::MAX as i64) as i32))
     }
-}
 
-impl BatchNorm {
     /// Counts one more training update and returns its debiased momentum.
     fn next_update_momentum(&self) -> f64 {
-        let generation = STEP_COUNT_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
-        if self.steps_generation.get() != generation {
-            self.steps_generation.set(generation);
-            self.steps.set(None);
-        }
-        let done = self
-            .steps
-            .get()
-            .unwrap_or_else(|| i64::try_from(&self.num_batches_tracked).unwrap_or(0));
-        let t = done + 1;
-        self.steps.set(Some(t));
+        let t = i64::try_from(&self.num_batches_tracked).unwrap_or(0).max(0) + 1;
         tch::no_grad(|| {
             let _ = self.num_batches_tracked.shallow_clone().fill_(t);
         });
         Self::debiased_momentum(t)
     }
 
+    /// Normalises `xs` (N, C, ...) as `pass` says.
+    pub fn forward(&self, xs: &Tensor, pass: Pass) -> Tensor {
+        if let Pass::TrainSynced(reducer) = pass {
+            return self.forward_synchronised(xs, reducer);
+        }
+        let train = pass.uses_batch_statistics();
+        let channels = xs.size().get(1).copied().unwrap_or(1).max(1);
+        if train && xs.numel() as i64 / channels <= 1 {
+            // One value per channel (a batch of one sample reaching a BatchNorm over features,
+            // e.g. a last batch of 1): the batch variance is undefined, and libtorch would write
+            // NaN into the running variance. Normalise with the batch statistics (the output is
+            // the bias), and leave running statistics and step count alone.
+            return xs.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.0,
+                BN_EPS,
+                true,
+            );
+        }
+        let momentum = match pass {
+            // The k-th batch of a precise pass enters the average with weight 1 / k.
+            Pass::PreciseStats { batch } => 1.0 / batch.max(1) as f64,
+            Pass::Train => self.next_update_momentum(),
+            Pass::Eval | Pass::TrainSynced(_) => 0.0,
+        };
+        xs.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            Some(&self.running_mean),
+            Some(&self.running_var),
+            train,
+            momentum,
+            BN_EPS,
+            true,
+        )
+    }
+
     /// Training-mode normalisation with statistics over the whole job's batch (`--sync-bn`).
-    fn forward_synchronised(&self, xs: &Tensor, sync: &super::sync_bn::SyncContext) -> Tensor {
-        let stats = sync.global_statistics(xs);
+    fn forward_synchronised(&self, xs: &Tensor, reducer: &dyn BatchStatsReducer) -> Tensor {
+        let stats = super::sync_bn::global_statistics(xs, reducer);
         if stats.count > 1.0 {
             let m = self.next_update_momentum();
             let unbiased = stats.count / (stats.count - 1.0);
@@ -212,50 +235,6 @@ impl BatchNorm {
 
 impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let pass = PRECISE_PASS.with(|p| p.get());
-        if train
-            && pass == 0
-            && let Some(sync) = super::sync_bn::active()
-        {
-            return self.forward_synchronised(xs, &sync);
-        }
-        let channels = xs.size().get(1).copied().unwrap_or(1).max(1);
-        if train && xs.numel() as i64 / channels <= 1 {
-            // One value per channel (a batch of one sample reaching a BatchNorm over features,
-            // e.g. a last batch of 1): the batch variance is undefined, and libtorch would write
-            // NaN into the running variance. Normalise with the batch statistics (the output is
-            // the bias), and leave running statistics and step count alone.
-            return xs.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.0,
-                BN_EPS,
-                true,
-            );
-        }
-        let momentum = if train && pass != 0 {
-            // The k-th batch of a precise pass enters the average with weight 1 / k.
-            let (seen_pass, count) = self.precise.get();
-            let k = if seen_pass == pass { count + 1 } else { 1 };
-            self.precise.set((pass, k));
-            1.0 / k as f64
-        } else if train {
-            self.next_update_momentum()
-        } else {
-            0.0
-        };
-        xs.batch_norm(
-            Some(&self.weight),
-            Some(&self.bias),
-            Some(&self.running_mean),
-            Some(&self.running_var),
-            train,
-            momentum,
-            BN_EPS,
-            true,
-        )
+        self.forward(xs, Pass::training(train))
     }
 }

@@ -1,6 +1,6 @@
 //! The backbones (`--arch`): ResNet-50 v1 for large images and CIFAR-style ResNets for small
 //! ones. A backbone maps images (N, C, H, W) to pooled features (N, F); the objective's head
-//! (`crate::objective`) sits on top.
+//! (the objective module) sits on top.
 
 pub mod cifar;
 pub mod layers;
@@ -8,18 +8,19 @@ pub mod resnet50;
 pub mod sync_bn;
 pub mod tiny;
 
-use std::fmt;
-use std::str::FromStr;
-
 use tch::Tensor;
+
 use tch::nn::{self, ModuleT};
 
+use crate::choice::Choice;
+use layers::Pass;
+
 /// The architectures `--arch` accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(into = "String", try_from = "String")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     ResNet50,
-    /// CIFAR ResNet of depth 6n+2: `blocks` basic blocks per stage with the given widths.
+    /// CIFAR ResNet of depth 6n+2 (n basic blocks per stage), widths 16/32/64, or 32/64/128
+    /// when `wide` (the reference's "wfc" variant).
     Cifar {
         depth: usize,
         wide: bool,
@@ -28,71 +29,56 @@ pub enum Arch {
     Tiny,
 }
 
-/// Every value `--arch` accepts, for help and error messages.
-pub const ARCH_NAMES: &str = "resnet50, resnet8 (small, for quick CPU runs), resnet20, resnet32, resnet56, resnet110, resnet110-wfc, tiny-cnn (3 convs, no BatchNorm: smoke tests and exactness checks)";
-
-impl FromStr for Arch {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "resnet50" => Arch::ResNet50,
-            "tiny-cnn" => Arch::Tiny,
-            "resnet8" => Arch::Cifar {
-                depth: 8,
-                wide: false,
-            },
-            "resnet20" => Arch::Cifar {
-                depth: 20,
-                wide: false,
-            },
-            "resnet32" => Arch::Cifar {
-                depth: 32,
-                wide: false,
-            },
-            "resnet56" => Arch::Cifar {
-                depth: 56,
-                wide: false,
-            },
-            "resnet110" => Arch::Cifar {
-                depth: 110,
-                wide: false,
-            },
-            "resnet110-wfc" => Arch::Cifar {
-                depth: 110,
-                wide: true,
-            },
-            _ => {
-                return Err(format!(
-                    "unknown architecture '{s}': expected one of {ARCH_NAMES}"
-                ));
-            }
-        })
-    }
+const fn cifar(depth: usize, wide: bool) -> Arch {
+    Arch::Cifar { depth, wide }
 }
 
-impl fmt::Display for Arch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Choice for Arch {
+    const WHAT: &'static str = "architecture";
+    const ALL: &'static [Arch] = &[
+        Arch::ResNet50,
+        cifar(8, false),
+        cifar(20, false),
+        cifar(32, false),
+        cifar(56, false),
+        cifar(110, false),
+        cifar(110, true),
+        Arch::Tiny,
+    ];
+    fn name(self) -> &'static str {
         match self {
-            Arch::ResNet50 => f.write_str("resnet50"),
-            Arch::Tiny => f.write_str("tiny-cnn"),
-            Arch::Cifar { depth, wide: false } => write!(f, "resnet{depth}"),
-            Arch::Cifar { depth, wide: true } => write!(f, "resnet{depth}-wfc"),
+            Arch::ResNet50 => "resnet50",
+            Arch::Tiny => "tiny-cnn",
+            Arch::Cifar {
+                depth: 8,
+                wide: false,
+            } => "resnet8",
+            Arch::Cifar {
+                depth: 20,
+                wide: false,
+            } => "resnet20",
+            Arch::Cifar {
+                depth: 32,
+                wide: false,
+            } => "resnet32",
+            Arch::Cifar {
+                depth: 56,
+                wide: false,
+            } => "resnet56",
+            Arch::Cifar {
+                depth: 110,
+                wide: false,
+            } => "resnet110",
+            Arch::Cifar {
+                depth: 110,
+                wide: true,
+            } => "resnet110-wfc",
+            Arch::Cifar { .. } => "resnet (unnamed depth)",
         }
     }
 }
 
-impl From<Arch> for String {
-    fn from(a: Arch) -> String {
-        a.to_string()
-    }
-}
-
-impl TryFrom<String> for Arch {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
-}
+crate::choice_traits!(Arch);
 
 impl Arch {
     /// The reference's L2 coefficient on conv and dense kernels (Keras `l2(lambda)`, gradient
@@ -171,12 +157,19 @@ impl Backbone {
     }
 }
 
+impl Backbone {
+    /// Pooled features (N, F) of images (N, C, H, W); `pass` says how BatchNorm behaves.
+    pub fn forward(&self, xs: &Tensor, pass: Pass) -> Tensor {
+        match self {
+            Backbone::ResNet50(m) => m.forward(xs, pass),
+            Backbone::Cifar(m) => m.forward(xs, pass),
+            Backbone::Tiny(m) => m.forward(xs),
+        }
+    }
+}
+
 impl ModuleT for Backbone {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        match self {
-            Backbone::ResNet50(m) => m.forward_t(xs, train),
-            Backbone::Cifar(m) => m.forward_t(xs, train),
-            Backbone::Tiny(m) => m.forward_t(xs, train),
-        }
+        self.forward(xs, Pass::training(train))
     }
 }

@@ -5,9 +5,9 @@
 //! stride on the 3x3 conv, "v1.5"; shapes are identical, the computation differs).
 
 use tch::Tensor;
-use tch::nn::{self, ModuleT};
+use tch::nn;
 
-use super::layers::{BatchNorm, ConvInit, conv2d};
+use super::layers::{BatchNorm, ConvInit, Pass, conv2d};
 
 #[derive(Debug)]
 struct Bottleneck {
@@ -42,12 +42,12 @@ impl Bottleneck {
         }
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let out = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
-        let out = out.apply(&self.conv2).apply_t(&self.bn2, train).relu();
-        let out = out.apply(&self.conv3).apply_t(&self.bn3, train);
+    fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
+        let out = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
+        let out = self.bn2.forward(&out.apply(&self.conv2), pass).relu();
+        let out = self.bn3.forward(&out.apply(&self.conv3), pass);
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => x.apply(conv).apply_t(bn, train),
+            Some((conv, bn)) => bn.forward(&x.apply(conv), pass),
             None => x.shallow_clone(),
         };
         (out + shortcut).relu()
@@ -94,13 +94,14 @@ impl ResNet50 {
     }
 }
 
-impl ModuleT for ResNet50 {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut h = x.apply(&self.conv1).apply_t(&self.bn1, train).relu();
+impl ResNet50 {
+    /// Pooled features of `x`.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
+        let mut h = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
         // Zero padding after a ReLU equals -inf padding: keras' pool1_pad + valid max-pool.
         h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
         for block in &self.blocks {
-            h = block.forward_t(&h, train);
+            h = block.forward(&h, pass);
         }
         h.mean_dim([2i64, 3].as_slice(), false, tch::Kind::Float)
     }

@@ -10,20 +10,9 @@
 //! estimates the other ranks' part by its own (see `global_statistics`). Every rank runs every
 //! BatchNorm, also with an empty share.
 
-use std::cell::Cell;
-
 use tch::{Kind, Tensor};
 
-use crate::dist::{Backend, Communicator};
-
-thread_local! {
-    static ACTIVE: Cell<Option<*const (dyn Communicator + 'static)>> = const { Cell::new(None) };
-}
-
-/// The communicator of the enclosing [`with_sync_bn`], while it runs.
-pub struct SyncContext {
-    comm: *const (dyn Communicator + 'static),
-}
+use super::layers::BatchStatsReducer;
 
 /// Global per-channel statistics of one BatchNorm input.
 pub struct GlobalStatistics {
@@ -35,28 +24,6 @@ pub struct GlobalStatistics {
     pub count: f64,
 }
 
-/// Runs `f` (training forward passes) with every BatchNorm synchronised over `comm`.
-pub fn with_sync_bn<T>(comm: &dyn Communicator, f: impl FnOnce() -> T) -> T {
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            ACTIVE.with(|a| a.set(None));
-        }
-    }
-    let ptr: *const (dyn Communicator + '_) = comm;
-    // SAFETY: only the lifetime is erased. The pointer is dereferenced only by BatchNorms called
-    // inside `f`, while `comm` is still borrowed, and it is cleared when `f` returns or unwinds.
-    let ptr: *const (dyn Communicator + 'static) = unsafe { std::mem::transmute(ptr) };
-    ACTIVE.with(|a| a.set(Some(ptr)));
-    let _reset = Reset;
-    f()
-}
-
-/// The active synchronisation, if any.
-pub fn active() -> Option<SyncContext> {
-    ACTIVE.with(|a| a.get()).map(|comm| SyncContext { comm })
-}
-
 /// The shape that broadcasts a per-channel vector over `xs` (N, C, ...).
 pub fn channel_shape(xs: &Tensor) -> Vec<i64> {
     let mut shape = vec![1i64; xs.dim().max(2)];
@@ -64,54 +31,42 @@ pub fn channel_shape(xs: &Tensor) -> Vec<i64> {
     shape
 }
 
-impl SyncContext {
-    /// Per-channel mean and variance of `xs` (N, C, ...) over every rank's batch.
-    pub fn global_statistics(&self, xs: &Tensor) -> GlobalStatistics {
-        // SAFETY: see `with_sync_bn`; the context only exists inside it.
-        let comm = unsafe { &*self.comm };
-        let channels = xs.size().get(1).copied().unwrap_or(1);
-        let dims: Vec<i64> = (0..xs.dim() as i64).filter(|&d| d != 1).collect();
-        let count_local = if channels > 0 {
-            xs.numel() as i64 / channels
-        } else {
-            0
-        };
-        let x = xs.to_kind(Kind::Float);
-        let sum = x.sum_dim_intlist(dims.as_slice(), false, Kind::Float);
-        let sum_sq = (&x * &x).sum_dim_intlist(dims.as_slice(), false, Kind::Float);
-        let count = Tensor::from_slice(&[count_local as f32]).to_device(xs.device());
-        let packed = Tensor::cat(&[sum.detach(), sum_sq.detach(), count], 0);
-        let mut reduced = if comm.backend() == Backend::Nccl {
-            packed.contiguous()
-        } else {
-            packed.to_device(tch::Device::Cpu).contiguous()
-        };
-        if let Err(e) = comm.all_reduce_sum(&mut reduced) {
-            comm.abort(&format!("synchronised BatchNorm: {e}"), 1);
-        }
-        let reduced = reduced.to_device(xs.device());
-        let total = f64::try_from(reduced.get(2 * channels)).unwrap_or(0.0);
-        let n = total.max(1.0);
-        // The values are the global sums. Their gradient is this rank's part scaled up to the
-        // whole batch (total / local): the other ranks' part of the true gradient is estimated
-        // by this rank's, which keeps the centring of the backward pass consistent (as in a
-        // per-rank BatchNorm, evaluated at the global statistics). Letting only this rank's
-        // part through unscaled centres by a fraction 1/W of what it should, and trains worse
-        // than per-rank statistics.
-        let scale = if count_local > 0 {
-            total / count_local as f64
-        } else {
-            1.0
-        };
-        let global_sum = &sum * scale + (reduced.narrow(0, 0, channels) - &sum * scale).detach();
-        let global_sq =
-            &sum_sq * scale + (reduced.narrow(0, channels, channels) - &sum_sq * scale).detach();
-        let mean = global_sum / n;
-        let var = (global_sq / n - &mean * &mean).clamp_min(0.0);
-        GlobalStatistics {
-            mean,
-            var,
-            count: total,
-        }
+/// Per-channel mean and variance of `xs` (N, C, ...) over every rank's batch.
+pub fn global_statistics(xs: &Tensor, reducer: &dyn BatchStatsReducer) -> GlobalStatistics {
+    let channels = xs.size().get(1).copied().unwrap_or(1);
+    let dims: Vec<i64> = (0..xs.dim() as i64).filter(|&d| d != 1).collect();
+    let count_local = if channels > 0 {
+        xs.numel() as i64 / channels
+    } else {
+        0
+    };
+    let x = xs.to_kind(Kind::Float);
+    let sum = x.sum_dim_intlist(dims.as_slice(), false, Kind::Float);
+    let sum_sq = (&x * &x).sum_dim_intlist(dims.as_slice(), false, Kind::Float);
+    let count = Tensor::from_slice(&[count_local as f32]).to_device(xs.device());
+    let packed = Tensor::cat(&[sum.detach(), sum_sq.detach(), count], 0);
+    let reduced = reducer.sum_over_ranks(&packed);
+    let total = f64::try_from(reduced.get(2 * channels)).unwrap_or(0.0);
+    let n = total.max(1.0);
+    // The values are the global sums. Their gradient is this rank's part scaled up to the
+    // whole batch (total / local): the other ranks' part of the true gradient is estimated by
+    // this rank's, which keeps the centring of the backward pass consistent (as in a per-rank
+    // BatchNorm, evaluated at the global statistics). Letting only this rank's part through
+    // unscaled centres by a fraction 1/W of what it should, and trains worse than per-rank
+    // statistics.
+    let scale = if count_local > 0 {
+        total / count_local as f64
+    } else {
+        1.0
+    };
+    let global_sum = &sum * scale + (reduced.narrow(0, 0, channels) - &sum * scale).detach();
+    let global_sq =
+        &sum_sq * scale + (reduced.narrow(0, channels, channels) - &sum_sq * scale).detach();
+    let mean = global_sum / n;
+    let var = (global_sq / n - &mean * &mean).clamp_min(0.0);
+    GlobalStatistics {
+        mean,
+        var,
+        count: total,
     }
 }

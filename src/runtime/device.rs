@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 /// The device a user asks for. `cuda` without an index means "the GPU of my local rank".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum DeviceChoice {
     Cpu,
     Cuda(Option<usize>),
@@ -33,6 +34,19 @@ impl fmt::Display for DeviceChoice {
             Self::Cuda(None) => f.write_str("cuda"),
             Self::Cuda(Some(i)) => write!(f, "cuda:{i}"),
         }
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
     }
 }
 

@@ -12,6 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// Exit status after a signal made the run checkpoint and stop; resume with `--resume auto`.
 pub const EXIT_PREEMPTED: i32 = 75;
 
+/// A run stopped early on a preemption signal after writing a checkpoint; the program exits
+/// with [`EXIT_PREEMPTED`] and the run resumes later.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped by {signal} after step {step}; checkpoint {checkpoint}; resume with --resume auto"
+)]
+pub struct Stopped {
+    pub signal: &'static str,
+    pub step: u64,
+    pub checkpoint: String,
+}
+
 /// The signals that ask for a checkpoint and a stop.
 const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGUSR1];
 
@@ -26,15 +38,12 @@ pub fn install() {
     INSTALL.call_once(|| {
         for signal in STOP_SIGNALS {
             // Order matters: the exit check runs before the flag that arms it is set.
-            let registered = signal_hook::flag::register_conditional_shutdown(
-                signal,
-                128 + signal,
-                &ARMED,
-            )
-            .and_then(|_| signal_hook::flag::register(signal, &ARMED))
-            .and_then(|_| {
-                signal_hook::flag::register_usize(signal, &RECEIVED, signal as usize)
-            });
+            let registered =
+                signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, &ARMED)
+                    .and_then(|_| signal_hook::flag::register(signal, &ARMED))
+                    .and_then(|_| {
+                        signal_hook::flag::register_usize(signal, &RECEIVED, signal as usize)
+                    });
             if let Err(e) = registered {
                 tracing::warn!(
                     "cannot handle {}: {e}; it will end the process without a checkpoint",

@@ -9,11 +9,11 @@ use anyhow::{Context, bail};
 use datasets_prep::Split;
 use tch::Device;
 
-use super::Network;
-use super::replicas::{average_bn_buffers, share};
+use super::data_parallel::{DataParallel, share};
 use crate::data::batches;
 use crate::data::loader::LoaderSpec;
-use crate::dist::Communicator;
+use crate::model::layers::Pass;
+use crate::network::Network;
 
 /// Correct predictions per class.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -63,11 +63,12 @@ fn ratio(a: u64, b: u64) -> f64 {
 
 /// Class similarities S (C x C, row-major, manifest class order) from a hierarchy file.
 pub fn class_similarity(
-    path: &str,
+    path: &Path,
     is_a: bool,
     classes: &[datasets_prep::manifest::ClassInfo],
 ) -> anyhow::Result<Vec<f64>> {
-    let h = crate::hierarchy::Hierarchy::from_file(Path::new(path), is_a)?;
+    let h = crate::embedding::hierarchy::Hierarchy::from_file(path, is_a)?;
+    let path = path.display();
     let ids: Vec<i64> = classes
         .iter()
         .map(|c| {
@@ -104,10 +105,10 @@ pub fn evaluate(
     classes: usize,
     device: Device,
     similarity: Option<&[f64]>,
-    comm: &dyn Communicator,
+    dp: &DataParallel,
 ) -> anyhow::Result<EvalCounts> {
     let n = loader.shards.split(Split::Test).len();
-    let mine = share(n, comm.size(), comm.rank());
+    let mine = dp.my_share(n);
     let mut total = vec![0u64; classes];
     let mut correct = vec![0u64; classes];
     let mut embedding_correct: Option<Vec<u64>> = None;
@@ -137,7 +138,7 @@ pub fn evaluate(
         }
         Ok(())
     })?;
-    if comm.size() == 1 {
+    if dp.world() == 1 {
         return Ok(EvalCounts {
             total,
             correct,
@@ -157,9 +158,7 @@ pub fn evaluate(
         .collect();
     packed.push(f64::from(u8::from(has_embedding)));
     packed.push(hierarchical_sum);
-    comm.set_context("summing evaluation counts");
-    comm.all_reduce_sum_f64(&mut packed)
-        .context("summing evaluation counts")?;
+    dp.sum_f64(&mut packed, "summing evaluation counts")?;
     let count = |i: usize| packed[i].round() as u64;
     Ok(EvalCounts {
         total: (0..classes).map(count).collect(),
@@ -179,22 +178,21 @@ pub fn recompute_bn_statistics(
     loader: &LoaderSpec,
     batch: usize,
     device: Device,
-    comm: &dyn Communicator,
+    dp: &DataParallel,
 ) -> anyhow::Result<()> {
     let n = loader.shards.split(Split::Train).len();
     let batch = batch.max(1);
-    let mine = share(batches(n, batch), comm.size(), comm.rank());
+    let mine = share(batches(n, batch), dp.world(), dp.rank());
     let plan: Vec<_> = mine
         .clone()
         .map(|b| b * batch..((b + 1) * batch).min(n))
         .collect();
-    tch::no_grad(|| {
-        crate::model::layers::with_precise_bn(|| -> anyhow::Result<()> {
-            for b in loader.start_plan(0, Arc::new((0..n).collect()), plan, false) {
-                let _ = net.forward_t(&b?.to_device(device).0, true);
-            }
-            Ok(())
-        })
+    tch::no_grad(|| -> anyhow::Result<()> {
+        let batches = loader.start_plan(0, Arc::new((0..n).collect()), plan, false);
+        for (k, b) in (1..).zip(batches) {
+            let _ = net.forward(&b?.to_device(device).0, Pass::PreciseStats { batch: k });
+        }
+        Ok(())
     })?;
-    average_bn_buffers(&net.vs, comm, mine.len() as f64)
+    dp.average_bn_buffers(&net.vs, mine.len() as f64)
 }

@@ -1,4 +1,4 @@
-//! Saving and restoring the training state through checkpoints (`crate::checkpoint`), across
+//! Saving and restoring the training state through checkpoints (`run_dir::checkpoint`), across
 //! ranks: every rank joins the collectives, rank 0 reads and writes the files (so checkpoints
 //! need no file system shared between nodes), and a resume on any world size continues with the
 //! same global batches, data order, augmentation draws and learning rates.
@@ -8,68 +8,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
-use crate::checkpoint::{self, BN_RANKS, Loaded, MODEL, OPTIMIZER, State};
+use super::data_parallel::DataParallel;
 use crate::config::RunConfig;
-use crate::dist::Communicator;
 use crate::optim::Sgd;
+use crate::run_dir::checkpoint::{
+    self, BN_RANKS, Loaded, MODEL, OPTIMIZER, ResumeMode, State, checkpoints_dir,
+};
 use crate::tensors::{bn_buffers, sorted_variables};
-
-/// What `--resume` asks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ResumeMode {
-    /// Continue from the newest valid checkpoint of the run directory; there must be one.
-    Last,
-    /// Continue if the run directory has a valid checkpoint, start fresh otherwise.
-    Auto,
-    /// Continue from this checkpoint directory.
-    From(PathBuf),
-}
-
-impl std::str::FromStr for ResumeMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "last" => ResumeMode::Last,
-            "auto" => ResumeMode::Auto,
-            "" => return Err("expected last, auto or a checkpoint directory".into()),
-            path => ResumeMode::From(PathBuf::from(path)),
-        })
-    }
-}
-
-/// The checkpoint directory of a run.
-pub fn checkpoints_dir(run: &Path) -> PathBuf {
-    run.join("checkpoints")
-}
-
-/// xxh3 of the data's manifest: a resume must train on the same data.
-pub fn manifest_hash(data: &str) -> anyhow::Result<String> {
-    checkpoint::file_hash(&Path::new(data).join("manifest.json"))
-}
-
-/// Every rank's BatchNorm running statistics, flattened in `bn_buffers` order: one
-/// all-reduce over a (world x buffers) array in which each rank fills its own row.
-fn gather_bn(vs: &tch::nn::VarStore, comm: &dyn Communicator) -> anyhow::Result<Vec<Vec<f32>>> {
-    let own: Vec<f32> = bn_buffers(vs)
-        .0
-        .iter()
-        .map(|(_, t)| Vec::<f32>::try_from(t.to_device(Device::Cpu).reshape([-1])))
-        .collect::<Result<Vec<_>, _>>()?
-        .concat();
-    let (w, n) = (comm.size(), own.len());
-    if w == 1 || n == 0 {
-        // One rank, or a model without BatchNorm: nothing to exchange.
-        return Ok(vec![own; w]);
-    }
-    let mut all = vec![0f32; w * n];
-    all[comm.rank() * n..(comm.rank() + 1) * n].copy_from_slice(&own);
-    comm.set_context("gathering BatchNorm statistics for a checkpoint");
-    comm.all_reduce_sum_f32(&mut all)
-        .context("gathering BatchNorm statistics")?;
-    Ok(all.chunks(n).map(<[f32]>::to_vec).collect())
-}
 
 /// Writes a checkpoint of the current state (collective; rank 0 writes). Live state is not
 /// changed, so a run that checkpoints more often follows the same trajectory.
@@ -78,12 +25,12 @@ pub fn save(
     keep: usize,
     vs: &tch::nn::VarStore,
     opt: &Sgd,
-    comm: &dyn Communicator,
+    dp: &DataParallel,
     state: State,
 ) -> anyhow::Result<Option<PathBuf>> {
-    let per_rank = gather_bn(vs, comm)?;
+    let per_rank = dp.gather_bn(vs)?;
     let mut written = None;
-    if comm.rank() == 0 {
+    if dp.is_lead() {
         let bn = bn_buffers(vs).0;
         let world = per_rank.len();
         let n = per_rank[0].len();
@@ -139,8 +86,7 @@ pub fn save(
     }
     // Nobody goes on (or exits after a preemption checkpoint) before rank 0 has written it; a
     // failure on rank 0 ends every rank instead.
-    comm.set_context("waiting for rank 0 to write a checkpoint");
-    comm.barrier().context("checkpoint barrier")?;
+    dp.barrier("waiting for rank 0 to write a checkpoint")?;
     Ok(written)
 }
 
@@ -150,11 +96,11 @@ pub fn save(
 pub fn fetch(
     run: &Path,
     mode: &ResumeMode,
-    comm: &dyn Communicator,
+    dp: &DataParallel,
     warn: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Option<Loaded>> {
     let mut found: Option<Loaded> = None;
-    if comm.rank() == 0 {
+    if dp.is_lead() {
         found = match mode {
             ResumeMode::From(dir) => Some(checkpoint::load(dir)?),
             ResumeMode::Last | ResumeMode::Auto => {
@@ -183,9 +129,10 @@ pub fn fetch(
         Some(l) => serde_json::to_vec(&l.state)?,
         None => Vec::new(),
     };
-    comm.set_context("sending the checkpoint to every rank");
-    comm.broadcast_bytes(&mut state_bytes, 0)
-        .context("sending the checkpoint state")?;
+    dp.broadcast_bytes(
+        &mut state_bytes,
+        "sending the checkpoint state to every rank",
+    )?;
     if state_bytes.is_empty() {
         return Ok(None);
     }
@@ -197,8 +144,7 @@ pub fn fetch(
             .as_ref()
             .and_then(|l| l.files.get(name).cloned())
             .unwrap_or_default();
-        comm.broadcast_bytes(&mut bytes, 0)
-            .with_context(|| format!("sending checkpoint file {name}"))?;
+        dp.broadcast_bytes(&mut bytes, &format!("sending checkpoint file {name}"))?;
         files.insert(name.clone(), bytes);
     }
     let dir = found.map(|l| l.dir).unwrap_or_default();
@@ -258,7 +204,7 @@ pub fn restore(
     manifest: &str,
     vs: &tch::nn::VarStore,
     opt: &mut Sgd,
-    comm: &dyn Communicator,
+    dp: &DataParallel,
 ) -> anyhow::Result<()> {
     let where_ = loaded.dir.join(checkpoint::STATE);
     let differences = config_differences(&loaded.state.config, config)?;
@@ -287,8 +233,8 @@ pub fn restore(
     };
     let model: BTreeMap<String, Tensor> = file(MODEL)?.into_iter().collect();
     let mut ranks: BTreeMap<String, Tensor> = BTreeMap::new();
-    if loaded.state.world_size == comm.size() && comm.size() > 1 {
-        let prefix = format!("rank{}/", comm.rank());
+    if loaded.state.world_size == dp.world() && dp.world() > 1 {
+        let prefix = format!("rank{}/", dp.rank());
         for (name, t) in file(BN_RANKS)? {
             if let Some(rest) = name.strip_prefix(&prefix) {
                 ranks.insert(rest.to_string(), t);
@@ -338,23 +284,5 @@ pub fn restore(
         }
         Ok(())
     })?;
-    crate::model::layers::forget_all_step_counts();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resume_modes_parse() {
-        assert_eq!("auto".parse::<ResumeMode>(), Ok(ResumeMode::Auto));
-        assert_eq!("last".parse::<ResumeMode>(), Ok(ResumeMode::Last));
-        assert_eq!(
-            "runs/a/checkpoints/step-000000000010".parse::<ResumeMode>(),
-            Ok(ResumeMode::From(
-                "runs/a/checkpoints/step-000000000010".into()
-            ))
-        );
-    }
 }

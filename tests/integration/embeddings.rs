@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cosine_train::hierarchy::{Hierarchy, unitsphere_embedding};
+use cosine_train::config::EmbeddingSpec;
+use cosine_train::embedding::hierarchy::{Hierarchy, unitsphere_embedding};
+use cosine_train::embedding::npy;
 use datasets_prep::manifest::ClassInfo;
 
 use crate::util::{cosine_train, run, show, stderr};
@@ -126,9 +128,9 @@ fn embed_command_writes_npy_and_ids_that_training_accepts() {
             name: String::new(),
         })
         .collect();
-    let e = cosine_train::embedding::load(out.to_str().unwrap(), &classes).unwrap();
+    let e = cosine_train::embedding::load(&EmbeddingSpec::File(out.clone()), &classes).unwrap();
     let pickle = reference().join("embeddings/cifar100.unitsphere.pickle");
-    let r = cosine_train::embedding::load(pickle.to_str().unwrap(), &classes).unwrap();
+    let r = cosine_train::embedding::load(&EmbeddingSpec::File(pickle), &classes).unwrap();
     let diff = f64::try_from((e - r).abs().max()).unwrap();
     assert!(diff < 1e-6, "npy and reference pickle disagree by {diff}");
     // A class the embedding lacks is refused with its id.
@@ -137,7 +139,7 @@ fn embed_command_writes_npy_and_ids_that_training_accepts() {
         id: "777".into(),
         name: String::new(),
     });
-    let err = cosine_train::embedding::load(out.to_str().unwrap(), &more)
+    let err = cosine_train::embedding::load(&EmbeddingSpec::File(out.clone()), &more)
         .unwrap_err()
         .to_string();
     assert!(err.contains("missing ids [\"777\"]"), "{err}");
@@ -170,7 +172,12 @@ fn the_committed_embeddings_folder_is_what_embed_writes() {
         let h = Hierarchy::from_file(&dir.join(hierarchy), is_a).unwrap();
         let (ids, e) = unitsphere_embedding(&h).unwrap();
         let fresh = tmp.path().join(format!("{name}.npy"));
-        cosine_train::hierarchy::write_npy(&fresh, ids.len(), ids.len(), &e).unwrap();
+        let matrix = npy::Matrix {
+            rows: ids.len(),
+            cols: ids.len(),
+            values: e,
+        };
+        npy::write_matrix(&fresh, &matrix).unwrap();
         let committed = dir.join(format!("{name}.unitsphere.npy"));
         assert!(
             std::fs::read(&committed).unwrap() == std::fs::read(&fresh).unwrap(),

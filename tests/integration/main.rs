@@ -3,9 +3,11 @@
 
 mod cli;
 mod cluster;
+mod compat;
 mod distributed;
 mod embeddings;
 mod launch;
+mod library;
 mod libtorch_cpu;
 mod model;
 mod mpi;

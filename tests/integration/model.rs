@@ -384,7 +384,7 @@ fn l2_and_global_norm_clip_enter_the_update() {
 
 #[test]
 fn batchnorm_running_statistics_are_bias_corrected_and_precise_bn_averages_batches() {
-    use cosine_train::model::layers::{BN_DECAY, BatchNorm, with_precise_bn};
+    use cosine_train::model::layers::{BN_DECAY, BatchNorm, Pass};
     let vs = nn::VarStore::new(Device::Cpu);
     let bn = BatchNorm::new(vs.root() / "bn", 1);
     let batch = |values: &[f32]| Tensor::from_slice(values).reshape([values.len() as i64, 1, 1, 1]);
@@ -408,10 +408,8 @@ fn batchnorm_running_statistics_are_bias_corrected_and_precise_bn_averages_batch
     );
     assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 2);
     // Precise BN: the plain average of the pass's batch means (10 and 20), counter untouched.
-    with_precise_bn(|| {
-        let _ = bn.forward_t(&batch(&[9.0, 11.0]), true);
-        let _ = bn.forward_t(&batch(&[19.0, 21.0]), true);
-    });
+    let _ = bn.forward(&batch(&[9.0, 11.0]), Pass::PreciseStats { batch: 1 });
+    let _ = bn.forward(&batch(&[19.0, 21.0]), Pass::PreciseStats { batch: 2 });
     assert!((mean(&bn.running_mean) - 15.0).abs() < 1e-5);
     assert!((mean(&bn.running_var) - 2.0).abs() < 1e-5);
     assert_eq!(i64::try_from(&bn.num_batches_tracked).unwrap(), 2);

@@ -235,15 +235,41 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
     let data = fashion(10);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
+    // Every option with a fixed set of values: a usage error (exit 2) that names the option
+    // and lists what it accepts, before anything is read or written.
     for (flag, value, expect) in [
         ("--preset", "paper-imagenet-ce", "paper-cub-cosine"),
         ("--arch", "vgg16", "resnet110-wfc"),
         ("--loss", "hinge", "cosine-ce"),
+        ("--schedule", "step", "cosine-steps"),
+        ("--bn-stats", "batch", "precise"),
+        ("--precision", "fp16", "bf16"),
+        ("--channels-last", "maybe", "auto"),
+        ("--dist", "gloo", "nccl"),
+        ("--device", "tpu", "cuda:N"),
+        ("--flip", "sometimes", "true"),
     ] {
         let o = train(&data, &out, &[flag, value]);
-        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
-        assert!(stderr(&o).contains(expect), "{flag} {value}: {}", show(&o));
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", show(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains(expect) && err.contains(flag),
+            "{flag} {value}: {}",
+            show(&o)
+        );
     }
+    // Values no run can have are usage errors too, naming the option.
+    for (args, expect) in [
+        (&["--lr-max", "0.1", "--lr-min", "0.5"][..], "--lr-min"),
+        (&["--epochs", "0"][..], "--epochs 0"),
+        (&["--shift", "0.9"][..], "--shift 0.9"),
+        (&["--sgdr-base", "0"][..], "--sgdr-base 0"),
+    ] {
+        let o = train(&data, &out, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+        assert!(stderr(&o).contains(expect), "{args:?}: {}", show(&o));
+    }
+    assert!(!out.exists(), "nothing written for refused options");
     // An embedding with the wrong number of rows names both counts.
     let npy = tmp.path().join("e.npy");
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();

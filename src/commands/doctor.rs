@@ -3,8 +3,27 @@
 //! Nothing here initialises MPI or touches a GPU, so it is safe on a login node.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
+use clap::Args;
 use serde::Serialize;
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    let report = collect();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.to_text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
 /// The environment report, printed as text or JSON.
 #[derive(Debug, Serialize)]
@@ -42,7 +61,8 @@ pub fn collect() -> EnvReport {
         built_with_cuda_feature: crate::runtime::device::BUILT_WITH_CUDA,
         cuda_available,
         cuda_device_count: tch::Cuda::device_count(),
-        cuda_unavailable_reason: (!cuda_available).then(crate::runtime::device::cuda_unavailable_reason),
+        cuda_unavailable_reason: (!cuda_available)
+            .then(crate::runtime::device::cuda_unavailable_reason),
         cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available())
             .then(tch::utils::version_cudnn),
         mpi_library: crate::dist::mpi::library_version(),

@@ -2,14 +2,33 @@
 //! each rank saw. Users run it to check a new cluster (MPI, NCCL, GPU binding) before training;
 //! the test suite runs it under `mpirun`.
 
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use clap::Args;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
-use crate::cli::CheckDistArgs;
-use crate::dist;
+use super::choice;
+use crate::dist::{self, Backend};
+use crate::runtime::device::DeviceChoice;
+
+#[derive(Debug, Args)]
+pub struct CheckDistArgs {
+    /// Communication backend: auto picks NCCL for CUDA devices and MPI otherwise.
+    #[arg(long, value_parser = choice::<Backend>(), default_value = "auto")]
+    pub dist: Backend,
+    /// Device of the tensors: cpu, cuda (the local rank's GPU) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Number of f32 elements in the all-reduce.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub elements: usize,
+    /// Number of bytes broadcast from rank 0.
+    #[arg(long, default_value_t = (1 << 20) + 3)]
+    pub bytes: usize,
+}
 
 /// What one rank reports.
 #[derive(Debug, Serialize)]
@@ -43,7 +62,16 @@ pub fn broadcast_byte(i: usize) -> u8 {
     (i.wrapping_mul(31) ^ (i >> 8)) as u8
 }
 
-pub fn run(args: &CheckDistArgs) -> anyhow::Result<bool> {
+pub fn run(args: &CheckDistArgs) -> anyhow::Result<ExitCode> {
+    Ok(if check(args)? {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs the checks and prints this rank's report; whether every check passed.
+pub fn check(args: &CheckDistArgs) -> anyhow::Result<bool> {
     let (comm, device) = dist::connect(args.dist, args.device)
         .with_context(|| format!("cannot set up the {} backend", args.dist))?;
     let (rank, size) = (comm.rank(), comm.size());

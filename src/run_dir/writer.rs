@@ -1,30 +1,22 @@
-//! The files of a run directory that rank 0 appends to while training, and atomic writes.
+//! The files rank 0 appends to while a run trains: `metrics.jsonl` (one record per line) and
+//! `log.txt`.
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("{}: write failed", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))
-}
+use super::records::MetricsLine;
+use super::{LOG, METRICS};
 
 /// Appends lines to `metrics.jsonl` and `log.txt`, flushing each.
-pub struct RunFiles {
+pub struct RunWriter {
     metrics: std::fs::File,
     log: std::fs::File,
     echo: bool,
 }
 
-impl RunFiles {
+impl RunWriter {
     pub fn open(out: &Path, echo: bool) -> anyhow::Result<Self> {
         let open = |name: &str| {
             let path = out.join(name);
@@ -34,16 +26,16 @@ impl RunFiles {
                 .open(&path)
                 .with_context(|| format!("{}: cannot open", path.display()))
         };
-        Ok(RunFiles {
-            metrics: open("metrics.jsonl")?,
-            log: open("log.txt")?,
+        Ok(RunWriter {
+            metrics: open(METRICS)?,
+            log: open(LOG)?,
             echo,
         })
     }
     /// Cuts `metrics.jsonl` back to `bytes` (what a checkpoint covered), so that a resumed run
     /// does not repeat lines written after it.
     pub fn truncate_metrics(out: &Path, bytes: u64) -> anyhow::Result<()> {
-        let path = out.join("metrics.jsonl");
+        let path = out.join(METRICS);
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -67,8 +59,10 @@ impl RunFiles {
         self.metrics.metadata().map(|m| m.len()).unwrap_or(0)
     }
 
-    pub fn metric(&mut self, value: &serde_json::Value) -> anyhow::Result<()> {
-        writeln!(self.metrics, "{value}")
+    /// Appends one record to `metrics.jsonl`.
+    pub fn metric(&mut self, line: &MetricsLine) -> anyhow::Result<()> {
+        let text = serde_json::to_string(line).context("encoding a metrics record")?;
+        writeln!(self.metrics, "{text}")
             .and_then(|_| self.metrics.flush())
             .context("writing metrics.jsonl")
     }

@@ -187,22 +187,6 @@ pub fn unitsphere_embedding(h: &Hierarchy) -> anyhow::Result<(Vec<i64>, Vec<f64>
     Ok((leaves.clone(), cholesky(&s, leaves.len())?))
 }
 
-/// Writes a little-endian f8 `.npy` matrix.
-pub fn write_npy(path: &Path, rows: usize, cols: usize, values: &[f64]) -> anyhow::Result<()> {
-    let header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-    // Magic (6) + version (2) + length (2) + header + newline, padded to a multiple of 64.
-    let total = (10 + header.len() + 1).next_multiple_of(64);
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend(((total - 10) as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    bytes.resize(total - 1, b' ');
-    bytes.push(b'\n');
-    for v in values {
-        bytes.extend(v.to_le_bytes());
-    }
-    crate::train::write_atomic(path, &bytes)
-}
-
 #[cfg(test)]
 mod parser_properties {
     use super::*;

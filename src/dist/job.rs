@@ -3,10 +3,17 @@
 
 use std::time::Duration;
 
-use crate::cli::JobArgs;
+use super::watchdog::Watched;
+use super::{Backend, Communicator};
 use crate::runtime::device::DeviceChoice;
-use crate::dist::watchdog::Watched;
-use crate::dist::{self, Communicator};
+
+/// How a process joins its job.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JobOptions {
+    pub backend: Backend,
+    /// How long a collective may wait before the whole job is ended; zero waits forever.
+    pub collective_timeout: Duration,
+}
 
 /// This process's place in its job.
 pub struct Job {
@@ -17,14 +24,12 @@ pub struct Job {
 impl Job {
     /// Connects to the job (`--dist`), picks the local rank's device and sets libtorch's thread
     /// count (`threads`, else [`default_threads`]).
-    pub fn join(args: &JobArgs, device: DeviceChoice, threads: Option<i32>) -> anyhow::Result<Job> {
-        if !(args.collective_timeout >= 0.0 && args.collective_timeout.is_finite()) {
-            anyhow::bail!(
-                "--collective-timeout {}: expected seconds >= 0 (0 waits forever)",
-                args.collective_timeout
-            );
-        }
-        let (comm, device) = dist::connect(args.dist, device)?;
+    pub fn join(
+        options: &JobOptions,
+        device: DeviceChoice,
+        threads: Option<i32>,
+    ) -> anyhow::Result<Job> {
+        let (comm, device) = super::connect(options.backend, device)?;
         let threads = threads.unwrap_or_else(|| default_threads(comm.local_size()));
         tch::set_num_threads(threads.max(1));
         if comm.size() > 1 {
@@ -37,7 +42,7 @@ impl Job {
                 abort.abort(&format!("cosine-train: internal error: {info}"), 1);
             }));
         }
-        let comm = Watched::new(comm, Duration::from_secs_f64(args.collective_timeout));
+        let comm = Watched::new(comm, options.collective_timeout);
         Ok(Job { comm, device })
     }
 
@@ -47,7 +52,7 @@ impl Job {
     pub fn finish<T>(&self, result: anyhow::Result<T>) -> anyhow::Result<T> {
         match result {
             // A preemption stop is agreed by all ranks; each exits by itself.
-            Err(e) if e.is::<crate::train::Stopped>() => Err(e),
+            Err(e) if e.is::<crate::runtime::signals::Stopped>() => Err(e),
             Err(e) if self.comm.size() > 1 => self.comm.abort(&format!("cosine-train: {e:#}"), 1),
             other => other,
         }

@@ -23,6 +23,39 @@ use tch::{Kind, Tensor};
 
 use crate::config::RunConfig;
 
+/// What `--resume` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResumeMode {
+    /// Continue from the newest valid checkpoint of the run directory; there must be one.
+    Last,
+    /// Continue if the run directory has a valid checkpoint, start fresh otherwise.
+    Auto,
+    /// Continue from this checkpoint directory.
+    From(PathBuf),
+}
+
+impl std::str::FromStr for ResumeMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "last" => ResumeMode::Last,
+            "auto" => ResumeMode::Auto,
+            "" => return Err("expected last, auto or a checkpoint directory".into()),
+            path => ResumeMode::From(PathBuf::from(path)),
+        })
+    }
+}
+
+/// The checkpoint directory of a run.
+pub fn checkpoints_dir(run: &Path) -> PathBuf {
+    run.join(super::CHECKPOINTS)
+}
+
+/// xxh3 of the data's manifest: a resume must train on the same data.
+pub fn manifest_hash(data: &Path) -> anyhow::Result<String> {
+    file_hash(&data.join("manifest.json"))
+}
+
 pub const STATE: &str = "state.json";
 pub const MODEL: &str = "model.safetensors";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
@@ -147,10 +180,8 @@ fn write_synced(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .with_context(|| format!("{}: write failed", path.display()))
 }
 
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    datasets_prep::atomic::sync_dir(dir).with_context(|| format!("{}: cannot sync", dir.display()))
 }
 
 /// Writes a checkpoint into `root/<name>` atomically (see the module doc) and returns its path.
@@ -187,14 +218,14 @@ pub fn write(
             &partial.join(STATE),
             serde_json::to_string_pretty(&state)?.as_bytes(),
         )?;
-        sync_dir(&partial);
+        sync_dir(&partial)?;
         if target.exists() {
             std::fs::remove_dir_all(&target)
                 .with_context(|| format!("{}: cannot replace", target.display()))?;
         }
         std::fs::rename(&partial, &target)
             .with_context(|| format!("{}: cannot rename into place", target.display()))?;
-        sync_dir(root);
+        sync_dir(root)?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -306,6 +337,18 @@ pub fn prune(root: &Path, keep: usize) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_modes_parse() {
+        assert_eq!("auto".parse::<ResumeMode>(), Ok(ResumeMode::Auto));
+        assert_eq!("last".parse::<ResumeMode>(), Ok(ResumeMode::Last));
+        assert_eq!(
+            "runs/a/checkpoints/step-000000000010".parse::<ResumeMode>(),
+            Ok(ResumeMode::From(
+                "runs/a/checkpoints/step-000000000010".into()
+            ))
+        );
+    }
 
     #[test]
     fn safetensors_round_trip_keeps_names_kinds_and_values() {

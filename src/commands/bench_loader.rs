@@ -10,11 +10,38 @@ use anyhow::Context;
 use datasets_prep::{ShardDir, Split};
 use serde_json::{Value, json};
 
-use crate::cli::BenchLoaderArgs;
+use clap::Args;
+
 use crate::data::epoch_order;
 use crate::data::loader::LoaderSpec;
 
-pub fn run(args: &BenchLoaderArgs) -> anyhow::Result<Value> {
+#[derive(Debug, Args)]
+pub struct BenchLoaderArgs {
+    /// Shard directory.
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Images per batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Loader threads.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Timed passes over the training split (after one untimed pass).
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Square random crop (with flips and random erasing, as for the fine-grained datasets);
+    /// 0 keeps the stored size.
+    #[arg(long, default_value_t = 448)]
+    pub crop: u32,
+}
+
+pub fn run(args: &BenchLoaderArgs) -> anyhow::Result<std::process::ExitCode> {
+    println!("{}", serde_json::to_string(&measure(args)?)?);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Times the loader: the report printed as JSON.
+pub fn measure(args: &BenchLoaderArgs) -> anyhow::Result<Value> {
     let shards = Arc::new(ShardDir::open(&args.data).with_context(|| {
         format!(
             "--data {}: not a usable shard directory",
@@ -22,25 +49,18 @@ pub fn run(args: &BenchLoaderArgs) -> anyhow::Result<Value> {
         )
     })?);
     let m = shards.manifest().clone();
-    // The fine-grained datasets' training augmentation (448 crops, flips, random erasing).
-    let augment = crate::data::augment::AugmentConfig {
-        crop: (args.crop > 0).then_some(args.crop),
-        hflip: true,
-        erase_prob: 0.5,
-        shift: 0.0,
-    };
-    let spec = LoaderSpec {
-        shards: Arc::clone(&shards),
-        split: Split::Train,
+    // The fine-grained datasets' training augmentation (crops, flips, random erasing).
+    let mut augment =
+        crate::config::defaults::augment_for(Some(&datasets_prep::sources::Source::Cub));
+    augment.crop = (args.crop > 0).then_some(args.crop);
+    let spec = LoaderSpec::new(
+        Arc::clone(&shards),
+        Split::Train,
         augment,
-        channels: usize::from(m.channels),
-        mean: m.train_mean.iter().map(|&v| v as f32).collect(),
-        std: m.train_std.iter().map(|&v| (v as f32).max(1e-3)).collect(),
-        seed: 0,
-        workers: args.workers,
-        prefetch: 2 * args.workers.max(1),
-        pin_for: None,
-    };
+        0,
+        args.workers,
+        tch::Device::Cpu,
+    );
     let n = m.train.count as usize;
     let mut images = 0usize;
     let mut shape = Vec::new();

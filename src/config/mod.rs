@@ -1,0 +1,371 @@
+//! The run configuration: resolved once from a preset, the command line and the data's source,
+//! written to `config.json` and into every checkpoint, and the only input of a run besides the
+//! data. Nothing here knows about the command-line parser: the command layer turns flags into
+//! [`Overrides`], and [`RunConfig::resolve`] does the rest.
+
+pub mod defaults;
+pub mod presets;
+
+use std::path::{Path, PathBuf};
+
+use datasets_prep::sources::Source;
+use serde::{Deserialize, Serialize};
+
+pub use presets::{Preset, UnknownPreset, preset_names};
+
+use crate::choice::Choice;
+use crate::data::augment::AugmentConfig;
+pub use crate::embedding::EmbeddingSpec;
+use crate::model::Arch;
+use crate::objective::{LossKind, ObjectiveConfig};
+use crate::runtime::device::DeviceChoice;
+use crate::schedule::{Schedule, ScheduleKind, sgdr_epochs};
+
+/// `--bn-stats`: the BatchNorm statistics evaluation uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BnStats {
+    /// The reference's bias-corrected moving average of the training batches' statistics.
+    Ema,
+    /// Recomputed over the un-augmented training images before each evaluation.
+    Precise,
+}
+
+impl Choice for BnStats {
+    const WHAT: &'static str = "BatchNorm statistics";
+    const ALL: &'static [BnStats] = &[BnStats::Ema, BnStats::Precise];
+    fn name(self) -> &'static str {
+        match self {
+            BnStats::Ema => "ema",
+            BnStats::Precise => "precise",
+        }
+    }
+}
+
+crate::choice_traits!(BnStats);
+
+/// `--precision`: the arithmetic of the training forward and backward passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    /// bfloat16 autocast on the device (evaluation stays in fp32).
+    Bf16,
+}
+
+impl Choice for Precision {
+    const WHAT: &'static str = "precision";
+    const ALL: &'static [Precision] = &[Precision::Fp32, Precision::Bf16];
+    fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+crate::choice_traits!(Precision);
+
+/// Everything that decides a run's result. Serialised as `config.json`'s `config` object; the
+/// key names and value spellings are a file format (old run directories must keep reading).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The shard directory.
+    pub data: PathBuf,
+    pub arch: Arch,
+    pub objective: ObjectiveConfig,
+    pub embedding: EmbeddingSpec,
+    pub schedule: Schedule,
+    pub epochs: usize,
+    /// Global batch size (split across ranks in distributed runs).
+    pub batch_size: usize,
+    pub momentum: f64,
+    pub clip_norm: Option<f64>,
+    pub augment: AugmentConfig,
+    /// Evaluate on the test split every this many epochs (and after the last).
+    pub eval_every: usize,
+    pub bn_stats: BnStats,
+    /// A class hierarchy for the hierarchical accuracy (mean of 1 - h(LCS(pred, true)) / H).
+    #[serde(default)]
+    pub hierarchy: Option<PathBuf>,
+    #[serde(default)]
+    pub hierarchy_is_a: bool,
+    pub seed: u64,
+    pub device: DeviceChoice,
+    pub precision: Precision,
+    /// BatchNorm statistics over the whole job's batch in training (multi-rank runs).
+    #[serde(default)]
+    pub sync_bn: bool,
+}
+
+/// What the user set for a run; `None` leaves a value to the preset, then to the data's source,
+/// then to [`defaults`].
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub preset: Option<Preset>,
+    pub arch: Option<Arch>,
+    pub loss: Option<LossKind>,
+    pub label_smoothing: Option<f64>,
+    pub cls_weight: Option<f64>,
+    pub ce_clip: bool,
+    pub embedding: Option<EmbeddingSpec>,
+    pub lr_max: Option<f64>,
+    pub lr_min: Option<f64>,
+    pub schedule: Option<ScheduleKind>,
+    pub epochs: Option<usize>,
+    pub sgdr_base: Option<usize>,
+    pub sgdr_mul: Option<usize>,
+    pub batch_size: Option<usize>,
+    /// 0 disables clipping.
+    pub clip_norm: Option<f64>,
+    /// 0 keeps the stored size.
+    pub crop: Option<u32>,
+    pub flip: Option<bool>,
+    pub erase_prob: Option<f64>,
+    pub shift: Option<f64>,
+    pub eval_every: Option<usize>,
+    pub bn_stats: Option<BnStats>,
+    pub sync_bn: bool,
+    pub hierarchy: Option<PathBuf>,
+    pub hierarchy_is_a: bool,
+    pub seed: Option<u64>,
+    pub device: Option<DeviceChoice>,
+    pub precision: Option<Precision>,
+}
+
+/// A value or a combination of values no run can have. The command line reports these as
+/// usage errors (exit status 2).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--lr-max {max} / --lr-min {min}: expected 0 <= lr-min <= lr-max and lr-max > 0")]
+    LearningRates { max: f64, min: f64 },
+    #[error("--{option} {value}: expected {expected}")]
+    OutOfRange {
+        option: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+}
+
+fn check(
+    ok: bool,
+    option: &'static str,
+    value: impl ToString,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            option,
+            value: value.to_string(),
+            expected,
+        })
+    }
+}
+
+impl RunConfig {
+    /// The configuration of a run on the shard directory `data`, packed from `source` (`None`:
+    /// a source this program does not know): every value from `given`, else the preset, else the
+    /// source's augmentation and the [`defaults`].
+    pub fn resolve(
+        data: &Path,
+        given: &Overrides,
+        source: Option<&Source>,
+    ) -> Result<RunConfig, ConfigError> {
+        let preset = given.preset.as_ref();
+        let arch = given
+            .arch
+            .or(preset.map(|p| p.arch))
+            .unwrap_or(defaults::ARCH);
+        let loss = given
+            .loss
+            .or(preset.map(|p| p.loss))
+            .unwrap_or(defaults::LOSS);
+        let lr_max = given
+            .lr_max
+            .or(preset.map(|p| p.lr_max))
+            .unwrap_or(defaults::LR_MAX);
+        let lr_min = given.lr_min.unwrap_or(defaults::LR_MIN);
+        if !(lr_max > 0.0 && lr_max.is_finite() && lr_min >= 0.0 && lr_min <= lr_max) {
+            return Err(ConfigError::LearningRates {
+                max: lr_max,
+                min: lr_min,
+            });
+        }
+        let base = given.sgdr_base.unwrap_or(defaults::SGDR_BASE);
+        let mul = given.sgdr_mul.unwrap_or(defaults::SGDR_MUL);
+        check(base >= 1, "sgdr-base", base, "at least 1 epoch")?;
+        check(mul >= 1, "sgdr-mul", mul, "a factor of at least 1")?;
+        let schedule = match given.schedule.unwrap_or(ScheduleKind::Sgdr) {
+            ScheduleKind::Sgdr => Schedule::Sgdr {
+                max_lr: lr_max,
+                min_lr: lr_min,
+                base,
+                mul,
+            },
+            ScheduleKind::CosineSteps => Schedule::CosineSteps {
+                max_lr: lr_max,
+                min_lr: lr_min,
+            },
+        };
+        let epochs = given
+            .epochs
+            .or(preset.map(|p| p.epochs))
+            .unwrap_or_else(|| sgdr_epochs(base, mul, defaults::CYCLES));
+        check(epochs >= 1, "epochs", epochs, "at least 1")?;
+        let batch_size = given
+            .batch_size
+            .or(preset.map(|p| p.batch_size))
+            .unwrap_or(defaults::BATCH_SIZE);
+        check(batch_size >= 1, "batch-size", batch_size, "at least 1")?;
+        let label_smoothing = given.label_smoothing.unwrap_or(defaults::LABEL_SMOOTHING);
+        check(
+            (0.0..1.0).contains(&label_smoothing),
+            "label-smoothing",
+            label_smoothing,
+            "0 <= ls < 1",
+        )?;
+        let cls_weight = given.cls_weight.unwrap_or(defaults::CLS_WEIGHT);
+        check(
+            cls_weight >= 0.0 && cls_weight.is_finite(),
+            "cls-weight",
+            cls_weight,
+            "a weight >= 0",
+        )?;
+        let clip_norm = given.clip_norm.unwrap_or(defaults::CLIP_NORM);
+        check(
+            clip_norm >= 0.0 && !clip_norm.is_nan(),
+            "clip-norm",
+            clip_norm,
+            "a norm >= 0 (0 disables clipping)",
+        )?;
+        let eval_every = given.eval_every.unwrap_or(defaults::EVAL_EVERY);
+        check(
+            eval_every >= 1,
+            "eval-every",
+            eval_every,
+            "at least 1 epoch",
+        )?;
+        Ok(RunConfig {
+            data: data.to_path_buf(),
+            arch,
+            objective: ObjectiveConfig {
+                loss,
+                label_smoothing,
+                cls_weight,
+                keras_ce_clip: given.ce_clip,
+            },
+            embedding: given.embedding.clone().unwrap_or(EmbeddingSpec::OneHot),
+            schedule,
+            epochs,
+            batch_size,
+            momentum: defaults::MOMENTUM,
+            clip_norm: (clip_norm > 0.0).then_some(clip_norm),
+            augment: resolve_augment(given, preset, source)?,
+            eval_every,
+            bn_stats: given.bn_stats.unwrap_or(BnStats::Ema),
+            hierarchy: given.hierarchy.clone(),
+            hierarchy_is_a: given.hierarchy_is_a,
+            seed: given.seed.unwrap_or(defaults::SEED),
+            device: given.device.unwrap_or(DeviceChoice::Cpu),
+            precision: given.precision.unwrap_or(Precision::Fp32),
+            sync_bn: given.sync_bn,
+        })
+    }
+}
+
+/// The preset's augmentation (or the source's), with the flags given over it.
+fn resolve_augment(
+    given: &Overrides,
+    preset: Option<&Preset>,
+    source: Option<&Source>,
+) -> Result<AugmentConfig, ConfigError> {
+    let mut augment = preset.map_or_else(|| defaults::augment_for(source), |p| p.augment.clone());
+    if let Some(c) = given.crop {
+        augment.crop = (c > 0).then_some(c);
+    }
+    if let Some(f) = given.flip {
+        augment.hflip = f;
+    }
+    if let Some(p) = given.erase_prob {
+        check(
+            (0.0..=1.0).contains(&p),
+            "erase-prob",
+            p,
+            "a probability in 0..=1",
+        )?;
+        augment.erase_prob = p;
+    }
+    if let Some(s) = given.shift {
+        check((0.0..0.5).contains(&s), "shift", s, "a fraction in 0..0.5")?;
+        augment.shift = s;
+    }
+    Ok(augment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_preset_and_flags_resolve_in_that_order() {
+        let data = Path::new("d");
+        let plain = RunConfig::resolve(data, &Overrides::default(), Some(&Source::Idx)).unwrap();
+        assert_eq!(
+            (plain.arch, plain.epochs, plain.batch_size),
+            (defaults::ARCH, 36, 100)
+        );
+        assert!(!plain.augment.hflip, "IDX images are not flipped");
+        let given = Overrides {
+            preset: Some("paper-cub-ce".parse().unwrap()),
+            batch_size: Some(32),
+            ..Default::default()
+        };
+        let c = RunConfig::resolve(data, &given, Some(&Source::Idx)).unwrap();
+        assert_eq!((c.arch, c.epochs, c.batch_size), (Arch::ResNet50, 372, 32));
+        assert_eq!(c.schedule.max_lr(), 0.05);
+        assert_eq!(c.augment.crop, Some(448));
+    }
+
+    #[test]
+    fn impossible_values_name_the_option() {
+        let bad = |o: Overrides| {
+            RunConfig::resolve(Path::new("d"), &o, None)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            bad(Overrides {
+                lr_min: Some(1.0),
+                ..Default::default()
+            })
+            .contains("--lr-min")
+        );
+        assert!(
+            bad(Overrides {
+                epochs: Some(0),
+                ..Default::default()
+            })
+            .contains("--epochs 0")
+        );
+        assert!(
+            bad(Overrides {
+                shift: Some(0.7),
+                ..Default::default()
+            })
+            .contains("--shift")
+        );
+    }
+
+    #[test]
+    fn typed_values_keep_their_config_json_spelling() {
+        let c = RunConfig::resolve(Path::new("d"), &Overrides::default(), None).unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["bn_stats"], "ema");
+        assert_eq!(v["precision"], "fp32");
+        assert_eq!(v["device"], "cpu");
+        assert_eq!(v["embedding"], "onehot");
+        assert_eq!(v["arch"], "resnet20");
+        let back: RunConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,204 @@
+//! The comparison plot: test top-1 and training loss per epoch (one line per run) above the
+//! learning rate, as a PNG.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+
+use super::{EpochPoint, RunInfo};
+
+/// Registers a TrueType font for the plot's text: `COSINE_FONT`, else DejaVu Sans or Liberation
+/// Sans from their Debian locations (`launch/setup.sh` installs `fonts-dejavu-core`).
+fn register_font() -> anyhow::Result<()> {
+    let candidates: Vec<PathBuf> = std::env::var_os("COSINE_FONT")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            [
+                "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+                "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+                "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+                "/usr/share/fonts/TTF/DejaVuSans.ttf",
+            ]
+            .map(PathBuf::from),
+        )
+        .collect();
+    for path in &candidates {
+        if let Ok(bytes) = std::fs::read(path) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            if plotters::style::register_font(
+                "sans-serif",
+                plotters::style::FontStyle::Normal,
+                bytes,
+            )
+            .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+    bail!(
+        "no usable font for the plot's text (looked for {}); install fonts-dejavu-core or set COSINE_FONT to a .ttf file",
+        candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Line colours (the "tab10" palette): distinct, and readable on white.
+const PALETTE: [(u8, u8, u8); 10] = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+/// One chart of the plot: a value per epoch.
+struct Panel {
+    title: &'static str,
+    y_desc: &'static str,
+    value: fn(&EpochPoint) -> Option<f64>,
+    y_max: f64,
+}
+
+impl Panel {
+    fn new(
+        title: &'static str,
+        y_desc: &'static str,
+        value: fn(&EpochPoint) -> Option<f64>,
+        y_max: f64,
+    ) -> Self {
+        Panel {
+            title,
+            y_desc,
+            value,
+            y_max,
+        }
+    }
+}
+
+/// Plot size in pixels.
+pub const PLOT_SIZE: (u32, u32) = (1200, 900);
+
+/// Draws test top-1 and training loss per epoch (one line per run) with the learning rate
+/// underneath into a PNG at `path`.
+pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    register_font()?;
+    let plotted: Vec<&RunInfo> = runs.iter().filter(|r| !r.points.is_empty()).collect();
+    if plotted.is_empty() {
+        bail!("no run has any epoch to plot");
+    }
+    let max_epoch = plotted
+        .iter()
+        .flat_map(|r| r.points.iter().map(|p| p.epoch))
+        .fold(1.0f64, f64::max);
+    let series = |r: &RunInfo, f: fn(&EpochPoint) -> Option<f64>| -> Vec<(f64, f64)> {
+        r.points
+            .iter()
+            .filter_map(|p| f(p).filter(|v| v.is_finite()).map(|v| (p.epoch, v)))
+            .collect()
+    };
+    let max_of = |f: fn(&EpochPoint) -> Option<f64>| {
+        plotted
+            .iter()
+            .flat_map(|r| series(r, f))
+            .map(|(_, v)| v)
+            .fold(0.0f64, f64::max)
+    };
+    let (width, height) = PLOT_SIZE;
+    let mut rgb = vec![0u8; width as usize * height as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, PLOT_SIZE).into_drawing_area();
+        root.fill(&WHITE)?;
+        let (upper, lower) = root.split_vertically(PLOT_SIZE.1 * 2 / 3);
+        let (left, right) = upper.split_horizontally(PLOT_SIZE.0 / 2);
+        let colour = |i: usize| {
+            let (r, g, b) = PALETTE[i % PALETTE.len()];
+            RGBColor(r, g, b)
+        };
+        let panels = [
+            (
+                &left,
+                Panel::new("test top-1", "top-1", |p| p.test_top1, 1.0),
+            ),
+            (
+                &right,
+                Panel::new(
+                    "training loss",
+                    "loss",
+                    |p| p.train_loss,
+                    max_of(|p| p.train_loss) * 1.05,
+                ),
+            ),
+            (
+                &lower,
+                Panel::new("learning rate", "lr", |p| p.lr, max_of(|p| p.lr) * 1.05),
+            ),
+        ];
+        for (
+            area,
+            Panel {
+                title,
+                y_desc,
+                value: f,
+                y_max,
+            },
+        ) in panels
+        {
+            let mut chart = ChartBuilder::on(area)
+                .caption(title, ("sans-serif", 22))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0f64..max_epoch, 0f64..y_max.max(1e-12))?;
+            chart
+                .configure_mesh()
+                .x_desc("epoch")
+                .y_desc(y_desc)
+                .light_line_style(TRANSPARENT)
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            for (i, r) in plotted.iter().enumerate() {
+                let c = colour(i);
+                chart
+                    .draw_series(LineSeries::new(series(r, f), c.stroke_width(2)))?
+                    .label(r.name.clone())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .label_font(("sans-serif", 14))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .position(if title == "test top-1" {
+                    SeriesLabelPosition::LowerRight
+                } else {
+                    SeriesLabelPosition::UpperRight
+                })
+                .draw()?;
+        }
+        root.present().context("drawing the plot")?;
+    }
+    let mut png = Vec::new();
+    image::ImageEncoder::write_image(
+        image::codecs::png::PngEncoder::new(&mut png),
+        &rgb,
+        width,
+        height,
+        image::ExtendedColorType::Rgb8,
+    )
+    .context("encoding the plot as PNG")?;
+    datasets_prep::atomic::write_file(path, &png)
+        .with_context(|| format!("{}: cannot write the plot", path.display()))
+}

@@ -1,0 +1,77 @@
+//! The run directory (`--out`): what a run writes and what `report`, `eval` and `--resume`
+//! read back. One module owns each file:
+//! * `config.json` and `metrics.jsonl` as types, in [`records`];
+//! * the appending of `metrics.jsonl` and `log.txt` during a run, in [`writer`];
+//! * `checkpoints/step-*/` (weights, optimiser state, `state.json`), in [`checkpoint`];
+//! * `model.safetensors`, in [`weights`].
+//!
+//! Whole files are replaced atomically through `datasets_prep::atomic`.
+
+pub mod checkpoint;
+pub mod records;
+pub mod weights;
+pub mod writer;
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+
+pub const CONFIG: &str = "config.json";
+pub const METRICS: &str = "metrics.jsonl";
+pub const LOG: &str = "log.txt";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const CHECKPOINTS: &str = "checkpoints";
+
+/// Makes the run directory: refuses to overwrite a run unless `force` (or resuming), and when
+/// starting fresh removes the files of an earlier run it replaces.
+pub fn prepare(out: &Path, force: bool, resuming: bool) -> anyhow::Result<()> {
+    let has_run = out.join(METRICS).exists();
+    if has_run && !force && !resuming {
+        bail!(
+            "{}: already holds a run (metrics.jsonl); choose another --out, pass --force to \
+             replace it, or --resume to continue it",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the run directory", out.display()))?;
+    if !resuming {
+        for name in [METRICS, LOG, WEIGHTS] {
+            let _ = std::fs::remove_file(out.join(name));
+        }
+        let _ = std::fs::remove_dir_all(out.join(CHECKPOINTS));
+    }
+    Ok(())
+}
+
+/// Checks that the run directory takes files and has room for `count` checkpoints of `bytes`.
+pub fn check_room(out: &Path, bytes: u64, count: u64) -> anyhow::Result<()> {
+    let probe = out.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("{}: the run directory is not writable", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    let Ok(path) = std::ffi::CString::new(out.as_os_str().as_encoded_bytes()) else {
+        return Ok(());
+    };
+    // SAFETY: statvfs fills the struct for a NUL-terminated path; nothing is kept.
+    let free = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        (libc::statvfs(path.as_ptr(), &mut st) == 0)
+            .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    };
+    let need = bytes.saturating_mul(count);
+    if let Some(free) = free
+        && free < need
+    {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        bail!(
+            "{}: {:.1} MiB free, but {count} checkpoints of {:.1} MiB need {:.1} MiB \
+             (free space, or lower --keep-checkpoints)",
+            out.display(),
+            mib(free),
+            mib(bytes),
+            mib(need)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Where a run stands (what a checkpoint records of the loop) and how it shows on a terminal.
+
+use std::io::IsTerminal;
+
+use crate::run_dir::checkpoint::State;
+
+/// The loop's position and what it has learnt so far.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Position {
+    /// The epoch being trained (0-based) and the next step within it.
+    pub epoch: usize,
+    pub step: usize,
+    /// Optimiser steps taken.
+    pub global_step: u64,
+    /// The epoch's training loss so far (sum over samples) and its sample count.
+    pub loss_sum: f64,
+    pub seen: usize,
+    /// Best and last test top-1 (NaN before the first evaluation), and the best's epoch.
+    pub best: f64,
+    pub best_epoch: usize,
+    pub last: f64,
+}
+
+impl Position {
+    pub fn start() -> Self {
+        Position {
+            epoch: 0,
+            step: 0,
+            global_step: 0,
+            loss_sum: 0.0,
+            seen: 0,
+            best: f64::NAN,
+            best_epoch: 0,
+            last: f64::NAN,
+        }
+    }
+
+    /// The position a checkpoint recorded.
+    pub fn from_state(st: &State) -> Self {
+        Position {
+            epoch: st.epoch,
+            step: st.step,
+            global_step: st.global_step,
+            loss_sum: st.loss_sum,
+            seen: st.seen,
+            best: st.best_top1.unwrap_or(f64::NAN),
+            best_epoch: st.best_epoch,
+            last: st.last_top1.unwrap_or(f64::NAN),
+        }
+    }
+
+    /// After a step over `images` images of the global batch with mean loss `loss`.
+    pub fn stepped(&mut self, loss: f64, images: usize) {
+        self.global_step += 1;
+        self.step += 1;
+        self.loss_sum += loss * images as f64;
+        self.seen += images;
+    }
+
+    /// The epoch's mean training loss so far.
+    pub fn train_loss(&self) -> f64 {
+        self.loss_sum / self.seen.max(1) as f64
+    }
+
+    /// Records an evaluation of the current epoch.
+    pub fn evaluated(&mut self, top1: f64) {
+        self.last = top1;
+        if self.best.is_nan() || top1 > self.best {
+            self.best = top1;
+            self.best_epoch = self.epoch + 1;
+        }
+    }
+
+    /// Moves to the start of the next epoch.
+    pub fn next_epoch(&mut self) {
+        self.epoch += 1;
+        self.step = 0;
+        self.loss_sum = 0.0;
+        self.seen = 0;
+    }
+}
+
+/// The progress bar of rank 0 on a terminal (hidden elsewhere).
+pub struct Display {
+    bar: indicatif::ProgressBar,
+    /// Whether stderr is a terminal (log lines then go above the bar).
+    pub terminal: bool,
+}
+
+impl Display {
+    pub fn new(lead: bool, total_steps: u64, done: u64) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = if terminal && lead {
+            indicatif::ProgressBar::new(total_steps)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(done);
+        Display { bar, terminal }
+    }
+
+    pub fn epoch(&self, epoch: usize, epochs: usize) {
+        self.bar.set_prefix(format!("{}/{epochs}", epoch + 1));
+    }
+
+    pub fn step(&self, loss: f64, lr: f64, images_per_sec: f64) {
+        self.bar.inc(1);
+        self.bar.set_message(format!(
+            "loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s"
+        ));
+    }
+
+    /// A line above the bar (on a terminal).
+    pub fn println(&self, line: &str) {
+        if self.terminal {
+            self.bar.println(line);
+        }
+    }
+
+    pub fn abandon(&self) {
+        self.bar.abandon();
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
