@@ -8,8 +8,10 @@
 //! * [`image_ops`] decodes and pre-resizes one image, into buffers recycled through
 //!   [`buffers::BufferPool`].
 //! * [`atomic`] replaces a small file atomically and durably (for the whole workspace).
+//! * [`bounded`] opens only regular files and reads them up to a limit (for the whole workspace).
 
 pub mod atomic;
+pub mod bounded;
 pub mod buffers;
 pub mod format;
 pub mod image_ops;
@@ -35,6 +37,7 @@ mod tests {
     fn public_errors_are_send_sync_and_static() {
         fn check<E: std::error::Error + Send + Sync + 'static>() {}
         check::<crate::atomic::AtomicWriteError>();
+        check::<crate::bounded::ReadError>();
         check::<crate::format::ShardError>();
         check::<crate::format::ShardWriteError>();
         check::<crate::image_ops::ImageError>();
