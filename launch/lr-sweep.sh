@@ -9,7 +9,7 @@
 # Options (before `--`; everything after `--` is passed to `cosine-train train`):
 #   --out DIR       parent of the run directories DIR/lr-<rate> (required)
 #   --rates "R..."  the grid [default: the paper's 2.5 1.0 0.5 0.1 0.05 0.01 0.005 0.001]
-#   --np N          ranks per run: launched with launch/mpirun.sh; inside a Slurm allocation
+#   -n, --np N      ranks per run: launched with launch/mpirun.sh; inside a Slurm allocation
 #                   (SLURM_JOB_ID set) with srun --mpi=pmix instead [default: 1, no launcher];
 #                   COSINE_MPIRUN_ARGS adds mpirun flags (e.g. "--oversubscribe")
 # A rate whose run directory already holds a finished run is not trained again, so an
@@ -23,8 +23,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --out) out="${2:?--out needs a directory}"; shift 2 ;;
     --rates) rates="${2:?--rates needs a list}"; shift 2 ;;
-    --np) np="${2:?--np needs a number}"; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
+    -n|-np|--np) np="${2:?$1 needs a number}"; shift 2 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) echo "lr-sweep.sh: unknown option '$1' (cosine-train's options go after --)" >&2; exit 2 ;;
   esac

@@ -25,7 +25,16 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+# usage [STATUS]: the header above; on stdout with status 0 (--help), else on stderr.
+usage() {
+  local status="${1:-2}"
+  if [ "$status" -eq 0 ]; then
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  else
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2
+  fi
+  exit "$status"
+}
 
 np=""; hosts=""; hostfile=""; iface="${COSINE_IFACE:-}"; per_socket=0; dry=0
 extra=()
@@ -37,7 +46,7 @@ while [ $# -gt 0 ]; do
     --iface) iface="${2:?--iface needs an interface name}"; shift 2 ;;
     --per-socket) per_socket=1; shift ;;
     --dry-run) dry=1; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     --) shift; break ;;
     *) extra+=("$1"); shift ;;
   esac

@@ -29,6 +29,14 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
 set -euo pipefail
+case "${1:-}" in
+  -h|--help) sed -n '2,/^#SBATCH/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
+if [ -z "${SLURM_JOB_ID:-}" ] || ! command -v srun >/dev/null 2>&1; then
+  echo "sbatch.sh: not inside a Slurm job; submit it: sbatch launch/sbatch.sh train --data DIR --out DIR ..." >&2
+  echo "  (for one machine without Slurm use launch/mpirun.sh -n N -- train ...)" >&2
+  exit 2
+fi
 repo="${COSINE_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
 # shellcheck source=launch/env.sh
 source "$repo/launch/env.sh"

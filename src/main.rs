@@ -14,11 +14,12 @@ fn main() -> ExitCode {
         let line: &'static str = Box::leak(doctor::collect().summary_line().into_boxed_str());
         command = command.long_version(line);
     }
-    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+    let matches = command.get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    match commands::run(cli) {
+    match commands::run(cli, &matches) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("cosine-train: {err:#}");

@@ -69,6 +69,9 @@ pub struct BenchStepArgs {
     /// between them), as a training job sees them.
     #[arg(long)]
     pub whole_step: bool,
+    /// Largest gradient all-reduce call in MiB (as `train --bucket-mb`).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub bucket_mb: u32,
     #[command(flatten)]
     pub job: JobArgs,
 }
@@ -128,7 +131,7 @@ pub fn measure(
     }
     let mut opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(&config));
     let mut dp = DataParallel::new(comm);
-    dp.attach(&opt.params, device, args.job.bucket_mb as usize);
+    dp.attach(&opt.params, device, args.bucket_mb as usize);
     let b = args.batch_size as i64;
     let batch = Batch {
         images: Tensor::randn(

@@ -14,7 +14,7 @@ pub struct EmbedArgs {
     #[arg(long)]
     pub hierarchy: PathBuf,
     /// The file has `child parent` lines instead (as NABirds' hierarchy.txt).
-    #[arg(long)]
+    #[arg(long, visible_alias = "hierarchy-is-a")]
     pub is_a: bool,
     /// Output .npy (float64, C x C); the class ids of its rows go to the same name with
     /// `.ids.txt` instead of `.npy`.

@@ -29,7 +29,8 @@ EXIT STATUS:
        rank's message is printed and every rank is ended)
     2  usage error (unknown option, bad value, or values no run can have)
     3  a collective did not complete within --collective-timeout (another rank died or hangs)
-   75  stopped by SIGTERM or SIGUSR1 after writing a checkpoint: resume with --resume auto";
+   75  stopped by SIGTERM or SIGUSR1 after writing a checkpoint: resume with --resume
+  130  stopped by Ctrl-C (SIGINT) after writing a checkpoint (a second Ctrl-C exits at once)";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,11 +71,17 @@ pub enum Command {
 }
 
 /// Runs the parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// Runs the parsed command line; `matches` is what it was parsed from (to tell options given
+/// from defaults).
+pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+    let sub = matches.subcommand().map(|(_, m)| m);
+    let given = |id: &str| {
+        sub.and_then(|m| m.value_source(id)) == Some(clap::parser::ValueSource::CommandLine)
+    };
     match cli.command {
         Command::Doctor(args) => doctor::run(&args),
         Command::CheckDist(args) => check_dist::run(&args),
-        Command::Train(args) => train::run(&args),
+        Command::Train(args) => train::run(&args, &given),
         Command::Eval(args) => eval::run(&args),
         Command::BenchStep(args) => bench_step::run(&args),
         Command::BenchLoader(args) => bench_loader::run(&args),
@@ -167,10 +174,6 @@ pub struct JobArgs {
     /// status 3) with a message naming the collective; 0 waits forever.
     #[arg(long, value_parser = seconds, default_value = "300")]
     pub collective_timeout: Duration,
-    /// Largest gradient all-reduce call in MiB (gradients are packed into one buffer and
-    /// reduced in pieces of this size).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    pub bucket_mb: u32,
 }
 
 impl JobArgs {

@@ -1,22 +1,23 @@
 //! `cosine-train train`: flags into an [`Overrides`], resolved against the data's source into a
 //! [`RunConfig`], then one [`Trainer`] on this rank of the job.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
 use datasets_prep::sources::Source;
 
-use super::{ChannelsLast, JobArgs, choice, preset, threads};
+use super::{ChannelsLast, JobArgs, UsageError, choice, preset, threads};
 use crate::config::{BnStats, EmbeddingSpec, Overrides, Precision, Preset, RunConfig, defaults};
 use crate::dist::Communicator;
 use crate::dist::job::Job;
 use crate::model::Arch;
 use crate::objective::LossKind;
 use crate::run_dir::checkpoint::ResumeMode;
+use crate::run_dir::{self, records};
 use crate::runtime::device::DeviceChoice;
-use crate::runtime::signals::{EXIT_PREEMPTED, Stopped};
+use crate::runtime::signals::Stopped;
 use crate::schedule::ScheduleKind;
 use crate::train::{RunOptions, Trainer};
 
@@ -24,9 +25,9 @@ use crate::train::{RunOptions, Trainer};
 /// then from the defaults shown.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Shard directory written by `datasets-prep pack`.
-    #[arg(long)]
-    pub data: PathBuf,
+    /// Shard directory written by `datasets-prep pack` [default with --resume: the run's].
+    #[arg(long, required_unless_present = "resume")]
+    pub data: Option<PathBuf>,
     /// Run directory to create (config.json, metrics.jsonl, log.txt, checkpoints/).
     #[arg(long)]
     pub out: PathBuf,
@@ -54,7 +55,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "onehot")]
     pub embedding: EmbeddingSpec,
     /// Maximum learning rate [default: 0.1].
-    #[arg(long)]
+    #[arg(long, visible_alias = "lr")]
     pub lr_max: Option<f64>,
     /// Minimum learning rate of the schedule.
     #[arg(long, default_value_t = defaults::LR_MIN)]
@@ -80,8 +81,8 @@ pub struct TrainArgs {
     /// Square crop size; 0 keeps the stored size [default: from the dataset's source].
     #[arg(long)]
     pub crop: Option<u32>,
-    /// Horizontal flips: true or false [default: from the dataset's source].
-    #[arg(long)]
+    /// Horizontal flips: on or off (true/false also work) [default: from the dataset's source].
+    #[arg(long, value_parser = on_off, value_name = "on|off")]
     pub flip: Option<bool>,
     /// Random-erasing probability [default: from the dataset's source].
     #[arg(long)]
@@ -106,8 +107,8 @@ pub struct TrainArgs {
     /// 1 - h(LCS(prediction, truth)) / H, next to top-1.
     #[arg(long)]
     pub hierarchy: Option<PathBuf>,
-    /// The hierarchy file has `child parent` lines.
-    #[arg(long)]
+    /// The hierarchy file has `child parent` lines (as `embed --is-a`).
+    #[arg(long, visible_alias = "is-a")]
     pub hierarchy_is_a: bool,
     /// Seed of initialisation, data order and augmentation.
     #[arg(long, default_value_t = defaults::SEED)]
@@ -135,8 +136,9 @@ pub struct TrainArgs {
     pub force: bool,
     /// Continue the run in --out from a checkpoint: `last` (the newest valid one; the default
     /// when the flag has no value), `auto` (the newest if there is one, else start fresh: what
-    /// a requeued Slurm job wants) or a checkpoint directory. Settings that change the result
-    /// must be the same as the checkpoint's.
+    /// a requeued Slurm job wants) or a checkpoint directory. The settings come from the run;
+    /// options given anyway must agree with them, except a larger --epochs, which extends the
+    /// run (its schedule continues as if planned so).
     #[arg(long, num_args = 0..=1, default_missing_value = "last", value_name = "last|auto|DIR")]
     pub resume: Option<ResumeMode>,
     /// Also write a checkpoint every N optimiser steps (one is always written after each
@@ -146,64 +148,71 @@ pub struct TrainArgs {
     /// Number of checkpoints kept (the newest).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_checkpoints: u32,
+    /// Largest gradient all-reduce call in MiB (gradients are packed into one buffer and
+    /// reduced in pieces of this size).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub bucket_mb: u32,
     #[command(flatten)]
     pub job: JobArgs,
 }
 
+/// `on`/`off` (also `true`/`false`, `yes`/`no`).
+fn on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("'{text}': expected on or off")),
+    }
+}
+
 impl TrainArgs {
-    /// What these flags set of a run's configuration.
-    pub fn overrides(&self) -> Overrides {
+    /// What these flags set of a run's configuration. `given(id)` tells whether an option with
+    /// a default was given on the command line; only those override a resumed run's settings.
+    pub fn overrides(&self, given: &dyn Fn(&str) -> bool) -> Overrides {
+        let pick = |id: &str| given(id);
         Overrides {
             preset: self.preset.clone(),
             arch: self.arch,
             loss: self.loss,
-            label_smoothing: Some(self.label_smoothing),
-            cls_weight: Some(self.cls_weight),
+            label_smoothing: pick("label_smoothing").then_some(self.label_smoothing),
+            cls_weight: pick("cls_weight").then_some(self.cls_weight),
             ce_clip: self.ce_clip,
-            embedding: Some(self.embedding.clone()),
+            embedding: pick("embedding").then(|| self.embedding.clone()),
             lr_max: self.lr_max,
-            lr_min: Some(self.lr_min),
-            schedule: Some(self.schedule),
+            lr_min: pick("lr_min").then_some(self.lr_min),
+            schedule: pick("schedule").then_some(self.schedule),
             epochs: self.epochs,
-            sgdr_base: Some(self.sgdr_base),
-            sgdr_mul: Some(self.sgdr_mul),
+            sgdr_base: pick("sgdr_base").then_some(self.sgdr_base),
+            sgdr_mul: pick("sgdr_mul").then_some(self.sgdr_mul),
             batch_size: self.batch_size,
-            clip_norm: Some(self.clip_norm),
+            clip_norm: pick("clip_norm").then_some(self.clip_norm),
             crop: self.crop,
             flip: self.flip,
             erase_prob: self.erase_prob,
             shift: self.shift,
-            eval_every: Some(self.eval_every),
-            bn_stats: Some(self.bn_stats),
+            eval_every: pick("eval_every").then_some(self.eval_every),
+            bn_stats: pick("bn_stats").then_some(self.bn_stats),
             sync_bn: self.sync_bn,
             hierarchy: self.hierarchy.clone(),
             hierarchy_is_a: self.hierarchy_is_a,
-            seed: Some(self.seed),
-            device: Some(self.device),
-            precision: Some(self.precision),
+            seed: pick("seed").then_some(self.seed),
+            device: pick("device").then_some(self.device),
+            precision: pick("precision").then_some(self.precision),
         }
     }
 }
 
-pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
-    args.device.ensure_available()?;
-    let source = {
-        let shards = datasets_prep::ShardDir::open(&args.data).with_context(|| {
-            format!(
-                "--data {}: not a usable shard directory",
-                args.data.display()
-            )
-        })?;
-        shards.manifest().source.parse::<Source>().ok()
-    };
-    let config = RunConfig::resolve(&args.data, &args.overrides(), source.as_ref())?;
-    let job = Job::join(&args.job.options(), args.device, args.threads)?;
+/// `given(id)`: whether the option `id` was on the command line (not its default).
+pub fn run(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<ExitCode> {
+    let config = resolve_config(args, given)?;
+    config.device.ensure_available()?;
+    let job = Job::join(&args.job.options(), config.device, args.threads)?;
     let opts = RunOptions {
         out: args.out.clone(),
         device: job.device,
         workers: args.workers,
         force: args.force,
-        bucket_mb: args.job.bucket_mb as usize,
+        bucket_mb: args.bucket_mb as usize,
         checkpoint_every: args.checkpoint_every,
         keep_checkpoints: args.keep_checkpoints as usize,
         resume: args.resume.clone(),
@@ -212,12 +221,67 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<ExitCode> {
     let result = Trainer::new(config, opts, &job.comm).and_then(Trainer::fit);
     match job.finish(result) {
         Ok(_) => Ok(ExitCode::SUCCESS),
-        Err(e) if e.is::<Stopped>() => {
-            if job.comm.rank() == 0 {
-                eprintln!("cosine-train: {e}");
+        Err(e) => match e.downcast_ref::<Stopped>() {
+            Some(stopped) => {
+                if job.comm.rank() == 0 {
+                    eprintln!("cosine-train: {e}");
+                }
+                Ok(ExitCode::from(stopped.exit_code()))
             }
-            Ok(ExitCode::from(EXIT_PREEMPTED as u8))
-        }
-        Err(e) => Err(e),
+            None => Err(e),
+        },
     }
+}
+
+/// The run's configuration: the flags over the resumed run's settings (with `--resume` on a run
+/// directory that has them) or over the preset, the data's source and the defaults. Paths are
+/// made absolute, so that the run can be evaluated or resumed from any directory.
+fn resolve_config(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<RunConfig> {
+    let mut flags = args.overrides(given);
+    let stored = match args.resume {
+        Some(_) if args.out.join(run_dir::CONFIG).exists() => {
+            Some(records::read_record(&args.out)?.config)
+        }
+        _ => None,
+    };
+    let data = match (&args.data, &stored) {
+        (Some(data), _) => absolute(data, "--data")?,
+        (None, Some(stored)) => stored.data.clone(),
+        (None, None) => {
+            return Err(UsageError(format!(
+                "--data is needed: {} holds no run to resume (no {})",
+                args.out.display(),
+                run_dir::CONFIG
+            ))
+            .into());
+        }
+    };
+    flags.hierarchy = flags
+        .hierarchy
+        .map(|h| absolute(&h, "--hierarchy"))
+        .transpose()?;
+    if let Some(EmbeddingSpec::File(path)) = &flags.embedding {
+        flags.embedding = Some(EmbeddingSpec::File(absolute(path, "--embedding")?));
+    }
+    // A preset given on resume is resolved as for a new run, and must then agree.
+    if let Some(stored) = &stored
+        && flags.preset.is_none()
+    {
+        flags = flags.or(Overrides::from_config(stored));
+    }
+    let source = {
+        let shards = datasets_prep::ShardDir::open(&data).with_context(|| {
+            format!(
+                "--data {}: not a usable shard directory (pack one with `datasets-prep pack`)",
+                data.display()
+            )
+        })?;
+        shards.manifest().source.parse::<Source>().ok()
+    };
+    Ok(RunConfig::resolve(&data, &flags, source.as_ref())?)
+}
+
+/// `path` made absolute and canonical; an error names the option.
+fn absolute(path: &Path, option: &str) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(path).with_context(|| format!("{option} {}", path.display()))
 }

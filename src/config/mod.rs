@@ -131,6 +131,88 @@ pub struct Overrides {
     pub precision: Option<Precision>,
 }
 
+impl Overrides {
+    /// Every setting of `config` as given values, so that resolving them gives `config` back:
+    /// what a resumed run starts from before the options given on its command line.
+    pub fn from_config(config: &RunConfig) -> Overrides {
+        let (max, min, kind, base, mul) = match config.schedule {
+            Schedule::Sgdr {
+                max_lr,
+                min_lr,
+                base,
+                mul,
+            } => (max_lr, min_lr, ScheduleKind::Sgdr, Some(base), Some(mul)),
+            Schedule::CosineSteps { max_lr, min_lr } => {
+                (max_lr, min_lr, ScheduleKind::CosineSteps, None, None)
+            }
+        };
+        let o = &config.objective;
+        let a = &config.augment;
+        Overrides {
+            preset: None,
+            arch: Some(config.arch),
+            loss: Some(o.loss),
+            label_smoothing: Some(o.label_smoothing),
+            cls_weight: Some(o.cls_weight),
+            ce_clip: o.keras_ce_clip,
+            embedding: Some(config.embedding.clone()),
+            lr_max: Some(max),
+            lr_min: Some(min),
+            schedule: Some(kind),
+            epochs: Some(config.epochs),
+            sgdr_base: base,
+            sgdr_mul: mul,
+            batch_size: Some(config.batch_size),
+            clip_norm: Some(config.clip_norm.unwrap_or(0.0)),
+            crop: Some(a.crop.unwrap_or(0)),
+            flip: Some(a.hflip),
+            erase_prob: Some(a.erase_prob),
+            shift: Some(a.shift),
+            eval_every: Some(config.eval_every),
+            bn_stats: Some(config.bn_stats),
+            sync_bn: config.sync_bn,
+            hierarchy: config.hierarchy.clone(),
+            hierarchy_is_a: config.hierarchy_is_a,
+            seed: Some(config.seed),
+            device: Some(config.device),
+            precision: Some(config.precision),
+        }
+    }
+
+    /// These values, and `lower`'s where these leave one open (flags: set in either).
+    pub fn or(self, lower: Overrides) -> Overrides {
+        Overrides {
+            preset: self.preset.or(lower.preset),
+            arch: self.arch.or(lower.arch),
+            loss: self.loss.or(lower.loss),
+            label_smoothing: self.label_smoothing.or(lower.label_smoothing),
+            cls_weight: self.cls_weight.or(lower.cls_weight),
+            ce_clip: self.ce_clip || lower.ce_clip,
+            embedding: self.embedding.or(lower.embedding),
+            lr_max: self.lr_max.or(lower.lr_max),
+            lr_min: self.lr_min.or(lower.lr_min),
+            schedule: self.schedule.or(lower.schedule),
+            epochs: self.epochs.or(lower.epochs),
+            sgdr_base: self.sgdr_base.or(lower.sgdr_base),
+            sgdr_mul: self.sgdr_mul.or(lower.sgdr_mul),
+            batch_size: self.batch_size.or(lower.batch_size),
+            clip_norm: self.clip_norm.or(lower.clip_norm),
+            crop: self.crop.or(lower.crop),
+            flip: self.flip.or(lower.flip),
+            erase_prob: self.erase_prob.or(lower.erase_prob),
+            shift: self.shift.or(lower.shift),
+            eval_every: self.eval_every.or(lower.eval_every),
+            bn_stats: self.bn_stats.or(lower.bn_stats),
+            sync_bn: self.sync_bn || lower.sync_bn,
+            hierarchy: self.hierarchy.or(lower.hierarchy),
+            hierarchy_is_a: self.hierarchy_is_a || lower.hierarchy_is_a,
+            seed: self.seed.or(lower.seed),
+            device: self.device.or(lower.device),
+            precision: self.precision.or(lower.precision),
+        }
+    }
+}
+
 /// A value or a combination of values no run can have. The command line reports these as
 /// usage errors (exit status 2).
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -354,6 +436,34 @@ mod tests {
             })
             .contains("--shift")
         );
+    }
+
+    #[test]
+    fn a_config_resolves_back_from_its_own_values() {
+        for preset in ["paper-cub-cosine", "paper-cifar100-ce-ls"] {
+            let given = Overrides {
+                preset: Some(preset.parse().unwrap()),
+                sync_bn: true,
+                clip_norm: Some(2.0),
+                ..Default::default()
+            };
+            let c = RunConfig::resolve(Path::new("d"), &given, Some(&Source::Cub)).unwrap();
+            let back =
+                RunConfig::resolve(Path::new("d"), &Overrides::from_config(&c), None).unwrap();
+            assert_eq!(back, c, "{preset}");
+            let steps = Overrides {
+                schedule: Some(ScheduleKind::CosineSteps),
+                ..Default::default()
+            };
+            let c = RunConfig::resolve(Path::new("d"), &steps, None).unwrap();
+            let longer = Overrides {
+                epochs: Some(99),
+                ..Default::default()
+            }
+            .or(Overrides::from_config(&c));
+            let back = RunConfig::resolve(Path::new("d"), &longer, None).unwrap();
+            assert_eq!((back.epochs, back.schedule), (99, c.schedule));
+        }
     }
 
     #[test]

@@ -3,14 +3,18 @@
 //! * `config.json` and `metrics.jsonl` as types, in [`records`];
 //! * the appending of `metrics.jsonl` and `log.txt` during a run, in [`writer`];
 //! * `checkpoints/step-*/` (weights, optimiser state, `state.json`), in [`checkpoint`];
-//! * `model.safetensors`, in [`weights`].
+//! * `model.safetensors`, in [`weights`];
+//! * which files are a run's (and so may be replaced), in [`ownership`].
 //!
 //! Whole files are replaced atomically through `datasets_prep::atomic`.
 
 pub mod checkpoint;
+pub mod ownership;
 pub mod records;
 pub mod weights;
 pub mod writer;
+
+pub use ownership::prepare;
 
 use std::path::Path;
 
@@ -21,28 +25,8 @@ pub const METRICS: &str = "metrics.jsonl";
 pub const LOG: &str = "log.txt";
 pub const WEIGHTS: &str = "model.safetensors";
 pub const CHECKPOINTS: &str = "checkpoints";
-
-/// Makes the run directory: refuses to overwrite a run unless `force` (or resuming), and when
-/// starting fresh removes the files of an earlier run it replaces.
-pub fn prepare(out: &Path, force: bool, resuming: bool) -> anyhow::Result<()> {
-    let has_run = out.join(METRICS).exists();
-    if has_run && !force && !resuming {
-        bail!(
-            "{}: already holds a run (metrics.jsonl); choose another --out, pass --force to \
-             replace it, or --resume to continue it",
-            out.display()
-        );
-    }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create the run directory", out.display()))?;
-    if !resuming {
-        for name in [METRICS, LOG, WEIGHTS] {
-            let _ = std::fs::remove_file(out.join(name));
-        }
-        let _ = std::fs::remove_dir_all(out.join(CHECKPOINTS));
-    }
-    Ok(())
-}
+/// TensorBoard event files start so (`events.out.tfevents.<time>.<host>`).
+pub const TENSORBOARD_PREFIX: &str = "events.out.tfevents.";
 
 /// Checks that the run directory takes files and has room for `count` checkpoints of `bytes`.
 pub fn check_room(out: &Path, bytes: u64, count: u64) -> anyhow::Result<()> {

@@ -68,6 +68,9 @@ pub struct EpochMetrics {
     pub images_per_sec: f64,
     #[serde(deserialize_with = "nullable_f64")]
     pub train_seconds: f64,
+    /// Seconds of this epoch's evaluation (BatchNorm statistics included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_seconds: Option<f64>,
     /// Seconds in gradient all-reduce calls (multi-rank runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_seconds: Option<f64>,
@@ -173,15 +176,21 @@ impl Metrics {
 /// Reads `RUN/config.json`.
 pub fn read_record(run: &Path) -> anyhow::Result<RunRecord> {
     let path = run.join(super::CONFIG);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("{}: cannot read (not a run directory?)", path.display()))?;
+    let text = datasets_prep::bounded::read_text_limited(&path, RECORD_LIMIT)
+        .with_context(|| format!("cannot read {} (not a run directory?)", super::CONFIG))?;
     serde_json::from_str(&text)
         .with_context(|| format!("{}: not the config.json of a run", path.display()))
 }
 
+/// The largest `config.json` read (a real one is a few KiB).
+const RECORD_LIMIT: u64 = 16 << 20;
+/// The largest `metrics.jsonl` read (a line is ~400 bytes; a million epochs fit).
+const METRICS_LIMIT: u64 = 1 << 30;
+
 /// Reads `RUN/metrics.jsonl`.
-pub fn read_metrics(run: &Path) -> std::io::Result<Metrics> {
-    std::fs::read_to_string(run.join(super::METRICS)).map(|t| Metrics::parse(&t))
+pub fn read_metrics(run: &Path) -> Result<Metrics, datasets_prep::bounded::ReadError> {
+    datasets_prep::bounded::read_limited(&run.join(super::METRICS), METRICS_LIMIT)
+        .map(|bytes| Metrics::parse(&String::from_utf8_lossy(&bytes)))
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub fn save(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
 
 /// Loads `path` into the variables of `vs`; every variable must be there with its shape.
 pub fn load(vs: &mut VarStore, path: &Path, model_of: &str) -> anyhow::Result<()> {
+    // A FIFO or device would block or never end inside libtorch's reader.
+    datasets_prep::bounded::check_regular(path).context("cannot load weights")?;
     vs.load(path).with_context(|| {
         format!(
             "{}: cannot load weights matching the model of {model_of}",

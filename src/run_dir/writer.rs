@@ -66,10 +66,17 @@ impl RunWriter {
             .and_then(|_| self.metrics.flush())
             .context("writing metrics.jsonl")
     }
+    /// Appends a line to `log.txt`, echoed on stderr when there is no progress bar.
     pub fn log(&mut self, line: &str) -> anyhow::Result<()> {
         if self.echo {
             eprintln!("{line}");
         }
+        self.log_only(line)
+    }
+
+    /// Appends a line to `log.txt` only (for what the program prints anyway, such as the error
+    /// that ends a run).
+    pub fn log_only(&mut self, line: &str) -> anyhow::Result<()> {
         writeln!(self.log, "{line}")
             .and_then(|_| self.log.flush())
             .context("writing log.txt")

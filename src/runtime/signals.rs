@@ -1,6 +1,7 @@
-//! Preemption signals. SIGTERM and SIGUSR1 (what Slurm and most schedulers send before they
-//! stop a job) only record which signal came; the training loop agrees on it across ranks at the
-//! next step, writes a checkpoint and exits with [`EXIT_PREEMPTED`]. A second signal while the
+//! Stop signals. SIGTERM and SIGUSR1 (what Slurm and most schedulers send before they stop a
+//! job) and SIGINT (Ctrl-C) only record which signal came; the training loop agrees on it across ranks at the
+//! next step, writes a checkpoint and exits with [`EXIT_PREEMPTED`] (130 after Ctrl-C, as a shell
+//! expects of an interrupted program). A second signal while the
 //! first is still being handled ends the process at once (a stuck rank must remain killable).
 //!
 //! The handlers are signal-hook's: one atomic holds the signal number (0: none), so the flag and
@@ -20,12 +21,24 @@ pub const EXIT_PREEMPTED: i32 = 75;
 )]
 pub struct Stopped {
     pub signal: &'static str,
+    /// The signal this rank got (`None`: another rank's stopped the job).
+    pub signal_number: Option<i32>,
     pub step: u64,
     pub checkpoint: String,
 }
 
+impl Stopped {
+    /// The exit status: 130 (128 + SIGINT) after Ctrl-C, else [`EXIT_PREEMPTED`].
+    pub fn exit_code(&self) -> u8 {
+        match self.signal_number {
+            Some(libc::SIGINT) => 130,
+            _ => EXIT_PREEMPTED as u8,
+        }
+    }
+}
+
 /// The signals that ask for a checkpoint and a stop.
-const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGUSR1];
+const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGUSR1, libc::SIGINT];
 
 /// Set by the first stop signal; arms the immediate exit on the second.
 static ARMED: AtomicBool = AtomicBool::new(false);

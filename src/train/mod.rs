@@ -39,7 +39,7 @@ use crate::run_dir::writer::RunWriter;
 use crate::runtime::fault::Fault;
 use crate::runtime::signals::{self, Stopped};
 use data_parallel::{DataParallel, share};
-use progress::{Display, Position};
+use progress::{Display, Eta, Position};
 use step::{StepAt, StepSettings, train_step};
 
 /// Best and last test accuracy of a finished run.
@@ -133,6 +133,8 @@ pub struct Trainer<'c> {
     /// Rank 0's `metrics.jsonl` and `log.txt`.
     writer: Option<RunWriter>,
     display: Display,
+    /// Time left, from this process's own steps and evaluations.
+    eta: Eta,
     fault: Fault,
 }
 
@@ -211,6 +213,7 @@ impl<'c> Trainer<'c> {
             settings,
             writer: None,
             display,
+            eta: Eta::default(),
         };
         if trainer.dp.is_lead() {
             trainer.writer = Some(trainer.open_run_files(loaded.as_ref(), &warnings)?);
@@ -258,20 +261,27 @@ impl<'c> Trainer<'c> {
                 self.dp.world()
             ))?;
         }
+        let device = match opts.device {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".to_string(),
+        };
         w.log(&format!(
-            "train {} ({} classes, {} train / {} test images) {} {} on {:?} x {} rank(s) ({}): {} parameters, {} epochs x {} steps of global batch {}",
+            "train {} ({}, {} train / {} test images) {} {} on {device} x {} ({}): {} parameters, {} x {} of global batch {}",
             m.dataset,
-            m.classes.len(),
+            plural(m.classes.len(), "class", "classes"),
             m.train.count,
             m.test.count,
             config.arch,
             config.objective.loss,
-            opts.device,
-            self.dp.world(),
+            plural(self.dp.world(), "rank", "ranks"),
             self.dp.backend(),
             self.net.parameter_count(),
-            config.epochs,
-            batches(self.data.train_images(), config.batch_size),
+            plural(config.epochs, "epoch", "epochs"),
+            plural(
+                batches(self.data.train_images(), config.batch_size),
+                "step",
+                "steps"
+            ),
             config.batch_size
         ))?;
         Ok(w)
@@ -281,6 +291,20 @@ impl<'c> Trainer<'c> {
     /// checkpointed. All ranks return the same summary; a preemption signal ends the run with
     /// [`Stopped`] after a checkpoint.
     pub fn fit(mut self) -> anyhow::Result<RunSummary> {
+        if let Err(e) = self.train_remaining_epochs() {
+            if !e.is::<Stopped>() {
+                self.display.abandon();
+                if let Some(w) = self.writer.as_mut() {
+                    // The error is printed by the caller; the log keeps it with the run.
+                    let _ = w.log_only(&format!("error: {e:#}"));
+                }
+            }
+            return Err(e);
+        }
+        self.finish()
+    }
+
+    fn train_remaining_epochs(&mut self) -> anyhow::Result<()> {
         while self.at.epoch < self.config.epochs {
             let epoch = self.at.epoch;
             let clock = Instant::now();
@@ -296,14 +320,19 @@ impl<'c> Trainer<'c> {
                 ..Default::default()
             };
             if self.evaluates_after(epoch) {
+                let clock = Instant::now();
+                self.display.evaluating(self.data.manifest.test.count);
                 self.evaluate_into(&mut metrics)?;
+                let seconds = clock.elapsed().as_secs_f64();
+                self.eta.evaluated(seconds);
+                metrics.eval_seconds = Some(seconds);
             }
             metrics.seconds = clock.elapsed().as_secs_f64();
             self.record_epoch(&metrics)?;
             self.at.next_epoch();
             self.save_checkpoint()?;
         }
-        self.finish()
+        Ok(())
     }
 
     /// Runs the steps of `epoch` not done yet. The global batches are cut from the epoch order
@@ -329,6 +358,7 @@ impl<'c> Trainer<'c> {
         let lr_at = |step| schedule.lr_at(epoch, step, steps, self.config.epochs);
         let mut lr = lr_at(first);
         let loader = self.data.train.start_plan(epoch as u64, order, plan, true);
+        let mut last_step = Instant::now();
         for (global, batch) in globals.iter().zip(loader) {
             let batch = batch?;
             let step = self.at.step;
@@ -349,8 +379,15 @@ impl<'c> Trainer<'c> {
                 StepAt { epoch, step },
             )?;
             self.at.stepped(totals.loss, global.len());
+            self.eta.trained(1, last_step.elapsed().as_secs_f64());
+            last_step = Instant::now();
             let images_per_sec = self.at.seen as f64 / start.elapsed().as_secs_f64();
-            self.display.step(self.at.train_loss(), lr, images_per_sec);
+            let left = self.eta.left(
+                (steps - self.at.step + (self.config.epochs - epoch - 1) * steps) as u64,
+                self.evaluations_from(epoch),
+            );
+            self.display
+                .step(self.at.train_loss(), lr, images_per_sec, left, self.at.best);
             if totals.stop {
                 // Every rank saw the same flag in the all-reduce: all stop after this step.
                 return Err(self.stop(asked)?.into());
@@ -366,6 +403,13 @@ impl<'c> Trainer<'c> {
             images: globals.iter().map(|g| g.len()).sum(),
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Evaluations still to come from `epoch` (0-based) on, that epoch's included.
+    fn evaluations_from(&self, epoch: usize) -> u64 {
+        (epoch..self.config.epochs)
+            .filter(|&e| self.evaluates_after(e))
+            .count() as u64
     }
 
     fn evaluates_after(&self, epoch: usize) -> bool {
@@ -411,22 +455,35 @@ impl<'c> Trainer<'c> {
 
     /// Appends the epoch to `metrics.jsonl` and the log (rank 0).
     fn record_epoch(&mut self, metrics: &EpochMetrics) -> anyhow::Result<()> {
+        let evals_left = self.evaluations_from(metrics.epoch);
         let Some(writer) = self.writer.as_mut() else {
             return Ok(());
         };
         writer.metric(&MetricsLine::Epoch(Box::new(metrics.clone())))?;
-        let line = format!(
-            "epoch {:>4}/{} lr {:.3e} loss {:.4} test top-1 {} ({:.0} img/s, {:.1}s)",
+        let pct = |v: f64| format!("{:.2}%", 100.0 * v);
+        let mut line = format!(
+            "epoch {:>4}/{} lr {:.3e} loss {:.4} test top-1 {}",
             metrics.epoch,
             self.config.epochs,
             metrics.lr,
             metrics.train_loss,
-            metrics
-                .test_top1
-                .map_or("-".into(), |v| format!("{:.2}%", 100.0 * v)),
-            metrics.images_per_sec,
-            metrics.seconds
+            metrics.test_top1.map_or("-".into(), pct),
         );
+        if !self.at.best.is_nan() {
+            line += &format!(" (best {} @{})", pct(self.at.best), self.at.best_epoch);
+        }
+        line += &format!(
+            " | train {:.0} img/s {:.1}s",
+            metrics.images_per_sec, metrics.train_seconds
+        );
+        if let Some(e) = metrics.eval_seconds {
+            line += &format!(", eval {e:.1}s");
+        }
+        let steps = batches(self.data.train_images(), self.config.batch_size);
+        let rest = (self.config.epochs - metrics.epoch) * steps;
+        if let Some(left) = self.eta.left(rest as u64, evals_left) {
+            line += &format!(", ETA {}", progress::duration(left));
+        }
         self.display.println(&line);
         writer.log(&line)
     }
@@ -465,12 +522,13 @@ impl<'c> Trainer<'c> {
         let written = self.save_checkpoint()?;
         let stopped = Stopped {
             signal: asked.map_or("another rank's signal", signals::name),
+            signal_number: asked,
             step: self.at.global_step,
             checkpoint: written
                 .map_or_else(|| "written by rank 0".into(), |p| p.display().to_string()),
         };
         if let Some(w) = self.writer.as_mut() {
-            w.log(&stopped.to_string())?;
+            w.log_only(&stopped.to_string())?;
         }
         self.display.abandon();
         Ok(stopped)
@@ -516,4 +574,9 @@ impl<'c> Trainer<'c> {
         self.dp.barrier("final barrier")?;
         Ok(summary)
     }
+}
+
+/// `1 epoch`, `2 epochs`.
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

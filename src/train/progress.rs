@@ -80,6 +80,54 @@ impl Position {
     }
 }
 
+/// The time left, from the mean training seconds per step and evaluation seconds per
+/// evaluation measured so far in this process.
+#[derive(Clone, Debug, Default)]
+pub struct Eta {
+    train_seconds: f64,
+    steps: u64,
+    eval_seconds: f64,
+    evals: u64,
+}
+
+impl Eta {
+    pub fn trained(&mut self, steps: u64, seconds: f64) {
+        self.steps += steps;
+        self.train_seconds += seconds;
+    }
+
+    pub fn evaluated(&mut self, seconds: f64) {
+        self.evals += 1;
+        self.eval_seconds += seconds;
+    }
+
+    /// Seconds for `steps` more steps and `evals` more evaluations (`None` before any step).
+    pub fn left(&self, steps: u64, evals: u64) -> Option<f64> {
+        if self.steps == 0 {
+            return None;
+        }
+        let per_step = self.train_seconds / self.steps as f64;
+        // Before the first evaluation, guess one costs as much as an epoch's steps would not:
+        // leave it out rather than invent a figure.
+        let per_eval = if self.evals == 0 {
+            0.0
+        } else {
+            self.eval_seconds / self.evals as f64
+        };
+        Some(per_step * steps as f64 + per_eval * evals as f64)
+    }
+}
+
+/// `1h02m`, `4m05s`, `12s`.
+pub fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, min, sec) => format!("{min}m{sec:02}s"),
+        (h, min, _) => format!("{h}h{min:02}m"),
+    }
+}
+
 /// The progress bar of rank 0 on a terminal (hidden elsewhere).
 pub struct Display {
     bar: indicatif::ProgressBar,
@@ -108,11 +156,27 @@ impl Display {
         self.bar.set_prefix(format!("{}/{epochs}", epoch + 1));
     }
 
-    pub fn step(&self, loss: f64, lr: f64, images_per_sec: f64) {
+    /// After a step: the epoch's loss so far, the learning rate, training images per second,
+    /// the time left and the best test top-1 so far (NaN: none yet).
+    pub fn step(&self, loss: f64, lr: f64, images_per_sec: f64, left: Option<f64>, best: f64) {
         self.bar.inc(1);
-        self.bar.set_message(format!(
-            "loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s"
-        ));
+        if self.bar.is_hidden() {
+            return;
+        }
+        let mut msg = format!("loss {loss:.4} lr {lr:.3e} {images_per_sec:.0} img/s");
+        if let Some(left) = left {
+            msg += &format!(" ETA {}", duration(left));
+        }
+        if !best.is_nan() {
+            msg += &format!(" best {:.2}%", 100.0 * best);
+        }
+        self.bar.set_message(msg);
+    }
+
+    /// While the test split is evaluated (the bar would otherwise look frozen).
+    pub fn evaluating(&self, images: u64) {
+        self.bar
+            .set_message(format!("evaluating on {images} test images ..."));
     }
 
     /// A line above the bar (on a terminal).
@@ -128,5 +192,24 @@ impl Display {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eta_adds_steps_and_evaluations_at_their_own_rates() {
+        let mut eta = Eta::default();
+        assert_eq!(eta.left(10, 1), None);
+        eta.trained(10, 5.0);
+        assert_eq!(eta.left(4, 3), Some(2.0));
+        eta.evaluated(3.0);
+        eta.evaluated(1.0);
+        assert_eq!(eta.left(4, 3), Some(2.0 + 6.0));
+        assert_eq!(duration(7.4), "7s");
+        assert_eq!(duration(245.0), "4m05s");
+        assert_eq!(duration(3720.0), "1h02m");
     }
 }

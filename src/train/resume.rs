@@ -207,7 +207,18 @@ pub fn restore(
     dp: &DataParallel,
 ) -> anyhow::Result<()> {
     let where_ = loaded.dir.join(checkpoint::STATE);
-    let differences = config_differences(&loaded.state.config, config)?;
+    let mut differences = config_differences(&loaded.state.config, config)?;
+    // More (or fewer) epochs extend or shorten the plan, not what has been trained so far.
+    if config.epochs >= loaded.state.epoch {
+        differences.retain(|d| !d.starts_with("epochs: "));
+    } else {
+        bail!(
+            "{}: --epochs {} is fewer than the {} epochs the checkpoint has trained",
+            where_.display(),
+            config.epochs,
+            loaded.state.epoch
+        );
+    }
     if !differences.is_empty() {
         bail!(
             "{}: this run's settings differ from the checkpoint's, which would change the result: {}; \

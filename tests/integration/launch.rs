@@ -179,3 +179,28 @@ fn sbatch_template_is_valid_bash_and_launches_with_pmix() {
             .any(|l| l.starts_with("#SBATCH --ntasks-per-node="))
     );
 }
+
+#[test]
+fn launch_scripts_answer_help_with_status_0_and_sbatch_outside_slurm_with_2() {
+    for name in ["mpirun.sh", "lr-sweep.sh", "sbatch.sh"] {
+        let o = run(script(name).arg("--help"), LIMIT);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", show(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).len() > 200,
+            "{name} --help prints its header on stdout: {}",
+            show(&o)
+        );
+    }
+    let o = run(
+        script("sbatch.sh")
+            .env_remove("SLURM_JOB_ID")
+            .args(["train", "--data", "x", "--out", "y"]),
+        LIMIT,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("not inside a Slurm job"),
+        "{}",
+        show(&o)
+    );
+}

@@ -183,6 +183,88 @@ fn sigterm_checkpoints_exits_75_and_resume_completes_identically() {
     assert!(log.contains("(world size 2 then, 1 now)"), "{log}");
 }
 
+/// Ctrl-C (SIGINT) checkpoints like SIGTERM but exits 130; `--resume` with nothing but the run
+/// directory takes every setting from the run and completes it identically; a larger `--epochs`
+/// then extends the finished run, whose first epochs stay as they were.
+#[test]
+fn ctrl_c_checkpoints_and_the_run_resumes_and_extends_from_its_directory_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = tmp.path().join("uninterrupted");
+    let o = train_ranks(0, &data(), &reference, &RUN);
+    assert!(o.status.success(), "{}", show(&o));
+
+    let out = tmp.path().join("interrupted");
+    let child = Command::new(cosine_train_path())
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&out)
+        .args(["--threads", "1", "--workers", "1"])
+        .args(RUN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !out.join("checkpoints/step-000000000005").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", show(&o));
+    assert_eq!(
+        stderr(&o).matches("stopped by SIGINT").count(),
+        1,
+        "said once: {}",
+        show(&o)
+    );
+
+    // An unfinished run evaluates from its newest checkpoint, and says so.
+    let o = run(
+        Command::new(cosine_train_path())
+            .args(["eval", "--threads", "1", "--run"])
+            .arg(&out),
+        Duration::from_secs(300),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(stderr(&o).contains("newest checkpoint"), "{}", show(&o));
+
+    // From another directory, with the run directory alone.
+    let resume = |extra: &[&str]| {
+        let mut cmd = Command::new(cosine_train_path());
+        cmd.current_dir(tmp.path())
+            .args(["train", "--out", "interrupted", "--resume"])
+            .args(["--threads", "1", "--workers", "1"])
+            .args(extra);
+        run(&mut cmd, Duration::from_secs(300))
+    };
+    let o = resume(&[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out, &reference);
+
+    let o = resume(&["--seed", "7"]);
+    assert!(!o.status.success(), "a changed setting is refused");
+    assert!(stderr(&o).contains("seed: 0 -> 7"), "{}", show(&o));
+
+    let o = resume(&["--epochs", "4"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let (longer, planned) = (metrics(&out), metrics(&reference));
+    assert_eq!(longer.len(), 5, "4 epochs and a summary");
+    assert_eq!(deterministic(&longer[..3]), deterministic(&planned[..3]));
+    assert_eq!(longer[4]["epochs"], 4);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(record["config"]["epochs"], 4);
+    let data = record["config"]["data"].as_str().unwrap();
+    assert!(Path::new(data).is_absolute(), "config.json records {data}");
+}
+
 /// A corrupted newest checkpoint is named and skipped for the one before; when none is valid,
 /// `--resume` fails naming them; `--resume auto` on an empty run directory starts fresh.
 #[test]

@@ -48,7 +48,13 @@ pub(crate) fn deterministic(lines: &[Value]) -> Vec<Value> {
         .map(|v| {
             let mut v = v.clone();
             if let Some(o) = v.as_object_mut() {
-                for k in ["images_per_sec", "train_seconds", "seconds", "sync_seconds"] {
+                for k in [
+                    "images_per_sec",
+                    "train_seconds",
+                    "eval_seconds",
+                    "seconds",
+                    "sync_seconds",
+                ] {
                     o.remove(k);
                 }
             }
@@ -230,6 +236,56 @@ fn same_seed_same_metrics_whatever_the_loader_threads() {
     );
 }
 
+/// `--out` never costs the user a file: a folder of their own files is refused untouched (even
+/// with --force); a run that died at its first step keeps its error in log.txt and is simply
+/// started again, without --force.
+#[test]
+fn the_run_directory_removes_only_what_a_run_wrote() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let own = tmp.path().join("mine");
+    std::fs::create_dir_all(own.join("checkpoints")).unwrap();
+    std::fs::write(own.join("checkpoints/results.csv"), "precious").unwrap();
+    std::fs::write(own.join("log.txt"), "my notes").unwrap();
+    for force in [false, true] {
+        let extra: &[&str] = if force { &["--force"] } else { &[] };
+        let o = train(&data, &own, &[&["--epochs", "1"][..], extra].concat());
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(stderr(&o).contains("holds no run"), "{}", show(&o));
+    }
+    assert_eq!(
+        std::fs::read_to_string(own.join("checkpoints/results.csv")).unwrap(),
+        "precious"
+    );
+    assert_eq!(
+        std::fs::read_to_string(own.join("log.txt")).unwrap(),
+        "my notes"
+    );
+
+    let out = tmp.path().join("run");
+    let o = run(
+        cosine_train()
+            .env("COSINE_FAULT", "rank=0,step=1,kind=error")
+            .arg("train")
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .args(["--epochs", "1", "--threads", "1"]),
+        Duration::from_secs(300),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let log = std::fs::read_to_string(out.join("log.txt")).unwrap();
+    assert!(log.contains("error: "), "the error is in log.txt: {log}");
+    let o = train(&data, &out, &["--epochs", "1", "--threads", "1"]);
+    assert!(
+        o.status.success(),
+        "restarted without --force: {}",
+        show(&o)
+    );
+    assert_eq!(metrics(&out).len(), 2, "1 epoch and a summary");
+}
+
 #[test]
 fn bad_options_and_data_are_refused_with_the_valid_choices() {
     let data = fashion(10);
@@ -247,7 +303,7 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
         ("--channels-last", "maybe", "auto"),
         ("--dist", "gloo", "nccl"),
         ("--device", "tpu", "cuda:N"),
-        ("--flip", "sometimes", "true"),
+        ("--flip", "sometimes", "on or off"),
     ] {
         let o = train(&data, &out, &[flag, value]);
         assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", show(&o));
