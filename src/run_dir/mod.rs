@@ -1,7 +1,8 @@
 //! The run directory (`--out`): what a run writes and what `report`, `eval` and `--resume`
 //! read back. One module owns each file:
 //! * `config.json` and `metrics.jsonl` as types, in [`records`];
-//! * the appending of `metrics.jsonl` and `log.txt` during a run, in [`writer`];
+//! * the appending of `metrics.jsonl`, `log.txt` and the TensorBoard events during a run, in
+//!   [`writer`] (the event encoding in [`tensorboard`]);
 //! * `checkpoints/step-*/` (weights, optimiser state, `state.json`), in [`checkpoint`];
 //! * `model.safetensors`, in [`weights`];
 //! * which files are a run's (and so may be replaced), in [`ownership`].
@@ -11,6 +12,7 @@
 pub mod checkpoint;
 pub mod ownership;
 pub mod records;
+pub mod tensorboard;
 pub mod weights;
 pub mod writer;
 

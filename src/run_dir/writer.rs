@@ -1,18 +1,21 @@
-//! The files rank 0 appends to while a run trains: `metrics.jsonl` (one record per line) and
-//! `log.txt`.
+//! The files rank 0 appends to while a run trains: `metrics.jsonl` (one record per line),
+//! `log.txt`, and a TensorBoard event file with the same epochs as scalars.
 
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
 
-use super::records::MetricsLine;
+use super::records::{EpochMetrics, MetricsLine};
+use super::tensorboard::EventWriter;
 use super::{LOG, METRICS};
 
 /// Appends lines to `metrics.jsonl` and `log.txt`, flushing each.
 pub struct RunWriter {
     metrics: std::fs::File,
     log: std::fs::File,
+    /// A new event file per process (a resumed run adds one; TensorBoard merges them).
+    events: EventWriter,
     echo: bool,
 }
 
@@ -29,6 +32,7 @@ impl RunWriter {
         Ok(RunWriter {
             metrics: open(METRICS)?,
             log: open(LOG)?,
+            events: EventWriter::create(out)?,
             echo,
         })
     }
@@ -64,7 +68,33 @@ impl RunWriter {
         let text = serde_json::to_string(line).context("encoding a metrics record")?;
         writeln!(self.metrics, "{text}")
             .and_then(|_| self.metrics.flush())
-            .context("writing metrics.jsonl")
+            .context("writing metrics.jsonl")?;
+        if let MetricsLine::Epoch(epoch) = line {
+            self.scalars(epoch)?;
+        }
+        Ok(())
+    }
+
+    /// The epoch's figures as TensorBoard scalars, at step = the 1-based epoch.
+    fn scalars(&mut self, m: &EpochMetrics) -> anyhow::Result<()> {
+        let step = m.epoch as i64;
+        let mut figures = vec![
+            ("train/loss", m.train_loss),
+            ("train/lr", m.lr),
+            ("train/images_per_sec", m.images_per_sec),
+        ];
+        let optional = [
+            ("test/top1", m.test_top1),
+            ("test/balanced", m.test_balanced),
+            ("test/hierarchical", m.test_hierarchical),
+            ("test/embedding_top1", m.test_embedding_top1),
+            ("time/eval_seconds", m.eval_seconds),
+        ];
+        figures.extend(optional.into_iter().filter_map(|(t, v)| v.map(|v| (t, v))));
+        for (tag, value) in figures {
+            self.events.scalar(tag, step, value as f32)?;
+        }
+        Ok(self.events.flush()?)
     }
     /// Appends a line to `log.txt`, echoed on stderr when there is no progress bar.
     pub fn log(&mut self, line: &str) -> anyhow::Result<()> {

@@ -284,6 +284,16 @@ fn the_run_directory_removes_only_what_a_run_wrote() {
         show(&o)
     );
     assert_eq!(metrics(&out).len(), 2, "1 epoch and a summary");
+    // The epoch's scalars are in one TensorBoard event file (the failed start's was removed).
+    let events: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents."))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let bytes = std::fs::read(&events[0]).unwrap();
+    let has = |tag: &str| bytes.windows(tag.len()).any(|w| w == tag.as_bytes());
+    assert!(has("brain.Event:2") && has("test/top1") && has("train/loss"));
 }
 
 #[test]
