@@ -219,6 +219,23 @@ impl Head {
         }
     }
 
+    /// Per-class scores (N, C) whose argmax is [`Head::predict`]'s main prediction: softmax
+    /// probabilities for the cross-entropy heads (cosine+CE: its classification head's), the
+    /// cosine similarity to each class embedding for the cosine loss.
+    pub fn scores(&self, out: &HeadOutput) -> Tensor {
+        match (self.config.loss, &out.cls_logits) {
+            (LossKind::Cosine, _) => {
+                let psi = self
+                    .class_embedding
+                    .as_ref()
+                    .expect("cosine objectives have class embeddings");
+                out.primary.matmul(&psi.transpose(0, 1))
+            }
+            (_, Some(cls)) => cls.softmax(1, Kind::Float),
+            _ => out.primary.softmax(1, Kind::Float),
+        }
+    }
+
     fn nearest_class(&self, f: &Tensor) -> Tensor {
         let psi = self
             .class_embedding

@@ -1,7 +1,7 @@
 //! `cosine-train eval`: evaluates saved weights on the test split of a shard directory, exactly
 //! and with any number of ranks, using the model a run directory's `config.json` describes.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -76,7 +76,7 @@ pub fn evaluate_run(
     let mut net = Network::build(&config, i64::from(m.channels), &m.classes, device)?;
     let weights = match &args.weights {
         Some(w) => w.clone(),
-        None => weights_of_run(&args.run)?,
+        None => run_dir::weights::of_run(&args.run)?,
     };
     let model_of = args.run.join(run_dir::CONFIG).display().to_string();
     weights::load(&mut net.vs, &weights, &model_of)?;
@@ -120,31 +120,4 @@ pub fn evaluate_run(
         report["test_embedding_top1"] = json!(e);
     }
     Ok(report)
-}
-
-/// A run's final weights, or, for a run that has not finished (stopped, preempted, still
-/// training), its newest checkpoint's model.
-fn weights_of_run(run: &Path) -> anyhow::Result<PathBuf> {
-    let final_weights = run.join(run_dir::WEIGHTS);
-    if final_weights.exists() {
-        return Ok(final_weights);
-    }
-    let root = run_dir::checkpoint::checkpoints_dir(run);
-    match run_dir::checkpoint::list(&root).pop() {
-        Some(newest) => {
-            tracing::warn!(
-                "{}: no {} (the run has not finished); evaluating its newest checkpoint {}",
-                run.display(),
-                run_dir::WEIGHTS,
-                newest.display()
-            );
-            Ok(newest.join(run_dir::checkpoint::MODEL))
-        }
-        None => anyhow::bail!(
-            "{}: has no {} and no checkpoint: the run has not finished an epoch \
-             (give the weights with --weights)",
-            run.display(),
-            run_dir::WEIGHTS
-        ),
-    }
 }

@@ -7,6 +7,7 @@ pub mod check_dist;
 pub mod doctor;
 pub mod embed;
 pub mod eval;
+pub mod predict;
 pub mod report;
 pub mod train;
 
@@ -57,6 +58,9 @@ pub enum Command {
     /// Evaluate saved weights (a run's model.safetensors) on the test split, exactly, with any
     /// number of ranks. Prints one JSON object.
     Eval(Box<eval::EvalArgs>),
+    /// Classify image files (or folders of them) with a trained run: the top classes and
+    /// their scores per image, as a table, JSON lines or CSV.
+    Predict(predict::PredictArgs),
     /// Time the training step (synthetic batch on the device, no data loading) and, under
     /// mpirun, the gradient all-reduce. Prints one JSON object (rank 0).
     BenchStep(bench_step::BenchStepArgs),
@@ -83,6 +87,7 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
         Command::CheckDist(args) => check_dist::run(&args),
         Command::Train(args) => train::run(&args, &given),
         Command::Eval(args) => eval::run(&args),
+        Command::Predict(args) => predict::run(&args),
         Command::BenchStep(args) => bench_step::run(&args),
         Command::BenchLoader(args) => bench_loader::run(&args),
         Command::Report(args) => report::run(&args),

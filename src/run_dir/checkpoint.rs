@@ -131,6 +131,32 @@ fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
 
 /// Serialises named tensors (any device) as a `.safetensors` file image.
 pub fn to_safetensors(tensors: &[(String, Tensor)]) -> anyhow::Result<Vec<u8>> {
+    serialize_plain(tensors)
+}
+
+/// [`to_safetensors`] with a `__metadata__` table of text. The header is written with sorted
+/// keys (the safetensors crate would write its hash map in a different order each time, and
+/// equal runs must give equal files).
+pub fn to_safetensors_with(
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> anyhow::Result<Vec<u8>> {
+    let plain = serialize_plain(tensors)?;
+    let n = u64::from_le_bytes(plain[..8].try_into()?) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&plain[8..8 + n])?;
+    header.insert("__metadata__".into(), serde_json::to_value(metadata)?);
+    let mut text = serde_json::to_vec(&header)?;
+    // The data that follows stays aligned to 8 bytes.
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + plain.len() - 8 - n);
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text);
+    out.extend(&plain[8 + n..]);
+    Ok(out)
+}
+
+fn serialize_plain(tensors: &[(String, Tensor)]) -> anyhow::Result<Vec<u8>> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
@@ -161,7 +187,12 @@ pub fn from_safetensors(bytes: &[u8], what: &str) -> anyhow::Result<Vec<(String,
         let kind = kind_of(view.dtype())
             .with_context(|| format!("{what}: {name} has unsupported type {:?}", view.dtype()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        out.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
+        let t = Tensor::from_data_size(view.data(), &shape, kind);
+        // NaN or infinite weights would be trained on, or saved as the final model, silently.
+        if t.is_floating_point() && t.numel() > 0 && !bool::try_from(t.isfinite().all())? {
+            bail!("{what}: tensor {name} holds NaN or infinite values");
+        }
+        out.push((name, t));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
@@ -267,8 +298,8 @@ pub struct Loaded {
 /// exists with the recorded size and hash. Errors name the file and what is wrong.
 pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
     let state_path = dir.join(STATE);
-    let text = std::fs::read(&state_path)
-        .with_context(|| format!("{}: cannot read", state_path.display()))?;
+    let text = datasets_prep::bounded::read_limited(&state_path, STATE_LIMIT)
+        .context("cannot read the checkpoint state")?;
     let state: State = serde_json::from_slice(&text)
         .with_context(|| format!("{}: not a checkpoint state", state_path.display()))?;
     if state.format != FORMAT {
@@ -285,9 +316,22 @@ pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
     }
     let mut files = BTreeMap::new();
     for (name, sum) in &state.files {
+        if !is_plain_file_name(name) {
+            bail!(
+                "{}: lists the file {name:?}, which is not a plain file name inside the checkpoint",
+                state_path.display()
+            );
+        }
         let path = dir.join(name);
-        let bytes =
-            std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        // Never more than the recorded size (a device or a swapped file could be endless).
+        let bytes = match datasets_prep::bounded::read_limited(&path, sum.bytes) {
+            Err(datasets_prep::bounded::ReadError::TooLarge { .. }) => bail!(
+                "{}: is larger than the {} bytes the checkpoint recorded (replaced)",
+                path.display(),
+                sum.bytes
+            ),
+            other => other.context("cannot read a checkpoint file")?,
+        };
         if bytes.len() as u64 != sum.bytes {
             bail!(
                 "{}: is {} bytes, the checkpoint recorded {} (truncated or replaced)",
@@ -309,6 +353,19 @@ pub fn load(dir: &Path) -> anyhow::Result<Loaded> {
         state,
         files,
     })
+}
+
+/// The largest `state.json` read (a real one is a few KiB).
+const STATE_LIMIT: u64 = 16 << 20;
+
+/// A name without directories, `..` or anything that would leave the checkpoint's folder.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\\')
+        && !name.contains('\0')
 }
 
 /// The newest valid checkpoint under `root`, and a message for each newer one that is not.
@@ -390,6 +447,18 @@ mod tests {
             b[i] ^= 1 + (rng.next_u64() % 255) as u8;
             let _ = from_safetensors(&b, "mutated");
         }
+    }
+
+    #[test]
+    fn non_finite_tensors_and_escaping_file_names_are_refused() {
+        let tensors = vec![("w".to_string(), Tensor::from_slice(&[1f32, f32::NAN]))];
+        let bytes = to_safetensors(&tensors).unwrap();
+        let err = from_safetensors(&bytes, "ck").unwrap_err().to_string();
+        assert!(err.contains("tensor w holds NaN"), "{err}");
+        for bad in ["../x", "/etc/passwd", "a/b", "..", ""] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+        assert!(is_plain_file_name("model.safetensors"));
     }
 
     #[test]

@@ -1,24 +1,83 @@
 //! `model.safetensors`: every variable of a network (parameters and BatchNorm buffers) under
-//! torchvision-style names, written atomically.
+//! torchvision-style names, with a `__metadata__` table that makes the file usable alone (the
+//! architecture, objective, classes and the evaluation preprocessing), written atomically.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use tch::Tensor;
+use datasets_prep::Manifest;
 use tch::nn::VarStore;
 
-/// Saves the variables of `vs` to `path` (temp file, fsync, rename, directory sync).
-pub fn save(vs: &VarStore, path: &Path) -> anyhow::Result<()> {
-    // Contiguous copies: channels-last kernels are strided, which the writer refuses.
-    let tensors: Vec<(String, Tensor)> = crate::tensors::sorted_variables(vs)
-        .into_iter()
-        .map(|(name, t)| (name, t.contiguous()))
-        .collect();
-    datasets_prep::atomic::write_with(path, |tmp| {
-        Tensor::write_safetensors(&tensors, tmp).map_err(std::io::Error::other)
-    })
-    .with_context(|| format!("{}: cannot write the weights", path.display()))
+use super::records::Versions;
+use crate::config::{EmbeddingSpec, RunConfig};
+
+/// The `format` entry of the metadata; bumped when a key changes meaning.
+pub const METADATA_FORMAT: &str = "cosine-train-weights/1";
+
+/// What a weights file says about itself: every value is text (JSON for lists), as the
+/// safetensors format requires. Keys: `format`, `arch`, `loss`, `classes` (`[{"id","name"}]`
+/// in output order), `channels`, `mean` and `std` (per channel, on 0-255 pixel values),
+/// `short_side` (the pack's resize, `null` if none), `crop` (centre crop at evaluation, `null`
+/// if none), `embedding` (and `embedding_xxh3` for a file), `cosine_train` and `git`.
+pub fn metadata(
+    config: &RunConfig,
+    manifest: &Manifest,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let json = |v: serde_json::Value| v.to_string();
+    let mut m = BTreeMap::new();
+    m.insert("format".into(), METADATA_FORMAT.into());
+    m.insert("arch".into(), config.arch.to_string());
+    m.insert("loss".into(), config.objective.loss.to_string());
+    m.insert("classes".into(), serde_json::to_string(&manifest.classes)?);
+    m.insert("channels".into(), manifest.channels.to_string());
+    m.insert("mean".into(), json(serde_json::json!(manifest.train_mean)));
+    m.insert("std".into(), json(serde_json::json!(manifest.train_std)));
+    m.insert(
+        "short_side".into(),
+        json(serde_json::json!(manifest.resize.short_side)),
+    );
+    m.insert("crop".into(), json(serde_json::json!(config.augment.crop)));
+    m.insert("embedding".into(), config.embedding.to_string());
+    if let EmbeddingSpec::File(path) = &config.embedding {
+        m.insert("embedding_xxh3".into(), super::checkpoint::file_hash(path)?);
+    }
+    let versions = Versions::current();
+    m.insert("cosine_train".into(), versions.cosine_train);
+    m.insert("git".into(), versions.git);
+    Ok(m)
 }
+
+/// Saves the variables of `vs` with `metadata` to `path` (temp file, fsync, rename,
+/// directory sync).
+pub fn save(vs: &VarStore, path: &Path, metadata: BTreeMap<String, String>) -> anyhow::Result<()> {
+    let tensors = crate::tensors::sorted_variables(vs);
+    let bytes = super::checkpoint::to_safetensors_with(&tensors, &metadata)?;
+    datasets_prep::atomic::write_file(path, &bytes)
+        .with_context(|| format!("{}: cannot write the weights", path.display()))
+}
+
+/// The `__metadata__` table of a weights file (empty for files written without one).
+pub fn read_metadata(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let mut file = datasets_prep::bounded::open_regular(path).context("cannot read weights")?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .with_context(|| format!("{}: not a safetensors file (too short)", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    let header = datasets_prep::bounded::read_handle_limited(file.take(n), path, HEADER_LIMIT)
+        .context("reading the safetensors header")?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .with_context(|| format!("{}: not a safetensors header", path.display()))?;
+    Ok(match header.get("__metadata__") {
+        Some(m) => serde_json::from_value(m.clone())
+            .with_context(|| format!("{}: __metadata__ is not a table of text", path.display()))?,
+        None => BTreeMap::new(),
+    })
+}
+
+/// The largest safetensors header read (names and shapes of a ResNet-50 take ~40 KiB).
+const HEADER_LIMIT: u64 = 100 << 20;
 
 /// Loads `path` into the variables of `vs`; every variable must be there with its shape.
 pub fn load(vs: &mut VarStore, path: &Path, model_of: &str) -> anyhow::Result<()> {
@@ -30,4 +89,31 @@ pub fn load(vs: &mut VarStore, path: &Path, model_of: &str) -> anyhow::Result<()
             path.display()
         )
     })
+}
+
+/// A run's final weights, or, for a run that has not finished (stopped, preempted, still
+/// training), its newest checkpoint's model.
+pub fn of_run(run: &Path) -> anyhow::Result<PathBuf> {
+    let final_weights = run.join(super::WEIGHTS);
+    if final_weights.exists() {
+        return Ok(final_weights);
+    }
+    let root = super::checkpoint::checkpoints_dir(run);
+    match super::checkpoint::list(&root).pop() {
+        Some(newest) => {
+            tracing::warn!(
+                "{}: no {} (the run has not finished); using its newest checkpoint {}",
+                run.display(),
+                super::WEIGHTS,
+                newest.display()
+            );
+            Ok(newest.join(super::checkpoint::MODEL))
+        }
+        None => anyhow::bail!(
+            "{}: has no {} and no checkpoint: the run has not finished an epoch \
+             (give the weights with --weights)",
+            run.display(),
+            super::WEIGHTS
+        ),
+    }
 }

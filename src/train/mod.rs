@@ -546,9 +546,11 @@ impl<'c> Trainer<'c> {
         self.dp
             .set_context("end of the run (waiting for rank 0 to write the run directory)");
         if let Some(w) = self.writer.as_mut() {
+            let metadata = crate::run_dir::weights::metadata(&self.config, &self.data.manifest)?;
             crate::run_dir::weights::save(
                 &self.net.vs,
                 &self.opts.out.join(crate::run_dir::WEIGHTS),
+                metadata,
             )?;
             let finite = |v: f64| (!v.is_nan()).then_some(v);
             w.metric(&MetricsLine::Summary(Summary {

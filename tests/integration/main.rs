@@ -11,6 +11,7 @@ mod library;
 mod libtorch_cpu;
 mod model;
 mod mpi;
+mod predict;
 mod report;
 mod resume;
 mod setup;

@@ -233,7 +233,11 @@ fn ctrl_c_checkpoints_and_the_run_resumes_and_extends_from_its_directory_alone()
         Duration::from_secs(300),
     );
     assert!(o.status.success(), "{}", show(&o));
-    assert!(stderr(&o).contains("newest checkpoint"), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("using its newest checkpoint"),
+        "{}",
+        show(&o)
+    );
 
     // From another directory, with the run directory alone.
     let resume = |extra: &[&str]| {
