@@ -72,6 +72,9 @@ pub fn augment_for(source: Option<&Source>) -> AugmentConfig {
     }
 }
 
+/// The largest `--crop` (libtorch would fail deep inside on absurd sizes).
+pub const MAX_CROP: u32 = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,3 +85,4 @@ mod tests {
         assert_eq!(sgdr_epochs(SGDR_BASE, SGDR_MUL, CYCLES), 36);
     }
 }
+

@@ -363,6 +363,12 @@ fn resolve_augment(
 ) -> Result<AugmentConfig, ConfigError> {
     let mut augment = preset.map_or_else(|| defaults::augment_for(source), |p| p.augment.clone());
     if let Some(c) = given.crop {
+        check(
+            c <= defaults::MAX_CROP,
+            "crop",
+            c,
+            "at most 4096 pixels (0 keeps the stored size)",
+        )?;
         augment.crop = (c > 0).then_some(c);
     }
     if let Some(f) = given.flip {

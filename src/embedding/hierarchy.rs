@@ -74,28 +74,54 @@ impl Hierarchy {
             children,
             root: roots[0],
         };
-        // Every node must reach the root; a node on a cycle never does.
-        for &n in &nodes {
-            let mut cur = n;
-            for _ in 0..=nodes.len() {
-                match h.parent.get(&cur) {
-                    Some(&p) => cur = p,
-                    None => break,
-                }
-            }
-            if cur != h.root {
-                bail!(
-                    "{name}: node {n} lies on a cycle (it never reaches the root {})",
-                    h.root
-                );
-            }
+        // Every node must be reached from the root; one on a cycle never is. Linear, so that a
+        // long chain is not quadratic.
+        let reached = h.top_down().len();
+        if reached != nodes.len() {
+            let on_cycle = nodes
+                .iter()
+                .find(|n| !h.reaches_root_within(**n, nodes.len()))
+                .copied()
+                .unwrap_or(h.root);
+            bail!(
+                "{name}: node {on_cycle} lies on a cycle (it never reaches the root {})",
+                h.root
+            );
         }
         Ok(h)
     }
 
+    /// Whether following parents from `n` gets to the root in at most `steps` steps.
+    fn reaches_root_within(&self, n: i64, steps: usize) -> bool {
+        let mut cur = n;
+        for _ in 0..=steps {
+            if cur == self.root {
+                return true;
+            }
+            match self.parent.get(&cur) {
+                Some(&p) => cur = p,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// The nodes reachable from the root, every parent before its children.
+    fn top_down(&self) -> Vec<i64> {
+        let mut order = vec![self.root];
+        let mut next = 0;
+        while next < order.len() {
+            if let Some(cs) = self.children.get(&order[next]) {
+                order.extend(cs.iter().copied());
+            }
+            next += 1;
+        }
+        order
+    }
+
     pub fn from_file(path: &Path, is_a: bool) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = datasets_prep::bounded::read_text_limited(path, FILE_LIMIT)
+            .context("cannot read the hierarchy")?;
         Self::parse(&text, is_a, &path.display().to_string())
     }
 
@@ -111,17 +137,17 @@ impl Hierarchy {
         leaves
     }
 
-    /// Height of every node: 0 for leaves, else 1 + the highest child.
+    /// Height of every node: 0 for leaves, else 1 + the highest child. Bottom-up without
+    /// recursion (a chain 100,000 deep must not overflow the stack).
     pub fn heights(&self) -> HashMap<i64, usize> {
-        fn visit(h: &Hierarchy, n: i64, out: &mut HashMap<i64, usize>) -> usize {
-            let height = h.children.get(&n).map_or(0, |cs| {
-                cs.iter().map(|&c| visit(h, c, out) + 1).max().unwrap_or(0)
-            });
+        let mut out: HashMap<i64, usize> = HashMap::new();
+        for n in self.top_down().into_iter().rev() {
+            let height = self
+                .children
+                .get(&n)
+                .map_or(0, |cs| cs.iter().map(|c| out[c] + 1).max().unwrap_or(0));
             out.insert(n, height);
-            height
         }
-        let mut out = HashMap::new();
-        visit(self, self.root, &mut out);
         out
     }
 
@@ -180,11 +206,58 @@ pub fn cholesky(s: &[f64], n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(l)
 }
 
+/// The largest hierarchy file read.
+const FILE_LIMIT: u64 = 256 << 20;
+
+/// The most classes an embedding or similarity matrix is computed for: n x n doubles, twice
+/// (10,000 classes take 1.6 GB).
+pub const MAX_CLASSES: usize = 10_000;
+
+/// Refuses more than [`MAX_CLASSES`] classes, before an n x n allocation.
+pub fn check_class_count(n: usize, what: &str) -> anyhow::Result<()> {
+    if n > MAX_CLASSES {
+        bail!(
+            "{what}: {n} classes; class similarities are computed for at most {MAX_CLASSES} \
+             (an n x n matrix)"
+        );
+    }
+    Ok(())
+}
+
 /// The unit-sphere embedding of a hierarchy's leaves: (class ids, n x n row-major matrix).
 pub fn unitsphere_embedding(h: &Hierarchy) -> anyhow::Result<(Vec<i64>, Vec<f64>)> {
     let leaves = h.leaves();
+    check_class_count(leaves.len(), "the hierarchy's leaves")?;
     let s = h.similarity(&leaves);
     Ok((leaves.clone(), cholesky(&s, leaves.len())?))
+}
+
+#[cfg(test)]
+mod limits {
+    use super::*;
+
+    #[test]
+    fn a_chain_100000_deep_parses_in_linear_time_without_overflowing() {
+        let text: String = (0..100_000).map(|i| format!("{i} {}\n", i + 1)).collect();
+        let start = std::time::Instant::now();
+        let h = Hierarchy::parse(&text, false, "chain").unwrap();
+        assert_eq!(h.heights()[&0], 100_000);
+        assert_eq!(h.leaves(), vec![100_000]);
+        // Not a benchmark: quadratic parsing took 32 s for 45,000 nodes (minutes for these),
+        // linear takes milliseconds; the bound only catches a return to quadratic.
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        let cycle = "0 1\n2 3\n3 2\n";
+        let err = Hierarchy::parse(cycle, false, "c").unwrap_err().to_string();
+        assert!(err.contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn too_many_leaves_are_refused_before_the_matrix() {
+        let text: String = (1..=MAX_CLASSES + 1).map(|i| format!("0 {i}\n")).collect();
+        let h = Hierarchy::parse(&text, false, "wide").unwrap();
+        let err = unitsphere_embedding(&h).unwrap_err().to_string();
+        assert!(err.contains("at most 10000"), "{err}");
+    }
 }
 
 #[cfg(test)]

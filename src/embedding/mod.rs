@@ -58,6 +58,9 @@ impl std::fmt::Display for EmbeddingSpec {
     }
 }
 
+/// The largest embedding file read (a 10,000 x 10,000 float64 matrix is 800 MB).
+const FILE_LIMIT: u64 = 1 << 30;
+
 /// The C x D class embedding in manifest class order, rows scaled to unit length.
 pub fn load(spec: &EmbeddingSpec, classes: &[ClassInfo]) -> anyhow::Result<Tensor> {
     let path = match spec {
@@ -70,7 +73,7 @@ pub fn load(spec: &EmbeddingSpec, classes: &[ClassInfo]) -> anyhow::Result<Tenso
         EmbeddingSpec::File(path) => path.as_path(),
     };
     let spec = path.display().to_string();
-    let bytes = std::fs::read(path)
+    let bytes = datasets_prep::bounded::read_limited(path, FILE_LIMIT)
         .with_context(|| format!("--embedding {spec}: cannot read (expected onehot or a file)"))?;
     let (ids, rows, dim, values) = if bytes.starts_with(b"\x93NUMPY") {
         let npy::Matrix {
@@ -81,8 +84,8 @@ pub fn load(spec: &EmbeddingSpec, classes: &[ClassInfo]) -> anyhow::Result<Tenso
             .with_context(|| format!("{spec}: not a readable .npy matrix"))?;
         let ids_file = ids_path(path);
         if ids_file.exists() {
-            let text = std::fs::read_to_string(&ids_file)
-                .with_context(|| format!("{}: cannot read", ids_file.display()))?;
+            let text = datasets_prep::bounded::read_text_limited(&ids_file, FILE_LIMIT)
+                .context("cannot read the embedding's class ids")?;
             let ids = text
                 .lines()
                 .map(str::trim)
@@ -103,6 +106,14 @@ pub fn load(spec: &EmbeddingSpec, classes: &[ClassInfo]) -> anyhow::Result<Tenso
         let (ids, rows, dim, values) = from_reference_pickle(path, &bytes)?;
         (Some(ids), rows, dim, values)
     };
+    if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{spec}: row {}, column {} is {} (class embeddings must be finite)",
+            at / dim.max(1),
+            at % dim.max(1),
+            values[at]
+        );
+    }
     let values = match ids {
         Some(ids) => reorder(&spec, &ids, rows, dim, &values, classes)?,
         None => values,

@@ -67,6 +67,7 @@ pub fn class_similarity(
     is_a: bool,
     classes: &[datasets_prep::manifest::ClassInfo],
 ) -> anyhow::Result<Vec<f64>> {
+    crate::embedding::hierarchy::check_class_count(classes.len(), "--hierarchy")?;
     let h = crate::embedding::hierarchy::Hierarchy::from_file(path, is_a)?;
     let path = path.display();
     let ids: Vec<i64> = classes

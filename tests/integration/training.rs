@@ -330,6 +330,7 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
         (&["--epochs", "0"][..], "--epochs 0"),
         (&["--shift", "0.9"][..], "--shift 0.9"),
         (&["--sgdr-base", "0"][..], "--sgdr-base 0"),
+        (&["--crop", "100000"][..], "--crop 100000"),
     ] {
         let o = train(&data, &out, args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
@@ -362,6 +363,35 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     assert!(
         stderr(&o).contains("7 rows, but the data has 10 classes"),
+        "{}",
+        show(&o)
+    );
+    // A NaN in the embedding is named at load, with its row and column.
+    let nan_npy = tmp.path().join("nan.npy");
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f8', 'fortran_order': False, 'shape': (10, 2), }";
+    let padded = format!("{header:<117}\n");
+    bytes.extend((padded.len() as u16).to_le_bytes());
+    bytes.extend(padded.as_bytes());
+    let mut values = [1.0f64; 20];
+    values[7] = f64::NAN;
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(&nan_npy, bytes).unwrap();
+    let o = train(
+        &data,
+        &out,
+        &[
+            "--loss",
+            "cosine",
+            "--embedding",
+            nan_npy.to_str().unwrap(),
+            "--epochs",
+            "1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("row 3, column 1 is NaN"),
         "{}",
         show(&o)
     );
