@@ -49,6 +49,7 @@ for spec in ce:0.1 ce-ls:0.1 cosine:0.5 cosine-ce:0.5; do
 done
 secs=$(( $(date +%s) - start ))
 echo
-echo "Fashion-MNIST, $K training images per class, $EPOCHS epochs, $RANKS rank(s), full test set ($secs s in all)"
+if [ -n "${DATA:-}" ]; then what="$data"; else what="Fashion-MNIST, $K training images per class"; fi
+echo "$what, $EPOCHS epochs, $RANKS rank(s), full test set ($secs s in all)"
 echo
 "$bin/cosine-train" report "${runs[@]}" --csv "$OUT/report.csv" --plot "$OUT/report.png" | tee "$OUT/report.md"

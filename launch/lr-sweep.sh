@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The reference's learning-rate search (reference-spec 4.5) for one dataset and loss: one run per
-# maximum learning rate of the grid, then a table of best and last test top-1 per rate.
+# The reference's learning-rate search for one dataset and loss: one run per maximum learning
+# rate of the paper's grid (8 rates, 2.5 down to 0.001), then a table of best and last test
+# top-1 per rate.
 #
 #   launch/lr-sweep.sh --out runs/sweep-cub-cosine -- --data data/cub --preset paper-cub-cosine --device cuda
 #   launch/lr-sweep.sh --np 4 --out runs/sweep -- --data data/cifar100 --preset paper-cifar100-ce

@@ -5,7 +5,7 @@
 #   bash launch/setup.sh                 # CPU: OpenMPI, libclang, libtorch 2.11.0 (CPU use)
 #   COSINE_WITH_CUDA=1 bash launch/setup.sh   # GPU machine: also CUDA libraries and NCCL
 #
-# Also installed: the real image data the demo and tests use (../shared/docs/datasets.md):
+# Also installed: the real image data the demo and tests use:
 # Fashion-MNIST from Debian (/usr/share/datasets/fashion-mnist) and the foolbox sample photos
 # (CIFAR/ImageNet PNG and JPEG files) into $PREFIX/data/foolbox.
 #
