@@ -85,4 +85,3 @@ mod tests {
         assert_eq!(sgdr_epochs(SGDR_BASE, SGDR_MUL, CYCLES), 36);
     }
 }
-

@@ -8,6 +8,7 @@
 //! * [`nccl::NcclCommunicator`]: CUDA tensors over NCCL, loaded at run time; bootstrapped over MPI
 //!   (a lone process needs none).
 
+pub mod heartbeat;
 pub mod job;
 pub mod mpi;
 pub mod nccl;

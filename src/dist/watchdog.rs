@@ -3,7 +3,10 @@
 //!
 //! Collectives in this program are rank-symmetric by construction, so a collective that does not
 //! finish means another rank died, hangs or lost its link. Waiting longer cannot help; the job is
-//! ended with a message naming the collective and what it was for, and mpirun/srun exit non-zero.
+//! ended with a message naming the collective and what it was for, the ranks that did not reach
+//! it and what each was last doing (from the [`super::heartbeat`] side channel), and mpirun/srun
+//! exit non-zero. Rank 0's message comes first: the other ranks wait a moment before they end
+//! the job.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
+use super::heartbeat::{Heartbeats, Report};
 use super::{AbortHandle, Backend, Communicator, Result};
 
 /// The exit status of a job ended by a collective timeout.
@@ -20,6 +24,9 @@ pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 3;
 struct State {
     /// Milliseconds since `origin` at which the pending collective started, 0 when none is.
     started_ms: AtomicU64,
+    /// Collectives entered so far, and when the last one returned (ms since `origin`).
+    seq: AtomicU64,
+    returned_ms: AtomicU64,
     operation: Mutex<&'static str>,
     context: Mutex<String>,
     stop: AtomicBool,
@@ -39,17 +46,25 @@ impl Watched {
     pub fn new(inner: Box<dyn Communicator>, timeout: Duration) -> Self {
         let state = Arc::new(State {
             started_ms: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            returned_ms: AtomicU64::new(0),
             operation: Mutex::new(""),
             context: Mutex::new(String::new()),
             stop: AtomicBool::new(false),
             origin: Instant::now(),
         });
         let thread = (!timeout.is_zero() && inner.size() > 1).then(|| {
+            let own = {
+                let state = Arc::clone(&state);
+                Arc::new(move || state.report()) as Arc<dyn Fn() -> Report + Send + Sync>
+            };
+            let heartbeats = Heartbeats::start(inner.as_ref(), own);
             let state = Arc::clone(&state);
             let abort = inner.abort_handle();
+            let rank = inner.rank();
             std::thread::Builder::new()
                 .name("collective-watchdog".into())
-                .spawn(move || watch(&state, timeout, &abort))
+                .spawn(move || watch(&state, timeout, &abort, &heartbeats, rank))
                 .expect("spawning the watchdog thread")
         });
         Watched {
@@ -64,14 +79,48 @@ impl Watched {
             *op = operation;
         }
         let now = self.state.origin.elapsed().as_millis() as u64;
+        self.state.seq.fetch_add(1, Ordering::SeqCst);
         self.state.started_ms.store(now.max(1), Ordering::SeqCst);
         let out = f();
         self.state.started_ms.store(0, Ordering::SeqCst);
+        let now = self.state.origin.elapsed().as_millis() as u64;
+        self.state.returned_ms.store(now, Ordering::SeqCst);
         out
     }
 }
 
-fn watch(state: &State, timeout: Duration, abort: &AbortHandle) {
+impl State {
+    /// This rank's heartbeat report.
+    fn report(&self) -> Report {
+        let now = self.origin.elapsed().as_millis() as u64;
+        let started = self.started_ms.load(Ordering::SeqCst);
+        let inside = started != 0;
+        let since = if inside {
+            started
+        } else {
+            self.returned_ms.load(Ordering::SeqCst)
+        };
+        Report {
+            seq: self.seq.load(Ordering::SeqCst),
+            inside,
+            idle_ms: now.saturating_sub(since),
+            operation: self
+                .operation
+                .lock()
+                .map(|o| o.to_string())
+                .unwrap_or_default(),
+            context: self.context.lock().map(|c| c.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+fn watch(
+    state: &State,
+    timeout: Duration,
+    abort: &AbortHandle,
+    heartbeats: &Heartbeats,
+    rank: usize,
+) {
     let limit_ms = timeout.as_millis() as u64;
     let tick = Duration::from_millis((limit_ms / 10).clamp(10, 1000));
     while !state.stop.load(Ordering::SeqCst) {
@@ -81,16 +130,22 @@ fn watch(state: &State, timeout: Duration, abort: &AbortHandle) {
         if started != 0 && now.saturating_sub(started) > limit_ms {
             let op = state.operation.lock().map(|o| *o).unwrap_or("collective");
             let context = state.context.lock().map(|c| c.clone()).unwrap_or_default();
+            let seq = state.seq.load(Ordering::SeqCst);
             let message = format!(
-                "collective timeout: {op}{} did not complete within {} s (--collective-timeout); \
-                 another rank has died, hangs, or lost its network link; ending the job",
+                "collective timeout: {op}{} did not complete within {} s (--collective-timeout; \
+                 collective #{seq} of this job): {}; ending the job",
                 if context.is_empty() {
                     String::new()
                 } else {
                     format!(" ({context})")
                 },
-                timeout.as_secs_f64()
+                timeout.as_secs_f64(),
+                heartbeats.late_ranks(seq)
             );
+            if rank != 0 {
+                // Rank 0's message first: it sees every rank's heartbeat directly.
+                std::thread::sleep(Duration::from_secs(1));
+            }
             abort.abort(&message, EXIT_COLLECTIVE_TIMEOUT);
         }
     }

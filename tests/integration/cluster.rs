@@ -495,6 +495,32 @@ fn two_hosts_over_tcp_match_one_host_and_end_fast_on_failures() {
         deterministic(&metrics(&one_host))
     );
 
+    // A rank that hangs (alive, not dead) on the other host is named by rank 0.
+    let hung = tmp.path().join("hung");
+    let start = Instant::now();
+    let o = run(
+        hosts
+            .mpirun(
+                &[
+                    &["train", "--out", hung.to_str().unwrap(), "--threads", "1"][..],
+                    &["--workers", "1", "--collective-timeout", "3"][..],
+                    &tiny[..],
+                ]
+                .concat(),
+            )
+            .env("COSINE_FAULT", "rank=1,step=3,kind=hang"),
+        Duration::from_secs(120),
+    );
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(start.elapsed() < Duration::from_secs(40), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(
+            "rank 1 did not arrive: its last collective was #4 (all-reduce: gradient all-reduce, epoch 1 step 2)"
+        ),
+        "the hung rank is not named: {}",
+        show(&o)
+    );
+
     let (status, output, secs) =
         fault_after_first_epoch(&hosts, data, &tmp.path().join("killed"), || {
             for pid in hosts.pids_of(2, "cosine-train") {

@@ -340,6 +340,36 @@ fn a_failing_rank_ends_the_whole_job_with_its_message() {
         "{}",
         show(&o)
     );
+    // The message names the rank that did not arrive and what it last did.
+    assert!(
+        stderr(&o).contains(
+            "rank 1 did not arrive: its last collective was #4 (all-reduce: gradient all-reduce, epoch 1 step 2)"
+        ),
+        "{}",
+        show(&o)
+    );
+    // On three ranks, the hung one is named by the others, rank 0's message first.
+    let (o, secs) = with_fault(
+        3,
+        &data,
+        &tmp.path().join("hang3"),
+        "rank=2,step=2,kind=hang",
+        &["--collective-timeout", "3"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(secs < 30.0, "took {secs} s");
+    let err = stderr(&o);
+    let first = err
+        .lines()
+        .find(|l| l.contains("collective timeout"))
+        .unwrap_or_default();
+    assert!(first.starts_with("rank 0: "), "{}", show(&o));
+    assert!(
+        first.contains("rank 2 did not arrive: its last collective was #3 (all-reduce: gradient all-reduce, epoch 1 step 1)")
+            && !first.contains("rank 1 did not"),
+        "{}",
+        show(&o)
+    );
 
     let (o, secs) = with_fault(
         2,
