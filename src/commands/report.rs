@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::report::{RunInfo, csv, markdown, plot::plot, read_run};
+use crate::report::{RunInfo, csv, markdown, plot::plot, read_runs};
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -21,7 +21,7 @@ pub struct ReportArgs {
 }
 
 pub fn run(args: &ReportArgs) -> anyhow::Result<ExitCode> {
-    let runs: Vec<RunInfo> = args.runs.iter().map(|d| read_run(d)).collect();
+    let runs: Vec<RunInfo> = read_runs(&args.runs);
     print!("{}", markdown(&runs));
     if let Some(path) = &args.csv {
         datasets_prep::atomic::write_file(path, csv(&runs).as_bytes())?;

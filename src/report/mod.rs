@@ -91,6 +91,46 @@ impl RunInfo {
     }
 }
 
+/// Reads run directories (see [`read_run`]) and names each by the shortest ending of its path
+/// that no other has (`a/ce` and `b/ce` rather than `ce` twice).
+pub fn read_runs(dirs: &[PathBuf]) -> Vec<RunInfo> {
+    let mut runs: Vec<RunInfo> = dirs.iter().map(|d| read_run(d)).collect();
+    let names = distinct_names(dirs);
+    for (run, name) in runs.iter_mut().zip(names) {
+        run.name = name;
+    }
+    runs
+}
+
+/// For each path, its last components, as few as make it different from the others'.
+fn distinct_names(dirs: &[PathBuf]) -> Vec<String> {
+    let parts: Vec<Vec<String>> = dirs
+        .iter()
+        .map(|d| {
+            d.components()
+                .filter(|c| matches!(c, std::path::Component::Normal(_)))
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect()
+        })
+        .collect();
+    let ending = |p: &[String], n: usize| p[p.len().saturating_sub(n)..].join("/");
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (1..=p.len().max(1))
+                .map(|n| ending(p, n))
+                .find(|name| {
+                    parts
+                        .iter()
+                        .enumerate()
+                        .all(|(j, q)| j == i || ending(q, name.split('/').count()) != *name)
+                })
+                .unwrap_or_else(|| dirs[i].display().to_string())
+        })
+        .collect()
+}
+
 /// Reads one run directory; never fails (problems become notes).
 pub fn read_run(dir: &Path) -> RunInfo {
     let mut info = RunInfo {
@@ -128,6 +168,9 @@ pub fn read_run(dir: &Path) -> RunInfo {
         },
     }
     match records::read_metrics(dir) {
+        Err(datasets_prep::bounded::ReadError::NotFound { .. }) => {
+            info.notes.push("metrics.jsonl: No such file".into())
+        }
         Err(e) => info.notes.push(format!("metrics.jsonl: {e}")),
         Ok(m) => {
             info.notes
@@ -259,4 +302,18 @@ pub fn csv(runs: &[RunInfo]) -> String {
         out += &(cells.map(|c| quote(&c)).join(",") + "\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_of_the_same_name_are_told_apart_by_their_folders() {
+        let dirs: Vec<PathBuf> = ["runs/a/ce", "runs/b/ce", "runs/b/cosine", "x"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(distinct_names(&dirs), ["a/ce", "b/ce", "cosine", "x"]);
+    }
 }

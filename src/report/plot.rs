@@ -1,5 +1,5 @@
-//! The comparison plot: test top-1 and training loss per epoch (one line per run) above the
-//! learning rate, as a PNG.
+//! The comparison plot: test top-1 (%) and training loss per epoch (one line per run, markers
+//! where a run has few points) above the learning rate, as a PNG.
 
 use std::path::{Path, PathBuf};
 
@@ -85,6 +85,9 @@ impl Panel {
     }
 }
 
+/// Series with at most this many points get a marker at each.
+const MARKED_POINTS: usize = 40;
+
 /// Plot size in pixels.
 pub const PLOT_SIZE: (u32, u32) = (1200, 900);
 
@@ -114,6 +117,8 @@ pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
             .map(|(_, v)| v)
             .fold(0.0f64, f64::max)
     };
+    // At most 12 labels on the epoch axis, each on a whole epoch.
+    let epoch_ticks = (max_epoch as usize + 1).min(12);
     let (width, height) = PLOT_SIZE;
     let mut rgb = vec![0u8; width as usize * height as usize * 3];
     {
@@ -128,7 +133,12 @@ pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
         let panels = [
             (
                 &left,
-                Panel::new("test top-1", "top-1", |p| p.test_top1, 1.0),
+                Panel::new(
+                    "test top-1",
+                    "top-1 (%)",
+                    |p| p.test_top1.map(|v| 100.0 * v),
+                    100.0,
+                ),
             ),
             (
                 &right,
@@ -164,29 +174,43 @@ pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
                 .configure_mesh()
                 .x_desc("epoch")
                 .y_desc(y_desc)
+                .x_labels(epoch_ticks)
+                // Epochs are whole numbers.
+                .x_label_formatter(&|x| format!("{}", x.round() as i64))
                 .light_line_style(TRANSPARENT)
                 .label_style(("sans-serif", 14))
                 .draw()?;
             for (i, r) in plotted.iter().enumerate() {
                 let c = colour(i);
+                let points = series(r, f);
+                // Few points (a run with one evaluation draws no line at all) get markers.
+                let marked = points.len() <= MARKED_POINTS;
                 chart
-                    .draw_series(LineSeries::new(series(r, f), c.stroke_width(2)))?
+                    .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
                     .label(r.name.clone())
                     .legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
                     });
+                if marked {
+                    chart.draw_series(
+                        points
+                            .iter()
+                            .map(|&(x, y)| Circle::new((x, y), 4, c.filled())),
+                    )?;
+                }
             }
-            chart
-                .configure_series_labels()
-                .label_font(("sans-serif", 14))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .position(if title == "test top-1" {
-                    SeriesLabelPosition::LowerRight
-                } else {
-                    SeriesLabelPosition::UpperRight
-                })
-                .draw()?;
+            // One legend, where rising accuracy curves leave room (upper left of the accuracy
+            // panel, above where they start and left of where they end); the other panels use
+            // the same colours.
+            if title == "test top-1" {
+                chart
+                    .configure_series_labels()
+                    .label_font(("sans-serif", 14))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::UpperLeft)
+                    .draw()?;
+            }
         }
         root.present().context("drawing the plot")?;
     }
