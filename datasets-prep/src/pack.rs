@@ -28,6 +28,16 @@ use crate::writeback::Flusher;
 pub enum PackError {
     #[error("{path}: already exists; pass --force to replace it")]
     OutExists { path: PathBuf },
+    #[error("--out {out} is the --root folder: packing into it would replace the dataset")]
+    OutIsRoot { out: PathBuf },
+    #[error("--out {out} contains --root {root}: replacing it would delete the dataset")]
+    OutContainsRoot { out: PathBuf, root: PathBuf },
+    /// `--force` replaces only a shard directory this tool wrote; `reason` says why `path` is not.
+    #[error(
+        "{path}: not a shard directory written by datasets-prep ({reason}); --force replaces only \
+         those: remove or rename it yourself, or choose another --out"
+    )]
+    NotAShardDir { path: PathBuf, reason: String },
     #[error("--quality {quality} is out of range: expected 1..=100")]
     Quality { quality: u8 },
     #[error("--per-class 0 would leave no training images: expected at least 1")]
@@ -157,11 +167,7 @@ const READ_AHEAD_CHUNKS: usize = 4;
 
 /// Packs and returns the manifest written.
 pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
-    if opts.out.exists() && !opts.force {
-        return Err(PackError::OutExists {
-            path: opts.out.clone(),
-        });
-    }
+    check_out(opts)?;
     if opts.jpeg_quality == 0 || opts.jpeg_quality > 100 {
         return Err(PackError::Quality {
             quality: opts.jpeg_quality,
@@ -617,9 +623,11 @@ fn sync_dir(dir: &Path) -> Result<(), PackError> {
 }
 
 /// Moves the finished `tmp` directory to `out`, replacing an existing `out` (only reached with
-/// `--force`) so that at every moment one complete directory exists under one of the names.
+/// `--force`, after [`check_out`] found it to be a shard directory) so that at every moment one
+/// complete directory exists under one of the names. Of the replaced directory only the files
+/// this tool writes are removed: anything else found there is left, with the directory.
 fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
-    if out.exists() {
+    if std::fs::symlink_metadata(out).is_ok() {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
             out.file_name()
@@ -629,11 +637,7 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
         ));
         std::fs::rename(out, &old).map_err(PackError::io(out, "cannot move aside"))?;
         rename(tmp, out)?;
-        if old.is_dir() {
-            std::fs::remove_dir_all(&old).map_err(PackError::io(&old, "cannot remove"))?;
-        } else {
-            std::fs::remove_file(&old).map_err(PackError::io(&old, "cannot remove"))?;
-        }
+        remove_shard_dir(&old)?;
     } else {
         rename(tmp, out)?;
     }
@@ -644,6 +648,128 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
         _ => sync_dir(Path::new("."))?,
     }
     Ok(())
+}
+
+/// Removes `manifest.json` and the shard files of `dir`, then `dir` itself if that left it empty.
+fn remove_shard_dir(dir: &Path) -> Result<(), PackError> {
+    let entries = std::fs::read_dir(dir).map_err(PackError::io(dir, "cannot list"))?;
+    for entry in entries {
+        let entry = entry.map_err(PackError::io(dir, "cannot list"))?;
+        let ours = entry.file_name().to_str().is_some_and(is_own_file_name);
+        if ours && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(PackError::io(&path, "cannot remove"))?;
+        }
+    }
+    std::fs::remove_dir(dir).map_err(PackError::io(
+        dir,
+        "cannot remove the replaced directory (files datasets-prep did not write appeared in it; \
+         they are left there)",
+    ))
+}
+
+/// The names of the files `pack` writes into a shard directory.
+fn is_own_file_name(name: &str) -> bool {
+    if name == "manifest.json" {
+        return true;
+    }
+    let Some(stem) = name.strip_suffix(".shard") else {
+        return false;
+    };
+    let digits = stem
+        .strip_prefix("train-")
+        .or_else(|| stem.strip_prefix("test-"));
+    digits.is_some_and(|d| d.len() >= 5 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Refuses, before anything is touched, an `--out` that is or contains `--root`, an existing
+/// `--out` without `--force`, and with it one that is not a shard directory this tool wrote.
+fn check_out(opts: &PackOptions) -> Result<(), PackError> {
+    if let (Ok(root), Some(out)) = (std::fs::canonicalize(&opts.root), resolve(&opts.out)) {
+        if out == root {
+            return Err(PackError::OutIsRoot {
+                out: opts.out.clone(),
+            });
+        }
+        if root.starts_with(&out) {
+            return Err(PackError::OutContainsRoot {
+                out: opts.out.clone(),
+                root: opts.root.clone(),
+            });
+        }
+    }
+    let meta = match std::fs::symlink_metadata(&opts.out) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PackError::io(&opts.out, "cannot inspect")(e)),
+    };
+    if !opts.force {
+        return Err(PackError::OutExists {
+            path: opts.out.clone(),
+        });
+    }
+    check_own_shard_dir(&opts.out, &meta)
+}
+
+/// Whether `dir` is a shard directory this tool wrote: a directory holding a `manifest.json`
+/// that parses, and otherwise only shard files (or nothing at all).
+fn check_own_shard_dir(dir: &Path, meta: &std::fs::Metadata) -> Result<(), PackError> {
+    let refuse = |reason: String| PackError::NotAShardDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if !meta.is_dir() {
+        return Err(refuse(format!(
+            "it is {}",
+            crate::bounded::describe(meta.file_type())
+        )));
+    }
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(PackError::io(dir, "cannot list"))? {
+        let entry = entry.map_err(PackError::io(dir, "cannot list"))?;
+        let name = entry.file_name();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        match name.to_str() {
+            Some(n) if is_file && is_own_file_name(n) => names.push(n.to_string()),
+            _ => {
+                return Err(refuse(format!(
+                    "it holds {}, which datasets-prep does not write",
+                    entry.path().display()
+                )));
+            }
+        }
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !names.iter().any(|n| n == "manifest.json") {
+        return Err(refuse("it has shard files but no manifest.json".into()));
+    }
+    let path = dir.join("manifest.json");
+    let bytes = crate::bounded::read_limited(&path, crate::manifest::MAX_MANIFEST_BYTES)
+        .map_err(|e| refuse(format!("its manifest.json cannot be read: {e}")))?;
+    Manifest::parse(&path, &bytes).map_err(|e| {
+        refuse(format!(
+            "its manifest.json is not one datasets-prep writes: {e}"
+        ))
+    })?;
+    Ok(())
+}
+
+/// `path` made absolute with symbolic links resolved, also when it does not exist yet: its
+/// nearest existing ancestor is canonicalised and the rest of the path appended.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let mut missing = Vec::new();
+    let mut base = absolute.as_path();
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(base) {
+            real.extend(missing.iter().rev());
+            return Some(real);
+        }
+        missing.push(base.file_name()?);
+        base = base.parent()?;
+    }
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), PackError> {
@@ -657,6 +783,28 @@ fn rename(from: &Path, to: &Path) -> Result<(), PackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_file_names_are_the_manifest_and_shards_only() {
+        for name in [
+            "manifest.json",
+            "train-00000.shard",
+            "test-00012.shard",
+            "test-123456.shard",
+        ] {
+            assert!(is_own_file_name(name), "{name}");
+        }
+        for name in [
+            "notes.txt",
+            "train-0000.shard",
+            "train-0000x.shard",
+            "val-00000.shard",
+            "train-00000.shard.bak",
+            ".manifest.json.tmp-1-0",
+        ] {
+            assert!(!is_own_file_name(name), "{name}");
+        }
+    }
 
     #[test]
     fn channel_sums_match_a_per_pixel_loop() {

@@ -226,6 +226,96 @@ fn existing_output_is_kept_without_force_and_replaced_with_it() {
     );
 }
 
+/// `--root /x/data --out /x --force` used to delete the dataset: an `--out` that is or contains
+/// `--root` is refused before anything is touched, however the paths are spelled.
+#[test]
+fn force_never_deletes_the_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("x");
+    let root = parent.join("data");
+    folder_dataset(&root, 2, 6);
+    let before = dir_bytes(&root.join("train/a"));
+    for (out, needle) in [
+        (parent.clone(), "contains --root"),
+        (root.join(".."), "contains --root"),
+        (tmp.path().to_path_buf(), "contains --root"),
+        (root.clone(), "is the --root folder"),
+        (root.join("train/.."), "is the --root folder"),
+    ] {
+        let o = pack("folder", &root, &out, &["--force"]);
+        assert!(!o.status.success(), "{}", show(&o));
+        assert!(
+            stderr(&o).contains(needle),
+            "{}: {}",
+            out.display(),
+            show(&o)
+        );
+        assert_eq!(
+            dir_bytes(&root.join("train/a")),
+            before,
+            "{}",
+            out.display()
+        );
+    }
+    // A symbolic link to an ancestor is resolved too.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&parent, &link).unwrap();
+    let o = pack("folder", &root, &link, &["--force"]);
+    assert!(stderr(&o).contains("contains --root"), "{}", show(&o));
+    assert_eq!(dir_bytes(&root.join("train/a")), before);
+    // A new folder inside the root is fine.
+    pack_ok("folder", &root, &root.join("packed"), &[]);
+}
+
+/// `--force` replaces a shard directory this tool wrote, and nothing else: a folder with any
+/// other file is refused, the file named, and everything left as it was.
+#[test]
+fn force_replaces_only_shard_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::write(photos.join("holiday.jpg"), b"precious").unwrap();
+    let o = pack("folder", &root, &photos, &["--force"]);
+    fails_with(&o, &["not a shard directory", "holiday.jpg"]);
+    assert_eq!(
+        std::fs::read(photos.join("holiday.jpg")).unwrap(),
+        b"precious"
+    );
+
+    // A packed directory someone added a file to.
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    let before = dir_bytes(&out);
+    fails_with(&pack("folder", &root, &out, &["--force"]), &["notes.txt"]);
+    assert_eq!(dir_bytes(&out), before);
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+
+    // Shard-like names without a manifest this tool recognises.
+    std::fs::write(out.join("manifest.json"), b"{}").unwrap();
+    fails_with(
+        &pack("folder", &root, &out, &["--force"]),
+        &["manifest.json is not one datasets-prep writes"],
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    fails_with(
+        &pack("folder", &root, &file, &["--force"]),
+        &["is a regular file"],
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+    // An empty folder, and a real shard directory, are replaced.
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::create_dir(&out).unwrap();
+    pack_ok("folder", &root, &out, &["--force"]);
+    pack_ok("folder", &root, &out, &["--force", "--per-class", "1"]);
+    assert_eq!(manifest(&out)["train"]["count"], 2);
+}
+
 #[test]
 fn an_interrupted_pack_leaves_nothing_that_passes_as_complete() {
     let tmp = tempfile::tempdir().unwrap();
