@@ -142,7 +142,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.shard_bytes = args.shard_mib.max(1) << 20;
             opts.progress = std::io::stderr().is_terminal();
             let start = std::time::Instant::now();
-            let m = pack(&opts)?;
+            let packed = pack(&opts)?;
+            for dir in &packed.removed_partials {
+                eprintln!(
+                    "datasets-prep: removed {}, left by a pack that was killed",
+                    dir.display()
+                );
+            }
+            for dir in &packed.live_partials {
+                eprintln!(
+                    "datasets-prep: left {} alone: the pack that is writing it is still running",
+                    dir.display()
+                );
+            }
+            let m = packed.manifest;
             eprintln!(
                 "datasets-prep: packed {} train + {} test images of {} classes into {} in {:.1}s{}",
                 m.train.count,

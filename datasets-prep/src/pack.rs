@@ -165,8 +165,19 @@ const CHUNK: usize = 64;
 /// about 25 MB, outlast a device flush of this VM's disk (0.1-0.4 s) on 2 cores.
 const READ_AHEAD_CHUNKS: usize = 4;
 
+/// What a successful `pack` wrote, and what it found beside it.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    pub manifest: Manifest,
+    /// Leftovers of killed packs into the same `--out` (`.NAME.partial-PID`, PID gone) that
+    /// were removed.
+    pub removed_partials: Vec<PathBuf>,
+    /// Such folders of processes still running, left alone.
+    pub live_partials: Vec<PathBuf>,
+}
+
 /// Packs and returns the manifest written.
-pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
+pub fn pack(opts: &PackOptions) -> Result<Packed, PackError> {
     check_out(opts)?;
     if opts.jpeg_quality == 0 || opts.jpeg_quality > 100 {
         return Err(PackError::Quality {
@@ -204,6 +215,7 @@ pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
         .to_string_lossy()
         .into_owned();
     std::fs::create_dir_all(&parent).map_err(PackError::io(&parent, "cannot create"))?;
+    let (removed_partials, live_partials) = clean_partials(&parent, &file_name)?;
     let tmp = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(PackError::io(&tmp, "cannot create"))?;
@@ -214,7 +226,65 @@ pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    result
+    Ok(Packed {
+        manifest: result?,
+        removed_partials,
+        live_partials,
+    })
+}
+
+/// Removes the `.NAME.partial-PID` folders that killed packs into the same `--out` left in
+/// `parent`, when no process PID is running; returns (removed, left for running processes).
+/// Only folders named exactly so are touched, and never this process's own.
+fn clean_partials(
+    parent: &Path,
+    file_name: &str,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), PackError> {
+    let prefix = format!(".{file_name}.partial-");
+    let (mut removed, mut live) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(parent).map_err(PackError::io(parent, "cannot list"))? {
+        let entry = entry.map_err(PackError::io(parent, "cannot list"))?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = parse_pid(pid) else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || pid == std::process::id() {
+            continue;
+        }
+        let path = entry.path();
+        if process_alive(pid) {
+            live.push(path);
+        } else {
+            std::fs::remove_dir_all(&path).map_err(PackError::io(&path, "cannot remove"))?;
+            removed.push(path);
+        }
+    }
+    Ok((removed, live))
+}
+
+/// A process id as `pack` writes it: decimal digits only.
+fn parse_pid(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Whether process `pid` exists (in doubt, yes: its folder is then left alone).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false; // beyond any process id
+    };
+    if pid <= 0 {
+        return true; // kill() would address a process group
+    }
+    // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
+    let status = unsafe { libc::kill(pid, 0) };
+    status == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 fn pack_into(
@@ -783,6 +853,16 @@ fn rename(from: &Path, to: &Path) -> Result<(), PackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pids_are_plain_decimal_and_this_process_is_alive() {
+        assert_eq!(parse_pid("1234"), Some(1234));
+        for bad in ["", "+12", "12x", "-1", " 12", "99999999999"] {
+            assert_eq!(parse_pid(bad), None, "{bad:?}");
+        }
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(u32::MAX));
+    }
 
     #[test]
     fn own_file_names_are_the_manifest_and_shards_only() {

@@ -370,3 +370,45 @@ fn an_interrupted_pack_leaves_nothing_that_passes_as_complete() {
         ));
     }
 }
+
+/// Killed packs leave `.NAME.partial-PID` folders; the next pack into the same `--out` removes
+/// those whose process is gone, and only those, and names a live one it leaves.
+#[test]
+fn leftovers_of_killed_packs_are_removed_by_the_next_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let live = std::process::id();
+    let partial = |name: &str| tmp.path().join(name);
+    let dead_out = partial(&format!(".out.partial-{dead}"));
+    let live_out = partial(&format!(".out.partial-{live}"));
+    let other_name = partial(&format!(".other.partial-{dead}"));
+    let not_a_pid = partial(&format!(".out.partial-{dead}x"));
+    for dir in [&dead_out, &live_out, &other_name, &not_a_pid] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::write(dir.join("train-00000.shard"), b"half").unwrap();
+    }
+    let o = pack("folder", &root, &tmp.path().join("out"), &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(!dead_out.exists(), "a dead pack's folder is removed");
+    assert!(
+        stderr(&o).contains(&format!("removed {}", dead_out.display())),
+        "{}",
+        show(&o)
+    );
+    for dir in [&live_out, &other_name, &not_a_pid] {
+        assert!(
+            dir.join("train-00000.shard").exists(),
+            "{} is kept",
+            dir.display()
+        );
+    }
+    assert!(
+        stderr(&o).contains(&format!("left {} alone", live_out.display())),
+        "{}",
+        show(&o)
+    );
+}
