@@ -40,6 +40,12 @@ pub enum PackError {
     NotAShardDir { path: PathBuf, reason: String },
     #[error("--quality {quality} is out of range: expected 1..=100")]
     Quality { quality: u8 },
+    #[error(
+        "--short-side {short_side} is out of range: expected 0 (keep sizes) or {}..={}",
+        SHORT_SIDES.start(),
+        SHORT_SIDES.end()
+    )]
+    ShortSide { short_side: u32 },
     #[error("--per-class 0 would leave no training images: expected at least 1")]
     ZeroPerClass,
     #[error("{path}: --out has no file name")]
@@ -90,6 +96,20 @@ pub enum PackError {
 }
 
 impl PackError {
+    /// Whether the options themselves are wrong (a usage error, exit status 2), rather than the
+    /// input or the file system.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            PackError::OutIsRoot { .. }
+                | PackError::OutContainsRoot { .. }
+                | PackError::Quality { .. }
+                | PackError::ShortSide { .. }
+                | PackError::ZeroPerClass
+                | PackError::NoFileName { .. }
+        )
+    }
+
     fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> PackError {
         move |source| PackError::Io {
             path: path.to_path_buf(),
@@ -158,6 +178,10 @@ impl PackOptions {
     }
 }
 
+/// The `--short-side` values accepted besides 0 (keep sizes): a larger one makes records of
+/// tens of MB, and allocations of GB for long thin images.
+pub const SHORT_SIDES: std::ops::RangeInclusive<u32> = 1..=4096;
+
 /// Images processed per parallel batch: bounds memory, not results.
 const CHUNK: usize = 64;
 
@@ -183,6 +207,11 @@ pub fn pack(opts: &PackOptions) -> Result<Packed, PackError> {
         return Err(PackError::Quality {
             quality: opts.jpeg_quality,
         });
+    }
+    if let Some(Some(short_side)) = opts.short_side
+        && !SHORT_SIDES.contains(&short_side)
+    {
+        return Err(PackError::ShortSide { short_side });
     }
     let mut listing = opts.source.load(&opts.root)?;
     if let Some(k) = opts.per_class {
