@@ -133,8 +133,19 @@ pub enum StoreError {
     Resize { source: ImageError },
     #[error("{source}")]
     Encode { source: ImageError },
-    #[error("{bytes} bytes is too large for one record")]
+    #[error(
+        "{bytes} bytes is too large for one record (the limit is {}): choose a smaller \
+         --short-side",
+        image_ops::MAX_RECORD_BYTES
+    )]
     TooLarge { bytes: usize },
+    /// The JPEG written does not say the size of the pixels it was encoded from.
+    #[error("the encoded JPEG is {}x{}x{}, the image {}x{}x{}",
+        .encoded.1, .encoded.0, .encoded.2, .image.1, .image.0, .image.2)]
+    EncodedShape {
+        encoded: (u32, u32, u8),
+        image: (u32, u32, u8),
+    },
 }
 
 /// What `pack` was asked to do.
@@ -642,17 +653,28 @@ fn store(
         ChannelSums::default()
     };
     let (height, width, channels) = (pixels.height, pixels.width, pixels.channels);
+    if pixels.data.len() as u64 > image_ops::MAX_RECORD_BYTES {
+        return Err(StoreError::TooLarge {
+            bytes: pixels.data.len(),
+        });
+    }
     let bytes = match opts.encoding {
         Encoding::Raw => pixels.data,
         Encoding::Jpeg => {
             let encoded = image_ops::encode_jpeg(&pixels, opts.jpeg_quality);
             pool.give(pixels.data);
-            encoded.map_err(|source| StoreError::Encode { source })?
+            let encoded = encoded.map_err(|source| StoreError::Encode { source })?;
+            let shape =
+                image_ops::jpeg_shape(&encoded).map_err(|source| StoreError::Encode { source })?;
+            if shape != (height, width, channels) {
+                return Err(StoreError::EncodedShape {
+                    encoded: shape,
+                    image: (height, width, channels),
+                });
+            }
+            encoded
         }
     };
-    if bytes.len() > u32::MAX as usize {
-        return Err(StoreError::TooLarge { bytes: bytes.len() });
-    }
     Ok(Stored {
         bytes,
         height,

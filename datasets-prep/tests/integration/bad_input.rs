@@ -456,6 +456,59 @@ fn rejected_option_values_are_usage_errors() {
         "folder",
         &root,
         &out,
-        &["--short-side", "4096", "--threads", "1024"],
+        &["--short-side", "1", "--threads", "1024"],
     );
+}
+
+/// A 1x30000 PNG resized to a short side of 512 needed a 7.8 GB buffer, and a 631-byte JPEG
+/// claiming 16000x16000 packed into a 733 MB record of filler: both are refused, naming the
+/// file, before any such allocation (and left out with --skip-bad).
+#[test]
+fn images_too_large_or_too_short_for_their_size_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 8);
+    let out = tmp.path().join("out");
+    let wide = root.join("train/a/wide.png");
+    write_png(&wide, 1, 1, 30_000, 1);
+    fails_with(
+        &pack("folder", &root, &out, &["--short-side", "512"]),
+        &["wide.png", "would be a record of", "--short-side"],
+    );
+    pack_ok(
+        "folder",
+        &root,
+        &out,
+        &["--short-side", "512", "--skip-bad"],
+    );
+    let m = manifest(&out);
+    assert!(
+        m["skipped"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("wide.png"),
+        "{m}"
+    );
+    std::fs::remove_file(&wide).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+
+    let bomb = root.join("train/b/bomb.jpg");
+    write_jpeg(&bomb, 3, 8, 8, 3);
+    let mut bytes = std::fs::read(&bomb).unwrap();
+    claim_size(&mut bytes, 16_000, 16_000);
+    std::fs::write(&bomb, &bytes).unwrap();
+    fails_with(
+        &pack("folder", &root, &out, &[]),
+        &[
+            "bomb.jpg",
+            "16000x16000 is 256 megapixels, more than the 100",
+        ],
+    );
+    claim_size(&mut bytes, 4_000, 4_000);
+    std::fs::write(&bomb, &bytes).unwrap();
+    fails_with(
+        &pack("folder", &root, &out, &[]),
+        &["bomb.jpg", "cannot hold a 4000x4000 image"],
+    );
+    assert!(!out.exists());
 }

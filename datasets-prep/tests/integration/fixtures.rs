@@ -69,6 +69,16 @@ pub fn write_jpeg(path: &Path, seed: u32, h: u32, w: u32, channels: u8) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Makes a baseline JPEG's frame header (SOF0) claim another size; the data stays as it is.
+pub fn claim_size(jpeg: &mut [u8], height: u16, width: u16) {
+    let at = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    jpeg[at + 5..at + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[at + 7..at + 9].copy_from_slice(&width.to_be_bytes());
+}
+
 pub fn write_png(path: &Path, seed: u32, h: u32, w: u32, channels: u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let color = if channels == 1 {
