@@ -99,6 +99,69 @@ fn flipped_byte_truncation_and_edited_manifest_are_reported() {
     verify_fails(&out, &["test-00000.shard"]);
 }
 
+/// A small JPEG-stored folder dataset: classes a and b, 8x8 images.
+fn packed_jpeg(dir: &Path) -> std::path::PathBuf {
+    let raw = dir.join("raw");
+    for (i, path) in ["train/a/0.jpg", "train/b/0.jpg", "test/a/0.jpg"]
+        .iter()
+        .enumerate()
+    {
+        write_jpeg(&raw.join(path), i as u32, 8, 8, 3);
+    }
+    let out = dir.join("packed");
+    pack_ok("folder", &raw, &out, &["--encoding", "jpeg"]);
+    out
+}
+
+/// A JPEG record whose header and table entry both claim 16000x16000 (checksum updated): it
+/// decoded leniently to 768 MB of filler and `verify` said ok; now the decoder's limits refuse
+/// it and `verify` names the record.
+#[test]
+fn verify_decodes_jpeg_records_within_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = packed_jpeg(tmp.path());
+    let shard = out.join("train-00000.shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let layout = parse_shard(&shard, &bytes, 2).unwrap();
+    let e = layout.entries[0];
+    let record = e.offset as usize..e.offset as usize + e.length as usize;
+    claim_size(&mut bytes[record], 16_000, 16_000);
+    bytes[HEADER_BYTES + 16..HEADER_BYTES + 20].copy_from_slice(&16_000u32.to_le_bytes());
+    bytes[HEADER_BYTES + 20..HEADER_BYTES + 24].copy_from_slice(&16_000u32.to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    let mut m = manifest(&out);
+    m["train"]["shards"][0]["xxh3"] = datasets_prep::format::checksum(&bytes).into();
+    std::fs::write(out.join("manifest.json"), m.to_string()).unwrap();
+    verify_fails(
+        &out,
+        &[
+            "train-00000.shard: record 0 does not decode",
+            "256 megapixels",
+            "1 problem(s)",
+        ],
+    );
+}
+
+/// FORMAT.md says every class MUST have a training record; `verify` accepted a class without.
+#[test]
+fn verify_refuses_a_class_without_training_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = packed_jpeg(tmp.path());
+    let mut m = manifest(&out);
+    m["classes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"id": "c", "name": "cat"}));
+    for split in ["train", "test"] {
+        m[split]["per_class"].as_array_mut().unwrap().push(0.into());
+    }
+    std::fs::write(out.join("manifest.json"), m.to_string()).unwrap();
+    verify_fails(
+        &out,
+        &["every class needs a training record", "\"c\" (cat)"],
+    );
+}
+
 #[test]
 fn reader_rejects_out_of_range_indices() {
     let tmp = tempfile::tempdir().unwrap();
