@@ -123,8 +123,9 @@ impl PackError {
 /// manifest lists; without, the pack fails with [`PackError::Image`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{source}")]
-    Read { source: std::io::Error },
+    /// The item's own name is in the message around it.
+    #[error("{}", .source.reason())]
+    Read { source: crate::bounded::ReadError },
     #[error("the file was not read")]
     NotRead,
     #[error("cannot decode image: {source}")]

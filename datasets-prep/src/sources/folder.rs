@@ -31,7 +31,9 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
         let hidden = path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if !hidden && path.is_file() && is_image_file(&path) {
+        // Anything but a directory: a FIFO named like an image is then reported, not skipped.
+        let not_dir = std::fs::metadata(&path).is_ok_and(|m| !m.is_dir());
+        if !hidden && not_dir && is_image_file(&path) {
             files.push(path);
         }
     }

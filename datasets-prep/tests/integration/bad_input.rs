@@ -512,3 +512,129 @@ fn images_too_large_or_too_short_for_their_size_are_refused() {
     );
     assert!(!out.exists());
 }
+
+/// A FIFO where a file is expected blocked `open` forever (or was called absent); a device
+/// reporting size 0 was read until memory ran out. Each is now named for what it is, at once.
+#[test]
+fn fifos_and_devices_are_named_not_opened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    let verify = |dir: &Path| run_within(datasets_prep().arg("verify").arg(dir), 20);
+
+    // The shard directory, its manifest, one of its shard files.
+    let shard = out.join("test-00000.shard");
+    std::fs::remove_file(&shard).unwrap();
+    mkfifo(&shard);
+    fails_with(&verify(&out), &["test-00000.shard: is a FIFO (named pipe)"]);
+    std::fs::remove_file(&shard).unwrap();
+    let manifest = out.join("manifest.json");
+    std::fs::remove_file(&manifest).unwrap();
+    mkfifo(&manifest);
+    fails_with(&verify(&out), &["manifest.json: is a FIFO (named pipe)"]);
+    std::fs::remove_file(&manifest).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &manifest).unwrap();
+    fails_with(&verify(&out), &["manifest.json: is a character device"]);
+    let fifo_dir = tmp.path().join("fifo-dir");
+    mkfifo(&fifo_dir);
+    fails_with(
+        &verify(&fifo_dir),
+        &["fifo-dir: is a FIFO (named pipe), expected a shard directory"],
+    );
+
+    // An image named like one in a class folder.
+    let image = root.join("train/a/zz.jpg");
+    mkfifo(&image);
+    let packing = |source: &str, root: &Path| {
+        run_within(
+            datasets_prep()
+                .args(["pack", "--source", source, "--root"])
+                .arg(root)
+                .arg("--out")
+                .arg(tmp.path().join("new")),
+            20,
+        )
+    };
+    fails_with(
+        &packing("folder", &root),
+        &["zz.jpg: is a FIFO (named pipe)"],
+    );
+    std::fs::remove_file(&image).unwrap();
+
+    // CUB metadata files and listed images.
+    let cub = tmp.path().join("cub");
+    write_jpeg(&cub.join("images/a/1.jpg"), 1, 8, 8, 3);
+    mkfifo(&cub.join("images/a/2.jpg"));
+    let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    write_text(&cub.join("images.txt"), &lines(&["1 a/1.jpg", "2 a/2.jpg"]));
+    write_text(&cub.join("train_test_split.txt"), &lines(&["1 1", "2 0"]));
+    mkfifo(&cub.join("image_class_labels.txt"));
+    fails_with(
+        &packing("cub", &cub),
+        &["image_class_labels.txt: is a FIFO (named pipe)"],
+    );
+    std::fs::remove_file(cub.join("image_class_labels.txt")).unwrap();
+    write_text(&cub.join("image_class_labels.txt"), &lines(&["1 1", "2 1"]));
+    fails_with(&packing("cub", &cub), &["2.jpg: is a FIFO (named pipe)"]);
+    assert!(!tmp.path().join("new").exists());
+}
+
+/// A manifest larger than any real one is refused without reading it all (a sparse file).
+#[test]
+fn an_oversized_manifest_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 1, 6);
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(out.join("manifest.json"))
+        .unwrap();
+    file.set_len(65 << 20).unwrap();
+    fails_with(
+        &run(datasets_prep().arg("verify").arg(&out)),
+        &["manifest.json: larger than the limit of 67108864 bytes"],
+    );
+}
+
+/// A gzip IDX file whose data goes on past what its header claims (a 34 MB bomb reached 4.2 GB
+/// before failing): decompression stops at the claimed size, and a header claiming more than
+/// the limit is refused before any data is decompressed.
+#[test]
+fn gzip_idx_files_expand_no_further_than_their_header_claims() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("idx");
+    write_idx(
+        &root.join("t10k-images-idx3-ubyte"),
+        &[1, 2, 2],
+        &[0; 4],
+        false,
+    );
+    write_idx(&root.join("t10k-labels-idx1-ubyte"), &[1], &[0], false);
+    write_idx(&root.join("train-labels-idx1-ubyte"), &[1], &[0], false);
+    let images = root.join("train-images-idx3-ubyte.gz");
+    // 40 MB of zeros after a header claiming one 2x2 image.
+    write_idx(&images, &[1, 2, 2], &vec![0u8; 40 << 20], true);
+    assert!(std::fs::metadata(&images).unwrap().len() < 1 << 20);
+    let out = tmp.path().join("out");
+    fails_with(
+        &pack("idx", &root, &out, &[]),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "gzip data holds more than the 4 bytes of data its IDX header claims",
+        ],
+    );
+    write_idx(&images, &[60_000, 1000, 1000], &[0; 16], true);
+    fails_with(
+        &pack("idx", &root, &out, &[]),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "IDX header claims dimensions [60000, 1000, 1000]",
+        ],
+    );
+    write_idx(&images, &[1, 2, 2], &[0; 4], true);
+    pack_ok("idx", &root, &out, &[]);
+}
