@@ -164,8 +164,9 @@ fn read_python(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
             .and_then(|l| usize::try_from(l).ok())
             .filter(|&l| l < classes)
             .ok_or_else(|| {
+                let label = label.as_int().map_or(label.describe(), |l| l.to_string());
                 bad(format!(
-                    "record {i}: label {label:?} out of range for {classes} classes"
+                    "record {i}: label {label} out of range for {classes} classes"
                 ))
             })?;
         items.push(Item {
