@@ -581,6 +581,24 @@ fn fifos_and_devices_are_named_not_opened() {
     assert!(!tmp.path().join("new").exists());
 }
 
+/// A class folder whose name is not UTF-8 was turned into a lossy name that matched no folder;
+/// now it is an error naming the folder.
+#[test]
+fn a_class_folder_name_that_is_not_utf8_is_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 1, 6);
+    let bad = root
+        .join("train")
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    write_jpeg(&bad.join("0.jpg"), 9, 6, 6, 3);
+    fails_with(
+        &pack("folder", &root, &tmp.path().join("out"), &[]),
+        &["caf\u{fffd}", "class folder name is not valid UTF-8"],
+    );
+}
+
 /// A manifest larger than any real one is refused without reading it all (a sparse file).
 #[test]
 fn an_oversized_manifest_is_refused() {
