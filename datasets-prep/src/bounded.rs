@@ -27,6 +27,19 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// The message without the path, for callers whose own message names the file already.
+    pub fn reason(&self) -> String {
+        match self {
+            ReadError::NotFound { .. } => "no such file".into(),
+            ReadError::NotRegular { what, .. } => format!("is {what}, expected a regular file"),
+            ReadError::TooLarge { limit, .. } => {
+                format!("larger than the limit of {limit} bytes for this kind of file")
+            }
+            ReadError::NotUtf8 { .. } => "not valid UTF-8 text".into(),
+            ReadError::Io { source, .. } => source.to_string(),
+        }
+    }
+
     fn io(path: &Path, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound {
             ReadError::NotFound {

@@ -48,6 +48,45 @@ pub enum ImageError {
     },
     #[error("{source}")]
     Encode { source: image::ImageError },
+    /// Checked from the header, before any pixel buffer is allocated.
+    #[error(
+        "{width}x{height} is {} megapixels, more than the {} megapixels this tool decodes",
+        u64::from(*.width) * u64::from(*.height) / 1_000_000,
+        MAX_PIXELS / 1_000_000
+    )]
+    TooManyPixels { height: u32, width: u32 },
+    /// A JPEG too short for its claimed size: each 8x8 block takes at least one bit.
+    #[error("JPEG of {bytes} bytes cannot hold a {width}x{height} image (truncated or damaged)")]
+    JpegTooShort {
+        bytes: usize,
+        height: u32,
+        width: u32,
+    },
+    #[error(
+        "{from_w}x{from_h} resized to {to_w}x{to_h} would be a record of {bytes} bytes, more than \
+         the limit of {MAX_RECORD_BYTES}: choose a smaller --short-side (or --skip-bad)"
+    )]
+    ResizedTooLarge {
+        from_h: u32,
+        from_w: u32,
+        to_h: u32,
+        to_w: u32,
+        bytes: u64,
+    },
+}
+
+/// Most pixels of an image this tool decodes (checked from the header): 100 megapixels.
+pub const MAX_PIXELS: u64 = 100_000_000;
+
+/// Most bytes of one stored record (the pixels of one image after resizing): 64 MiB.
+pub const MAX_RECORD_BYTES: u64 = 64 << 20;
+
+/// Refuses an image of more than [`MAX_PIXELS`].
+fn check_pixels(height: u32, width: u32) -> Result<(), ImageError> {
+    if u64::from(height) * u64::from(width) > MAX_PIXELS {
+        return Err(ImageError::TooManyPixels { height, width });
+    }
+    Ok(())
 }
 
 /// Name of the resize filter recorded in manifests.
@@ -59,8 +98,18 @@ pub fn decode_image(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, ImageErro
     if bytes.starts_with(&[0xFF, 0xD8]) {
         return decode_jpeg_with(bytes, pool);
     }
-    // `load_from_memory` never applies EXIF orientation; that takes an explicit call.
-    let img = image::load_from_memory(bytes).map_err(|source| ImageError::Decode { source })?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageError::Decode {
+                source: image::ImageError::IoError(e),
+            })
+    };
+    let decode_error = |source| ImageError::Decode { source };
+    let (width, height) = reader()?.into_dimensions().map_err(decode_error)?;
+    check_pixels(height, width)?;
+    // `decode` never applies EXIF orientation; that takes an explicit call.
+    let img = reader()?.decode().map_err(decode_error)?;
     Ok(from_dynamic(img))
 }
 
@@ -77,6 +126,20 @@ pub fn decode_jpeg_with(bytes: &[u8], pool: &BufferPool) -> Result<Pixels, Image
     decoder
         .decode_headers()
         .map_err(|source| ImageError::Jpeg { source })?;
+    let info = decoder.info().ok_or(ImageError::JpegNoHeader)?;
+    let (height, width) = (u32::from(info.height), u32::from(info.width));
+    check_pixels(height, width)?;
+    // Any JPEG spends at least one bit on each 8x8 block of each component (of the component
+    // with the least resolution: at most 4x subsampled); a file shorter than that is damaged,
+    // and decoding it would give a large image of filler.
+    let blocks = u64::from(height.div_ceil(32)) * u64::from(width.div_ceil(32));
+    if (bytes.len() as u64).saturating_mul(8) < blocks {
+        return Err(ImageError::JpegTooShort {
+            bytes: bytes.len(),
+            height,
+            width,
+        });
+    }
     let grey = matches!(decoder.input_colorspace(), Some(ColorSpace::Luma));
     let out = if grey {
         ColorSpace::Luma
@@ -175,6 +238,16 @@ pub fn resize_short_side(
     if (height, width) == (p.height, p.width) {
         return Ok(p);
     }
+    let bytes = u64::from(height) * u64::from(width) * u64::from(p.channels);
+    if bytes > MAX_RECORD_BYTES {
+        return Err(ImageError::ResizedTooLarge {
+            from_h: p.height,
+            from_w: p.width,
+            to_h: height,
+            to_w: width,
+            bytes,
+        });
+    }
     let pixel_type = if p.channels == 1 {
         PixelType::U8
     } else {
@@ -196,6 +269,22 @@ pub fn resize_short_side(
         channels: p.channels,
         data: dst.into_vec(),
     })
+}
+
+/// (height, width, channels) of a JPEG, from its header alone.
+pub fn jpeg_shape(bytes: &[u8]) -> Result<(u32, u32, u8), ImageError> {
+    use zune_core::colorspace::ColorSpace;
+    let mut decoder = zune_jpeg::JpegDecoder::new(std::io::Cursor::new(bytes));
+    decoder
+        .decode_headers()
+        .map_err(|source| ImageError::Jpeg { source })?;
+    let info = decoder.info().ok_or(ImageError::JpegNoHeader)?;
+    let grey = matches!(decoder.input_colorspace(), Some(ColorSpace::Luma));
+    Ok((
+        u32::from(info.height),
+        u32::from(info.width),
+        if grey { 1 } else { 3 },
+    ))
 }
 
 /// Encodes as a baseline JPEG of the given quality (1..=100).
@@ -240,6 +329,68 @@ mod tests {
         assert!(out.data.iter().all(|&v| v == 77));
     }
 
+    /// A PNG header claiming `width` x `height` RGB: signature, IHDR and an empty IDAT.
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        let mut ihdr = b"IHDR".to_vec();
+        ihdr.extend(width.to_be_bytes());
+        ihdr.extend(height.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        for chunk in [ihdr, b"IDAT".to_vec()] {
+            let mut crc = flate2::Crc::new();
+            crc.update(&chunk);
+            png.extend((chunk.len() as u32 - 4).to_be_bytes());
+            png.extend(&chunk);
+            png.extend(crc.sum().to_be_bytes());
+        }
+        png
+    }
+
+    #[test]
+    fn images_over_the_pixel_limit_are_refused_from_the_header() {
+        let err = decode_image(&png_header(20_000, 20_000), &BufferPool::new(0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::TooManyPixels {
+                    height: 20_000,
+                    width: 20_000
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "20000x20000 is 400 megapixels, more than the 100 megapixels this tool decodes"
+        );
+        // Under the limit, the truncated file fails as a PNG, not on its size.
+        let err = decode_image(&png_header(100, 100), &BufferPool::new(0)).unwrap_err();
+        assert!(matches!(err, ImageError::Decode { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_resize_to_a_huge_record_is_refused_before_allocating() {
+        let p = Pixels {
+            height: 1,
+            width: 30_000,
+            channels: 1,
+            data: vec![0; 30_000],
+        };
+        let err = resize_short_side(p, 512, &mut Resizer::new(), &BufferPool::new(0)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ImageError::ResizedTooLarge {
+                    to_h: 512,
+                    to_w: 15_360_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--short-side"), "{err}");
+    }
+
     #[test]
     fn jpeg_round_trip_keeps_shape_and_roughly_the_pixels() {
         let data: Vec<u8> = (0..32 * 24).map(|i| (i % 32 * 8) as u8).collect();
@@ -250,6 +401,7 @@ mod tests {
             data,
         };
         let bytes = encode_jpeg(&p, 95).unwrap();
+        assert_eq!(jpeg_shape(&bytes).unwrap(), (24, 32, 1));
         let back = decode_jpeg(&bytes).unwrap();
         assert_eq!((back.height, back.width, back.channels), (24, 32, 1));
         let max_err = back

@@ -4,8 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
-use datasets_prep::pack::{PackOptions, pack};
+use datasets_prep::pack::{PackError, PackOptions, SHORT_SIDES, pack};
 use datasets_prep::sources::{SOURCE_NAMES, Source};
 use datasets_prep::{Encoding, verify};
 
@@ -59,18 +60,18 @@ struct PackArgs {
     /// Dataset name recorded in the manifest (default: the source).
     #[arg(long)]
     name: Option<String>,
-    /// Resize the shorter side to this many pixels; 0 keeps sizes. Default: 512 for cub, nab,
-    /// cars and flowers, 256 for mit67, none for cifar, idx and folder.
-    #[arg(long)]
+    /// Resize the shorter side to this many pixels (1-4096); 0 keeps sizes. Default: 512 for
+    /// cub, nab, cars and flowers, 256 for mit67, none for cifar, idx and folder.
+    #[arg(long, value_parser = parse_short_side)]
     short_side: Option<u32>,
     /// How records are stored.
     #[arg(long, value_enum, default_value_t = EncodingArg::Raw)]
     encoding: EncodingArg,
     /// JPEG quality for --encoding jpeg (1-100).
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
     quality: u8,
     /// Keep K training images per class (the small-data regime); the test split stays whole.
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     per_class: Option<usize>,
     /// Seed of the --per-class selection.
     #[arg(long, default_value_t = 0)]
@@ -81,12 +82,34 @@ struct PackArgs {
     /// Replace an existing output directory.
     #[arg(long)]
     force: bool,
-    /// Decode/resize threads (default: all cores). The output does not depend on it.
-    #[arg(long)]
+    /// Decode/resize threads, 1-1024 (default: all cores). The output does not depend on it.
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_THREADS))]
     threads: Option<usize>,
-    /// Target size of one shard file in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Target size of one shard file in MiB (1-65536).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     shard_mib: u64,
+}
+
+/// Most `--threads`: more only costs memory and start-up (each thread has its own stack), and
+/// far more fails to start at all.
+const MAX_THREADS: u64 = 1024;
+
+fn parse_short_side(s: &str) -> Result<u32, String> {
+    let range = || {
+        format!(
+            "expected 0 (keep sizes) or {}..={}",
+            SHORT_SIDES.start(),
+            SHORT_SIDES.end()
+        )
+    };
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number: {}", range()))?;
+    if v == 0 || SHORT_SIDES.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is out of range: {}", range()))
+    }
 }
 
 fn parse_source(s: &str) -> Result<Source, String> {
@@ -100,7 +123,14 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("datasets-prep: {}", describe(&err));
-            ExitCode::FAILURE
+            let usage = err
+                .downcast_ref::<PackError>()
+                .is_some_and(PackError::is_usage);
+            if usage {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -124,8 +154,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pack(args) => {
             if let Some(n) = args.threads {
                 rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
-                    .build_global()?;
+                    .num_threads(n)
+                    .build_global()
+                    .map_err(|e| anyhow::anyhow!("--threads {n}: cannot start the threads: {e}"))?;
             }
             let mut opts = PackOptions::new(args.source, args.root, args.out);
             opts.name = args.name;
@@ -139,10 +170,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             opts.seed = args.seed;
             opts.skip_bad = args.skip_bad;
             opts.force = args.force;
-            opts.shard_bytes = args.shard_mib.max(1) << 20;
+            opts.shard_bytes = args.shard_mib << 20;
             opts.progress = std::io::stderr().is_terminal();
             let start = std::time::Instant::now();
-            let m = pack(&opts)?;
+            let packed = pack(&opts)?;
+            for dir in &packed.removed_partials {
+                eprintln!(
+                    "datasets-prep: removed {}, left by a pack that was killed",
+                    dir.display()
+                );
+            }
+            for dir in &packed.live_partials {
+                eprintln!(
+                    "datasets-prep: left {} alone: the pack that is writing it is still running",
+                    dir.display()
+                );
+            }
+            let m = packed.manifest;
             eprintln!(
                 "datasets-prep: packed {} train + {} test images of {} classes into {} in {:.1}s{}",
                 m.train.count,

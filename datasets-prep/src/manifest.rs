@@ -8,8 +8,9 @@ use crate::format::{FORMAT_VERSION, ShardError};
 
 /// The manifest's `format` field.
 pub const FORMAT_NAME: &str = "cosine-train-shards";
-/// Largest manifest accepted; a bigger file is damage, not a dataset.
-pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// Largest manifest accepted; a bigger file is damage, not a dataset (ImageNet's would be a few
+/// hundred KB, plus its list of skipped images).
+pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// The two splits of every shard directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -159,8 +159,10 @@ const MX_CELL: u8 = 1;
 const MX_STRUCT: u8 = 2;
 const MX_CHAR: u8 = 4;
 
+/// Largest MAT file read (the Cars and Flowers annotations are under 1 MB).
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
 /// Largest decompressed variable accepted (protects against zip bombs in damaged files).
-const MAX_INFLATED_BYTES: u64 = 1 << 32;
+const MAX_INFLATED_BYTES: u64 = 256 << 20;
 /// Deepest nesting of cells/structs accepted.
 const MAX_DEPTH: usize = 32;
 

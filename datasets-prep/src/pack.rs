@@ -28,8 +28,24 @@ use crate::writeback::Flusher;
 pub enum PackError {
     #[error("{path}: already exists; pass --force to replace it")]
     OutExists { path: PathBuf },
+    #[error("--out {out} is the --root folder: packing into it would replace the dataset")]
+    OutIsRoot { out: PathBuf },
+    #[error("--out {out} contains --root {root}: replacing it would delete the dataset")]
+    OutContainsRoot { out: PathBuf, root: PathBuf },
+    /// `--force` replaces only a shard directory this tool wrote; `reason` says why `path` is not.
+    #[error(
+        "{path}: not a shard directory written by datasets-prep ({reason}); --force replaces only \
+         those: remove or rename it yourself, or choose another --out"
+    )]
+    NotAShardDir { path: PathBuf, reason: String },
     #[error("--quality {quality} is out of range: expected 1..=100")]
     Quality { quality: u8 },
+    #[error(
+        "--short-side {short_side} is out of range: expected 0 (keep sizes) or {}..={}",
+        SHORT_SIDES.start(),
+        SHORT_SIDES.end()
+    )]
+    ShortSide { short_side: u32 },
     #[error("--per-class 0 would leave no training images: expected at least 1")]
     ZeroPerClass,
     #[error("{path}: --out has no file name")]
@@ -80,6 +96,20 @@ pub enum PackError {
 }
 
 impl PackError {
+    /// Whether the options themselves are wrong (a usage error, exit status 2), rather than the
+    /// input or the file system.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            PackError::OutIsRoot { .. }
+                | PackError::OutContainsRoot { .. }
+                | PackError::Quality { .. }
+                | PackError::ShortSide { .. }
+                | PackError::ZeroPerClass
+                | PackError::NoFileName { .. }
+        )
+    }
+
     fn io(path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> PackError {
         move |source| PackError::Io {
             path: path.to_path_buf(),
@@ -93,8 +123,9 @@ impl PackError {
 /// manifest lists; without, the pack fails with [`PackError::Image`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{source}")]
-    Read { source: std::io::Error },
+    /// The item's own name is in the message around it.
+    #[error("{}", .source.reason())]
+    Read { source: crate::bounded::ReadError },
     #[error("the file was not read")]
     NotRead,
     #[error("cannot decode image: {source}")]
@@ -103,8 +134,19 @@ pub enum StoreError {
     Resize { source: ImageError },
     #[error("{source}")]
     Encode { source: ImageError },
-    #[error("{bytes} bytes is too large for one record")]
+    #[error(
+        "{bytes} bytes is too large for one record (the limit is {}): choose a smaller \
+         --short-side",
+        image_ops::MAX_RECORD_BYTES
+    )]
     TooLarge { bytes: usize },
+    /// The JPEG written does not say the size of the pixels it was encoded from.
+    #[error("the encoded JPEG is {}x{}x{}, the image {}x{}x{}",
+        .encoded.1, .encoded.0, .encoded.2, .image.1, .image.0, .image.2)]
+    EncodedShape {
+        encoded: (u32, u32, u8),
+        image: (u32, u32, u8),
+    },
 }
 
 /// What `pack` was asked to do.
@@ -148,6 +190,10 @@ impl PackOptions {
     }
 }
 
+/// The `--short-side` values accepted besides 0 (keep sizes): a larger one makes records of
+/// tens of MB, and allocations of GB for long thin images.
+pub const SHORT_SIDES: std::ops::RangeInclusive<u32> = 1..=4096;
+
 /// Images processed per parallel batch: bounds memory, not results.
 const CHUNK: usize = 64;
 
@@ -155,17 +201,29 @@ const CHUNK: usize = 64;
 /// about 25 MB, outlast a device flush of this VM's disk (0.1-0.4 s) on 2 cores.
 const READ_AHEAD_CHUNKS: usize = 4;
 
+/// What a successful `pack` wrote, and what it found beside it.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    pub manifest: Manifest,
+    /// Leftovers of killed packs into the same `--out` (`.NAME.partial-PID`, PID gone) that
+    /// were removed.
+    pub removed_partials: Vec<PathBuf>,
+    /// Such folders of processes still running, left alone.
+    pub live_partials: Vec<PathBuf>,
+}
+
 /// Packs and returns the manifest written.
-pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
-    if opts.out.exists() && !opts.force {
-        return Err(PackError::OutExists {
-            path: opts.out.clone(),
-        });
-    }
+pub fn pack(opts: &PackOptions) -> Result<Packed, PackError> {
+    check_out(opts)?;
     if opts.jpeg_quality == 0 || opts.jpeg_quality > 100 {
         return Err(PackError::Quality {
             quality: opts.jpeg_quality,
         });
+    }
+    if let Some(Some(short_side)) = opts.short_side
+        && !SHORT_SIDES.contains(&short_side)
+    {
+        return Err(PackError::ShortSide { short_side });
     }
     let mut listing = opts.source.load(&opts.root)?;
     if let Some(k) = opts.per_class {
@@ -198,6 +256,7 @@ pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
         .to_string_lossy()
         .into_owned();
     std::fs::create_dir_all(&parent).map_err(PackError::io(&parent, "cannot create"))?;
+    let (removed_partials, live_partials) = clean_partials(&parent, &file_name)?;
     let tmp = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(PackError::io(&tmp, "cannot create"))?;
@@ -208,7 +267,65 @@ pub fn pack(opts: &PackOptions) -> Result<Manifest, PackError> {
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    result
+    Ok(Packed {
+        manifest: result?,
+        removed_partials,
+        live_partials,
+    })
+}
+
+/// Removes the `.NAME.partial-PID` folders that killed packs into the same `--out` left in
+/// `parent`, when no process PID is running; returns (removed, left for running processes).
+/// Only folders named exactly so are touched, and never this process's own.
+fn clean_partials(
+    parent: &Path,
+    file_name: &str,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), PackError> {
+    let prefix = format!(".{file_name}.partial-");
+    let (mut removed, mut live) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(parent).map_err(PackError::io(parent, "cannot list"))? {
+        let entry = entry.map_err(PackError::io(parent, "cannot list"))?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = parse_pid(pid) else {
+            continue;
+        };
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || pid == std::process::id() {
+            continue;
+        }
+        let path = entry.path();
+        if process_alive(pid) {
+            live.push(path);
+        } else {
+            std::fs::remove_dir_all(&path).map_err(PackError::io(&path, "cannot remove"))?;
+            removed.push(path);
+        }
+    }
+    Ok((removed, live))
+}
+
+/// A process id as `pack` writes it: decimal digits only.
+fn parse_pid(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Whether process `pid` exists (in doubt, yes: its folder is then left alone).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false; // beyond any process id
+    };
+    if pid <= 0 {
+        return true; // kill() would address a process group
+    }
+    // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
+    let status = unsafe { libc::kill(pid, 0) };
+    status == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 fn pack_into(
@@ -537,17 +654,28 @@ fn store(
         ChannelSums::default()
     };
     let (height, width, channels) = (pixels.height, pixels.width, pixels.channels);
+    if pixels.data.len() as u64 > image_ops::MAX_RECORD_BYTES {
+        return Err(StoreError::TooLarge {
+            bytes: pixels.data.len(),
+        });
+    }
     let bytes = match opts.encoding {
         Encoding::Raw => pixels.data,
         Encoding::Jpeg => {
             let encoded = image_ops::encode_jpeg(&pixels, opts.jpeg_quality);
             pool.give(pixels.data);
-            encoded.map_err(|source| StoreError::Encode { source })?
+            let encoded = encoded.map_err(|source| StoreError::Encode { source })?;
+            let shape =
+                image_ops::jpeg_shape(&encoded).map_err(|source| StoreError::Encode { source })?;
+            if shape != (height, width, channels) {
+                return Err(StoreError::EncodedShape {
+                    encoded: shape,
+                    image: (height, width, channels),
+                });
+            }
+            encoded
         }
     };
-    if bytes.len() > u32::MAX as usize {
-        return Err(StoreError::TooLarge { bytes: bytes.len() });
-    }
     Ok(Stored {
         bytes,
         height,
@@ -617,9 +745,11 @@ fn sync_dir(dir: &Path) -> Result<(), PackError> {
 }
 
 /// Moves the finished `tmp` directory to `out`, replacing an existing `out` (only reached with
-/// `--force`) so that at every moment one complete directory exists under one of the names.
+/// `--force`, after [`check_out`] found it to be a shard directory) so that at every moment one
+/// complete directory exists under one of the names. Of the replaced directory only the files
+/// this tool writes are removed: anything else found there is left, with the directory.
 fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
-    if out.exists() {
+    if std::fs::symlink_metadata(out).is_ok() {
         let old = out.with_file_name(format!(
             ".{}.old-{}",
             out.file_name()
@@ -629,11 +759,7 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
         ));
         std::fs::rename(out, &old).map_err(PackError::io(out, "cannot move aside"))?;
         rename(tmp, out)?;
-        if old.is_dir() {
-            std::fs::remove_dir_all(&old).map_err(PackError::io(&old, "cannot remove"))?;
-        } else {
-            std::fs::remove_file(&old).map_err(PackError::io(&old, "cannot remove"))?;
-        }
+        remove_shard_dir(&old)?;
     } else {
         rename(tmp, out)?;
     }
@@ -644,6 +770,128 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<(), PackError> {
         _ => sync_dir(Path::new("."))?,
     }
     Ok(())
+}
+
+/// Removes `manifest.json` and the shard files of `dir`, then `dir` itself if that left it empty.
+fn remove_shard_dir(dir: &Path) -> Result<(), PackError> {
+    let entries = std::fs::read_dir(dir).map_err(PackError::io(dir, "cannot list"))?;
+    for entry in entries {
+        let entry = entry.map_err(PackError::io(dir, "cannot list"))?;
+        let ours = entry.file_name().to_str().is_some_and(is_own_file_name);
+        if ours && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(PackError::io(&path, "cannot remove"))?;
+        }
+    }
+    std::fs::remove_dir(dir).map_err(PackError::io(
+        dir,
+        "cannot remove the replaced directory (files datasets-prep did not write appeared in it; \
+         they are left there)",
+    ))
+}
+
+/// The names of the files `pack` writes into a shard directory.
+fn is_own_file_name(name: &str) -> bool {
+    if name == "manifest.json" {
+        return true;
+    }
+    let Some(stem) = name.strip_suffix(".shard") else {
+        return false;
+    };
+    let digits = stem
+        .strip_prefix("train-")
+        .or_else(|| stem.strip_prefix("test-"));
+    digits.is_some_and(|d| d.len() >= 5 && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Refuses, before anything is touched, an `--out` that is or contains `--root`, an existing
+/// `--out` without `--force`, and with it one that is not a shard directory this tool wrote.
+fn check_out(opts: &PackOptions) -> Result<(), PackError> {
+    if let (Ok(root), Some(out)) = (std::fs::canonicalize(&opts.root), resolve(&opts.out)) {
+        if out == root {
+            return Err(PackError::OutIsRoot {
+                out: opts.out.clone(),
+            });
+        }
+        if root.starts_with(&out) {
+            return Err(PackError::OutContainsRoot {
+                out: opts.out.clone(),
+                root: opts.root.clone(),
+            });
+        }
+    }
+    let meta = match std::fs::symlink_metadata(&opts.out) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PackError::io(&opts.out, "cannot inspect")(e)),
+    };
+    if !opts.force {
+        return Err(PackError::OutExists {
+            path: opts.out.clone(),
+        });
+    }
+    check_own_shard_dir(&opts.out, &meta)
+}
+
+/// Whether `dir` is a shard directory this tool wrote: a directory holding a `manifest.json`
+/// that parses, and otherwise only shard files (or nothing at all).
+fn check_own_shard_dir(dir: &Path, meta: &std::fs::Metadata) -> Result<(), PackError> {
+    let refuse = |reason: String| PackError::NotAShardDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if !meta.is_dir() {
+        return Err(refuse(format!(
+            "it is {}",
+            crate::bounded::describe(meta.file_type())
+        )));
+    }
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(PackError::io(dir, "cannot list"))? {
+        let entry = entry.map_err(PackError::io(dir, "cannot list"))?;
+        let name = entry.file_name();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        match name.to_str() {
+            Some(n) if is_file && is_own_file_name(n) => names.push(n.to_string()),
+            _ => {
+                return Err(refuse(format!(
+                    "it holds {}, which datasets-prep does not write",
+                    entry.path().display()
+                )));
+            }
+        }
+    }
+    if names.is_empty() {
+        return Ok(());
+    }
+    if !names.iter().any(|n| n == "manifest.json") {
+        return Err(refuse("it has shard files but no manifest.json".into()));
+    }
+    let path = dir.join("manifest.json");
+    let bytes = crate::bounded::read_limited(&path, crate::manifest::MAX_MANIFEST_BYTES)
+        .map_err(|e| refuse(format!("its manifest.json cannot be read: {e}")))?;
+    Manifest::parse(&path, &bytes).map_err(|e| {
+        refuse(format!(
+            "its manifest.json is not one datasets-prep writes: {e}"
+        ))
+    })?;
+    Ok(())
+}
+
+/// `path` made absolute with symbolic links resolved, also when it does not exist yet: its
+/// nearest existing ancestor is canonicalised and the rest of the path appended.
+fn resolve(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let mut missing = Vec::new();
+    let mut base = absolute.as_path();
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(base) {
+            real.extend(missing.iter().rev());
+            return Some(real);
+        }
+        missing.push(base.file_name()?);
+        base = base.parent()?;
+    }
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), PackError> {
@@ -657,6 +905,38 @@ fn rename(from: &Path, to: &Path) -> Result<(), PackError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pids_are_plain_decimal_and_this_process_is_alive() {
+        assert_eq!(parse_pid("1234"), Some(1234));
+        for bad in ["", "+12", "12x", "-1", " 12", "99999999999"] {
+            assert_eq!(parse_pid(bad), None, "{bad:?}");
+        }
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(u32::MAX));
+    }
+
+    #[test]
+    fn own_file_names_are_the_manifest_and_shards_only() {
+        for name in [
+            "manifest.json",
+            "train-00000.shard",
+            "test-00012.shard",
+            "test-123456.shard",
+        ] {
+            assert!(is_own_file_name(name), "{name}");
+        }
+        for name in [
+            "notes.txt",
+            "train-0000.shard",
+            "train-0000x.shard",
+            "val-00000.shard",
+            "train-00000.shard.bak",
+            ".manifest.json.tmp-1-0",
+        ] {
+            assert!(!is_own_file_name(name), "{name}");
+        }
+    }
 
     #[test]
     fn channel_sums_match_a_per_pixel_loop() {

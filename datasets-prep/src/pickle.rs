@@ -1,14 +1,19 @@
 //! A safe reader for Python pickles (protocols 0-5, no out-of-band buffers): it builds a tree
-//! of values and never runs anything. Calls (`GLOBAL` + `REDUCE`, `BUILD`, `NEWOBJ`) are kept as
-//! data; [`ndarray`] then recognises numpy arrays by their exact structure and rejects anything
+//! of values and never runs anything. Calls (`GLOBAL` + `REDUCE` or `NEWOBJ`, then `BUILD`) are
+//! kept as data; [`ndarray`] then recognises numpy arrays by their exact structure and rejects anything
 //! else. Used for the CIFAR python batches and the reference's embedding pickles.
+//!
+//! Hostile input is bounded: at most [`MAX_PICKLE_BYTES`] of input, [`MAX_VALUES`] values made,
+//! and values nested at most [`MAX_DEPTH`] deep (dropping or describing a value recurses). To
+//! keep the depth exact, a list, dict or call cannot grow once it is inside another value:
+//! pickles only do that for recursive structures, which arrays and batches never are.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// A pickled value. Lists and dicts are shared (`Rc`) because pickles mutate them after
-/// memoising them.
+/// A pickled value. Containers are shared (`Rc`): memo gets push the same value again, and
+/// pickles fill lists and dicts after memoising them.
 #[derive(Clone, Debug)]
 pub enum Value {
     None,
@@ -17,24 +22,53 @@ pub enum Value {
     Float(f64),
     Bytes(Rc<Vec<u8>>),
     Str(Rc<str>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Tuple(Rc<Vec<Value>>),
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
+    List(Rc<Container<Vec<Value>>>),
+    Tuple(Rc<Container<Vec<Value>>>),
+    Dict(Rc<Container<Vec<(Value, Value)>>>),
     /// A reference to `module.name`, never imported.
-    Global {
-        module: String,
-        name: String,
-    },
-    /// `callable(*args)`, never called.
-    Reduce {
-        callable: Box<Value>,
-        args: Box<Value>,
-    },
-    /// `obj.__setstate__(state)`, never run.
-    Build {
-        obj: Box<Value>,
-        state: Box<Value>,
-    },
+    Global(Rc<Global>),
+    /// `callable(*args)`, never called, with the state BUILD gives it.
+    Reduce(Rc<Call>),
+}
+
+/// The items of a list, tuple or dict, with their nesting depth.
+#[derive(Debug)]
+pub struct Container<T> {
+    items: RefCell<T>,
+    depth: Cell<usize>,
+    /// Set once the container is inside another value; it can no longer change.
+    nested: Cell<bool>,
+}
+
+impl<T: Clone> Container<T> {
+    /// A copy of the items.
+    pub fn items(&self) -> T {
+        self.items.borrow().clone()
+    }
+}
+
+#[derive(Debug)]
+pub struct Global {
+    pub module: String,
+    pub name: String,
+}
+
+/// `callable(*args)` (REDUCE or NEWOBJ), and `obj.__setstate__(state)` if BUILD followed. BUILD
+/// changes the object in place, and memo references to it see the state too.
+#[derive(Debug)]
+pub struct Call {
+    pub callable: Value,
+    pub args: Value,
+    state: RefCell<Option<Value>>,
+    depth: Cell<usize>,
+    nested: Cell<bool>,
+}
+
+impl Call {
+    /// The state BUILD gave the object, if any.
+    pub fn state(&self) -> Option<Value> {
+        self.state.borrow().clone()
+    }
 }
 
 impl Value {
@@ -42,6 +76,7 @@ impl Value {
     pub fn get(&self, key: &str) -> Option<Value> {
         match self {
             Value::Dict(d) => d
+                .items
                 .borrow()
                 .iter()
                 .find(|(k, _)| k.as_text().as_deref() == Some(key))
@@ -70,17 +105,29 @@ impl Value {
     /// Elements of a list or tuple.
     pub fn items(&self) -> Option<Vec<Value>> {
         match self {
-            Value::List(l) => Some(l.borrow().clone()),
-            Value::Tuple(t) => Some(t.to_vec()),
+            Value::List(l) | Value::Tuple(l) => Some(l.items()),
             _ => None,
         }
     }
 
-    fn describe(&self) -> String {
+    /// How deeply containers and calls nest in this value (0 for a scalar).
+    pub fn depth(&self) -> usize {
         match self {
-            Value::Global { module, name } => format!("{module}.{name}"),
-            Value::Reduce { callable, .. } => format!("a call of {}", callable.describe()),
-            Value::Build { obj, .. } => format!("a built {}", obj.describe()),
+            Value::List(c) | Value::Tuple(c) => c.depth.get(),
+            Value::Dict(c) => c.depth.get(),
+            Value::Reduce(c) => c.depth.get(),
+            _ => 0,
+        }
+    }
+
+    /// What the value is, in a few words (never its contents), for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Value::Global(g) => format!("{}.{}", g.module, g.name),
+            Value::Reduce(c) if matches!(c.callable, Value::Global(_)) => {
+                format!("a call of {}", c.callable.describe())
+            }
+            Value::Reduce(_) => "a call".into(),
             Value::None => "None".into(),
             Value::Bool(_) => "a bool".into(),
             Value::Int(_) => "an int".into(),
@@ -92,6 +139,24 @@ impl Value {
             Value::Dict(_) => "a dict".into(),
         }
     }
+
+    /// Marks a list or dict as inside another value (see [`Container::nested`]).
+    fn mark_nested(&self) {
+        match self {
+            Value::List(c) | Value::Tuple(c) => c.nested.set(true),
+            Value::Dict(c) => c.nested.set(true),
+            Value::Reduce(c) => c.nested.set(true),
+            _ => {}
+        }
+    }
+}
+
+fn container<T>(items: T, depth: usize) -> Rc<Container<T>> {
+    Rc::new(Container {
+        items: RefCell::new(items),
+        depth: Cell::new(depth),
+        nested: Cell::new(false),
+    })
 }
 
 /// Why a pickle, or a numpy array inside one, cannot be used.
@@ -100,6 +165,8 @@ pub enum PickleError {
     /// The bytes break a rule of the pickle format (or of the safe subset read here).
     #[error("pickle byte {offset}: {rule}")]
     Parse { offset: usize, rule: ParseRule },
+    #[error("pickle of {bytes} bytes is larger than the limit of {MAX_PICKLE_BYTES}")]
+    TooLarge { bytes: usize },
     #[error("expected a numpy array, found {found}")]
     NotAnArray { found: String },
     #[error("ndarray state is not a tuple")]
@@ -124,6 +191,8 @@ pub enum PickleError {
     DataNotLatin1,
     #[error("ndarray data is {found}, expected bytes")]
     DataNotBytes { found: String },
+    #[error("ndarray order {order:?} is not 'C' or 'F'")]
+    Order { order: String },
     #[error("ndarray of shape {shape:?} and dtype {dtype} needs {expected} bytes, has {found}")]
     DataSize {
         shape: Vec<usize>,
@@ -147,22 +216,22 @@ pub enum ParseRule {
     UnterminatedLine,
     #[error("text line is not UTF-8")]
     LineNotUtf8,
-    #[error("stack too deep")]
-    StackTooDeep,
+    #[error("more values than the limit of {MAX_VALUES}")]
+    TooManyValues,
+    #[error("values nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+    #[error("{target} changed after it was put inside another value (recursive structure)")]
+    ChangedWhenNested { target: &'static str },
     #[error("pop across a mark")]
     PopAcrossMark,
     #[error("stack underflow")]
     StackUnderflow,
     #[error("stack underflow building a tuple")]
     TupleUnderflow,
-    #[error("too many marks")]
-    TooManyMarks,
     #[error("no mark on the stack")]
     NoMark,
     #[error("mark beyond the stack")]
     MarkBeyondStack,
-    #[error("memo too large")]
-    MemoTooLarge,
     #[error("memoising an empty stack")]
     MemoEmptyStack,
     #[error("bad memo key")]
@@ -175,6 +244,14 @@ pub enum ParseRule {
     OddDictItems,
     #[error("APPEND on {target}")]
     AppendOn { target: String },
+    #[error("BUILD on {target}, expected the result of a call")]
+    BuildOn { target: String },
+    #[error("BUILD twice on one object")]
+    BuiltTwice,
+    #[error("READONLY_BUFFER on {target}")]
+    ReadonlyBufferOn { target: String },
+    #[error("out-of-band buffers (NEXT_BUFFER) are not supported; pickle without buffer_callback")]
+    OutOfBandBuffer,
     #[error("pickle protocol {protocol} is not supported")]
     Protocol { protocol: u8 },
     #[error("integer of {bytes} bytes is too large")]
@@ -185,6 +262,8 @@ pub enum ParseRule {
     BadFloat { text: String },
     #[error("unicode string is not UTF-8")]
     StrNotUtf8,
+    #[error("bad raw-unicode-escape string")]
+    BadUnicodeEscape,
     #[error("STACK_GLOBAL name is not a string")]
     GlobalName,
     #[error("STACK_GLOBAL module is not a string")]
@@ -193,10 +272,15 @@ pub enum ParseRule {
     Opcode { opcode: u8 },
 }
 
+/// Largest pickle parsed (CIFAR-100's train batch is 155 MB).
+pub const MAX_PICKLE_BYTES: usize = 1 << 30;
+/// Most values made while parsing (each push, memo gets included, and each mark): a CIFAR-100
+/// batch makes about 200,000.
+pub const MAX_VALUES: usize = 1 << 23;
+/// Deepest nesting of containers and calls: numpy arrays and CIFAR batches nest under 10.
+pub const MAX_DEPTH: usize = 1000;
 /// Largest container or string length accepted from a length prefix (damage guard).
 const MAX_LEN: usize = 1 << 34;
-/// Most stack entries, marks and memo entries accepted.
-const MAX_ITEMS: usize = 1 << 26;
 
 struct Machine<'a> {
     b: &'a [u8],
@@ -204,21 +288,70 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
+    /// Values made so far, against `max_values`.
+    made: usize,
+    max_values: usize,
 }
 
 /// Parses a pickle into its value tree.
 pub fn parse(bytes: &[u8]) -> Result<Value, PickleError> {
+    parse_within(bytes, MAX_VALUES)
+}
+
+fn parse_within(bytes: &[u8], max_values: usize) -> Result<Value, PickleError> {
+    if bytes.len() > MAX_PICKLE_BYTES {
+        return Err(PickleError::TooLarge { bytes: bytes.len() });
+    }
     let mut m = Machine {
         b: bytes,
         pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        made: 0,
+        max_values,
     };
     m.run().map_err(|rule| PickleError::Parse {
         offset: m.pos,
         rule,
     })
+}
+
+/// 1 + the deepest of `items`, within [`MAX_DEPTH`].
+fn depth_over<'v>(items: impl IntoIterator<Item = &'v Value>) -> Result<usize, ParseRule> {
+    let depth = 1 + items.into_iter().map(Value::depth).max().unwrap_or(0);
+    if depth > MAX_DEPTH {
+        return Err(ParseRule::TooDeep);
+    }
+    Ok(depth)
+}
+
+/// Decodes Python's raw-unicode-escape: latin-1 bytes, except `\uXXXX` and `\UXXXXXXXX`.
+fn raw_unicode_escape(raw: &[u8]) -> Result<String, ParseRule> {
+    let mut out = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let digits = match (raw[i], raw.get(i + 1)) {
+            (b'\\', Some(b'u')) => 4,
+            (b'\\', Some(b'U')) => 8,
+            (c, _) => {
+                out.push(char::from(c));
+                i += 1;
+                continue;
+            }
+        };
+        let hex = raw
+            .get(i + 2..i + 2 + digits)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .ok_or(ParseRule::BadUnicodeEscape)?;
+        let c = u32::from_str_radix(hex, 16)
+            .ok()
+            .and_then(char::from_u32)
+            .ok_or(ParseRule::BadUnicodeEscape)?;
+        out.push(c);
+        i += 2 + digits;
+    }
+    Ok(out)
 }
 
 impl<'a> Machine<'a> {
@@ -245,7 +378,9 @@ impl<'a> Machine<'a> {
     }
     fn u64(&mut self) -> Result<u64, ParseRule> {
         let s = self.take(8)?;
-        Ok(u64::from_le_bytes(s.try_into().expect("8 bytes")))
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
     }
     fn checked_len(n: u64) -> Result<usize, ParseRule> {
         usize::try_from(n)
@@ -253,20 +388,27 @@ impl<'a> Machine<'a> {
             .filter(|&n| n <= MAX_LEN)
             .ok_or(ParseRule::ImplausibleLength { length: n })
     }
-    fn line(&mut self) -> Result<&'a str, ParseRule> {
+    fn raw_line(&mut self) -> Result<&'a [u8], ParseRule> {
         let rest = &self.b[self.pos..];
         let n = rest
             .iter()
             .position(|&c| c == b'\n')
             .ok_or(ParseRule::UnterminatedLine)?;
-        let s = std::str::from_utf8(&rest[..n]).map_err(|_| ParseRule::LineNotUtf8)?;
         self.pos += n + 1;
-        Ok(s)
+        Ok(&rest[..n])
+    }
+    fn line(&mut self) -> Result<&'a str, ParseRule> {
+        std::str::from_utf8(self.raw_line()?).map_err(|_| ParseRule::LineNotUtf8)
+    }
+    fn count(&mut self) -> Result<(), ParseRule> {
+        self.made += 1;
+        if self.made > self.max_values {
+            return Err(ParseRule::TooManyValues);
+        }
+        Ok(())
     }
     fn push(&mut self, v: Value) -> Result<(), ParseRule> {
-        if self.stack.len() >= MAX_ITEMS {
-            return Err(ParseRule::StackTooDeep);
-        }
+        self.count()?;
         self.stack.push(v);
         Ok(())
     }
@@ -276,8 +418,8 @@ impl<'a> Machine<'a> {
         }
         self.stack.pop().ok_or(ParseRule::StackUnderflow)
     }
-    fn top(&mut self) -> Result<&mut Value, ParseRule> {
-        self.stack.last_mut().ok_or(ParseRule::StackUnderflow)
+    fn top(&mut self) -> Result<&Value, ParseRule> {
+        self.stack.last().ok_or(ParseRule::StackUnderflow)
     }
     fn pop_mark(&mut self) -> Result<Vec<Value>, ParseRule> {
         let m = self.marks.pop().ok_or(ParseRule::NoMark)?;
@@ -287,10 +429,8 @@ impl<'a> Machine<'a> {
         Ok(self.stack.split_off(m))
     }
     fn memo_put(&mut self, key: u64) -> Result<(), ParseRule> {
-        if self.memo.len() >= MAX_ITEMS {
-            return Err(ParseRule::MemoTooLarge);
-        }
         let v = self.stack.last().ok_or(ParseRule::MemoEmptyStack)?.clone();
+        self.count()?;
         self.memo.insert(key, v);
         Ok(())
     }
@@ -302,6 +442,53 @@ impl<'a> Machine<'a> {
             .ok_or(ParseRule::MemoKeyMissing { key })?;
         self.push(v)
     }
+    fn list(&mut self, items: Vec<Value>) -> Result<(), ParseRule> {
+        let depth = depth_over(&items)?;
+        items.iter().for_each(Value::mark_nested);
+        self.push(Value::List(container(items, depth)))
+    }
+    fn tuple(&mut self, items: Vec<Value>) -> Result<(), ParseRule> {
+        let depth = depth_over(&items)?;
+        items.iter().for_each(Value::mark_nested);
+        self.push(Value::Tuple(container(items, depth)))
+    }
+    fn call(&mut self) -> Result<(), ParseRule> {
+        let args = self.pop()?;
+        let callable = self.pop()?;
+        let depth = depth_over([&callable, &args])?;
+        callable.mark_nested();
+        args.mark_nested();
+        self.push(Value::Reduce(Rc::new(Call {
+            callable,
+            args,
+            state: RefCell::new(None),
+            depth: Cell::new(depth),
+            nested: Cell::new(false),
+        })))
+    }
+    /// BUILD: gives the object under the state its state; the object stays on the stack.
+    fn build(&mut self) -> Result<(), ParseRule> {
+        let state = self.pop()?;
+        let Value::Reduce(call) = self.top()? else {
+            return Err(ParseRule::BuildOn {
+                target: self.top()?.describe(),
+            });
+        };
+        if call.state.borrow().is_some() {
+            return Err(ParseRule::BuiltTwice);
+        }
+        let depth = depth_over([&state])?.max(call.depth.get());
+        state.mark_nested();
+        // After marking: an object in its own state is caught too.
+        if call.nested.get() && depth > call.depth.get() {
+            return Err(ParseRule::ChangedWhenNested {
+                target: "an object",
+            });
+        }
+        call.depth.set(depth);
+        *call.state.borrow_mut() = Some(state);
+        Ok(())
+    }
     fn set_items(&mut self, target: &Value, items: Vec<Value>) -> Result<(), ParseRule> {
         let Value::Dict(d) = target else {
             return Err(ParseRule::SetItemOn {
@@ -311,23 +498,41 @@ impl<'a> Machine<'a> {
         if !items.len().is_multiple_of(2) {
             return Err(ParseRule::OddDictItems);
         }
-        let mut d = d.borrow_mut();
+        let depth = depth_over(&items)?.max(d.depth.get());
+        items.iter().for_each(Value::mark_nested);
+        // After marking: a dict put into itself is caught too.
+        if d.nested.get() {
+            return Err(ParseRule::ChangedWhenNested { target: "a dict" });
+        }
+        d.depth.set(depth);
+        let mut entries = d.items.borrow_mut();
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
-            d.push((k, v));
+            entries.push((k, v));
         }
         Ok(())
     }
     fn append(&mut self, target: &Value, items: Vec<Value>) -> Result<(), ParseRule> {
-        match target {
-            Value::List(l) => {
-                l.borrow_mut().extend(items);
-                Ok(())
-            }
-            other => Err(ParseRule::AppendOn {
-                target: other.describe(),
-            }),
+        let Value::List(l) = target else {
+            return Err(ParseRule::AppendOn {
+                target: target.describe(),
+            });
+        };
+        let depth = depth_over(&items)?.max(l.depth.get());
+        items.iter().for_each(Value::mark_nested);
+        // After marking: a list appended to itself is caught too.
+        if l.nested.get() {
+            return Err(ParseRule::ChangedWhenNested { target: "a list" });
         }
+        l.depth.set(depth);
+        l.items.borrow_mut().extend(items);
+        Ok(())
+    }
+    fn bytes(&mut self, raw: &[u8]) -> Result<(), ParseRule> {
+        self.push(Value::Bytes(Rc::new(raw.to_vec())))
+    }
+    fn str(&mut self, s: &str) -> Result<(), ParseRule> {
+        self.push(Value::Str(s.into()))
     }
 
     fn run(&mut self) -> Result<Value, ParseRule> {
@@ -345,9 +550,7 @@ impl<'a> Machine<'a> {
                 }
                 b'.' => return self.pop(),
                 b'(' => {
-                    if self.marks.len() >= MAX_ITEMS {
-                        return Err(ParseRule::TooManyMarks);
-                    }
+                    self.count()?;
                     self.marks.push(self.stack.len());
                 }
                 b'0' => {
@@ -379,10 +582,8 @@ impl<'a> Machine<'a> {
                     let n = if op == 0x8a {
                         usize::from(self.u8()?)
                     } else {
-                        {
-                            let n = self.u32()?;
-                            Self::checked_len(n.into())?
-                        }
+                        let n = self.u32()?;
+                        Self::checked_len(n.into())?
                     };
                     let raw = self.take(n)?;
                     if n > 8 {
@@ -408,8 +609,10 @@ impl<'a> Machine<'a> {
                     self.push(v)?
                 }
                 b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes"));
-                    self.push(Value::Float(v))?
+                    let s = self.take(8)?;
+                    let mut a = [0u8; 8];
+                    a.copy_from_slice(s);
+                    self.push(Value::Float(f64::from_be_bytes(a)))?
                 }
                 b'F' => {
                     let t = self.line()?;
@@ -433,7 +636,7 @@ impl<'a> Machine<'a> {
                         }
                     };
                     let raw = self.take(n)?;
-                    self.push(Value::Bytes(Rc::new(raw.to_vec())))?
+                    self.bytes(raw)?
                 }
                 0x8c | b'X' | 0x8d => {
                     let n = match op {
@@ -449,27 +652,43 @@ impl<'a> Machine<'a> {
                     };
                     let raw = self.take(n)?;
                     let s = std::str::from_utf8(raw).map_err(|_| ParseRule::StrNotUtf8)?;
-                    self.push(Value::Str(s.into()))?
+                    self.str(s)?
                 }
-                b']' => self.push(Value::List(Rc::default()))?,
+                b'V' => {
+                    let s = raw_unicode_escape(self.raw_line()?)?;
+                    self.str(&s)?
+                }
+                // In-band buffers arrive as BYTEARRAY8 or bytes; READONLY_BUFFER changes nothing
+                // that is read here.
+                0x98 => {
+                    let top = self.top()?;
+                    if !matches!(top, Value::Bytes(_)) {
+                        return Err(ParseRule::ReadonlyBufferOn {
+                            target: top.describe(),
+                        });
+                    }
+                }
+                0x97 => return Err(ParseRule::OutOfBandBuffer),
+                b']' => self.list(Vec::new())?,
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.push(Value::List(Rc::new(RefCell::new(items))))?
+                    self.list(items)?
                 }
                 b'a' => {
                     let v = self.pop()?;
                     let target = self.top()?.clone();
                     self.append(&target, vec![v])?;
                 }
-                b'e' => {
+                b'e' | 0x90 => {
+                    // APPENDS, and ADDITEMS on a set (read as a list).
                     let items = self.pop_mark()?;
                     let target = self.top()?.clone();
                     self.append(&target, items)?;
                 }
-                b')' => self.push(Value::Tuple(Rc::default()))?,
+                b')' => self.tuple(Vec::new())?,
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Value::Tuple(Rc::new(items)))?
+                    self.tuple(items)?
                 }
                 0x85..=0x87 => {
                     let n = usize::from(op - 0x84);
@@ -479,12 +698,12 @@ impl<'a> Machine<'a> {
                         return Err(ParseRule::TupleUnderflow);
                     }
                     let items = self.stack.split_off(self.stack.len() - n);
-                    self.push(Value::Tuple(Rc::new(items)))?
+                    self.tuple(items)?
                 }
-                b'}' => self.push(Value::Dict(Rc::default()))?,
+                b'}' => self.push(Value::Dict(container(Vec::new(), 1)))?,
                 b'd' => {
                     let items = self.pop_mark()?;
-                    let d = Value::Dict(Rc::default());
+                    let d = Value::Dict(container(Vec::new(), 1));
                     self.set_items(&d, items)?;
                     self.push(d)?
                 }
@@ -499,15 +718,10 @@ impl<'a> Machine<'a> {
                     let target = self.top()?.clone();
                     self.set_items(&target, items)?;
                 }
-                0x8f => self.push(Value::List(Rc::default()))?, // EMPTY_SET, kept as a list
-                0x90 => {
-                    let items = self.pop_mark()?;
-                    let target = self.top()?.clone();
-                    self.append(&target, items)?;
-                }
+                0x8f => self.list(Vec::new())?, // EMPTY_SET, kept as a list
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.push(Value::List(Rc::new(RefCell::new(items))))?
+                    self.list(items)? // FROZENSET, kept as a list
                 }
                 b'p' => {
                     let key = self.line()?.parse().map_err(|_| ParseRule::BadMemoKey)?;
@@ -540,29 +754,15 @@ impl<'a> Machine<'a> {
                 b'c' => {
                     let module = self.line()?.to_string();
                     let name = self.line()?.to_string();
-                    self.push(Value::Global { module, name })?
+                    self.push(Value::Global(Rc::new(Global { module, name })))?
                 }
                 0x93 => {
                     let name = self.pop()?.as_text().ok_or(ParseRule::GlobalName)?;
                     let module = self.pop()?.as_text().ok_or(ParseRule::GlobalModule)?;
-                    self.push(Value::Global { module, name })?
+                    self.push(Value::Global(Rc::new(Global { module, name })))?
                 }
-                b'R' | 0x81 => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
-                    self.push(Value::Reduce {
-                        callable: Box::new(callable),
-                        args: Box::new(args),
-                    })?
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    let obj = self.pop()?;
-                    self.push(Value::Build {
-                        obj: Box::new(obj),
-                        state: Box::new(state),
-                    })?
-                }
+                b'R' | 0x81 => self.call()?,
+                b'b' => self.build()?,
                 other => return Err(ParseRule::Opcode { opcode: other }),
             }
         }
@@ -622,40 +822,113 @@ impl NdArray {
 }
 
 fn is_global(v: &Value, modules: &[&str], want: &str) -> bool {
-    matches!(v, Value::Global { module, name } if modules.contains(&module.as_str()) && name == want)
+    matches!(v, Value::Global(g) if modules.contains(&g.module.as_str()) && g.name == want)
 }
 
 const NUMPY_MULTIARRAY: [&str; 2] = ["numpy.core.multiarray", "numpy._core.multiarray"];
+const NUMPY_NUMERIC: [&str; 2] = ["numpy.core.numeric", "numpy._core.numeric"];
 
-/// Recognises the exact structure numpy pickles an ndarray as:
-/// `BUILD(_reconstruct(ndarray, (0,), b'b'), (version, shape, dtype, fortran, rawdata))`,
-/// with `dtype = BUILD(dtype(code, 0, 1), (3, endian, ...))`. Anything else is an error.
+/// Recognises the exact structures numpy pickles an ndarray as, and nothing else:
+///
+/// * protocols 0-4: `BUILD(_reconstruct(ndarray, (0,), b'b'), (version, shape, dtype, fortran,
+///   rawdata))`, the raw data as bytes (protocol 3 and 4), as `_codecs.encode(str, 'latin1')`
+///   (protocols 0-2 from Python 3; empty: `bytes()`), or as a Python 2 str;
+/// * protocol 5: `_frombuffer(buffer, dtype, shape, order)` with the buffer in band;
+///
+/// with `dtype = BUILD(dtype(code, 0, 1), (3, endian, ...))`.
 pub fn ndarray(v: &Value) -> Result<NdArray, PickleError> {
     let not_array = || PickleError::NotAnArray {
         found: v.describe(),
     };
-    let Value::Build { obj, state } = v else {
+    let Value::Reduce(call) = v else {
         return Err(not_array());
     };
-    let Value::Reduce { callable, args } = obj.as_ref() else {
-        return Err(not_array());
-    };
-    if !is_global(callable, &NUMPY_MULTIARRAY, "_reconstruct") {
+    if is_global(&call.callable, &NUMPY_NUMERIC, "_frombuffer") && call.state().is_none() {
+        return from_buffer(&call.args);
+    }
+    let is_ndarray = call.args.items().is_some_and(|args| {
+        args.first()
+            .is_some_and(|a| is_global(a, &["numpy"], "ndarray"))
+    });
+    if !is_global(&call.callable, &NUMPY_MULTIARRAY, "_reconstruct") || !is_ndarray {
         return Err(not_array());
     }
-    let args = args.items().ok_or_else(not_array)?;
-    if !args
-        .first()
-        .is_some_and(|a| is_global(a, &["numpy"], "ndarray"))
-    {
-        return Err(not_array());
-    }
+    let state = call.state().ok_or_else(not_array)?;
+    reconstructed(&state)
+}
+
+/// The protocol 0-4 form: the state BUILD gives `_reconstruct(ndarray, ...)`.
+fn reconstructed(state: &Value) -> Result<NdArray, PickleError> {
     let state = state.items().ok_or(PickleError::StateNotATuple)?;
     let [_, shape, dtype, fortran, raw] = state.as_slice() else {
         return Err(PickleError::StateFields {
             fields: state.len(),
         });
     };
+    let fortran_order = matches!(fortran, Value::Bool(true) | Value::Int(1));
+    array(shape, dtype, fortran_order, raw_data(raw)?)
+}
+
+/// The protocol 5 form: the arguments of `_frombuffer`.
+fn from_buffer(args: &Value) -> Result<NdArray, PickleError> {
+    let args = args.items().ok_or(PickleError::StateNotATuple)?;
+    let [buffer, dtype, shape, order] = args.as_slice() else {
+        return Err(PickleError::StateFields { fields: args.len() });
+    };
+    let fortran_order = match order.as_text().as_deref() {
+        Some("C") => false,
+        Some("F") => true,
+        _ => {
+            return Err(PickleError::Order {
+                order: order.describe(),
+            });
+        }
+    };
+    array(shape, dtype, fortran_order, raw_data(buffer)?)
+}
+
+/// The bytes of an array's data, in the forms numpy and Python write them.
+fn raw_data(raw: &Value) -> Result<Vec<u8>, PickleError> {
+    let latin1 = |s: &str| -> Result<Vec<u8>, PickleError> {
+        s.chars()
+            .map(|c| u8::try_from(u32::from(c)).map_err(|_| PickleError::DataNotLatin1))
+            .collect()
+    };
+    match raw {
+        Value::Bytes(b) => Ok(b.to_vec()),
+        // Python 2 str pickled with latin-1 semantics and read back as str.
+        Value::Str(s) => latin1(s),
+        // Python 3 bytes at protocols 0-2: _codecs.encode(text, 'latin1'), or bytes() if empty.
+        Value::Reduce(r) if is_global(&r.callable, &["_codecs"], "encode") => {
+            let args = r.args.items().unwrap_or_default();
+            match args.as_slice() {
+                [Value::Str(s), encoding] if encoding.as_text().as_deref() == Some("latin1") => {
+                    latin1(s)
+                }
+                _ => Err(PickleError::DataNotBytes {
+                    found: raw.describe(),
+                }),
+            }
+        }
+        Value::Reduce(r)
+            if is_global(&r.callable, &["__builtin__", "builtins"], "bytes")
+                && r.args.items().is_some_and(|a| a.is_empty()) =>
+        {
+            Ok(Vec::new())
+        }
+        other => Err(PickleError::DataNotBytes {
+            found: other.describe(),
+        }),
+    }
+}
+
+/// Checks shape, dtype and data size against each other.
+fn array(
+    shape: &Value,
+    dtype: &Value,
+    fortran_order: bool,
+    data: Vec<u8>,
+) -> Result<NdArray, PickleError> {
     let shape: Vec<usize> = shape
         .items()
         .ok_or(PickleError::ShapeNotATuple)?
@@ -670,20 +943,6 @@ pub fn ndarray(v: &Value) -> Result<NdArray, PickleError> {
     if endian == '>' {
         return Err(PickleError::BigEndian { dtype: code });
     }
-    let fortran_order = matches!(fortran, Value::Bool(true) | Value::Int(1));
-    let data = match raw {
-        Value::Bytes(b) => b.to_vec(),
-        // Python 2 str pickled with latin-1 semantics and read back as str.
-        Value::Str(s) => s
-            .chars()
-            .map(|c| u8::try_from(u32::from(c)).map_err(|_| PickleError::DataNotLatin1))
-            .collect::<Result<_, _>>()?,
-        other => {
-            return Err(PickleError::DataNotBytes {
-                found: other.describe(),
-            });
-        }
-    };
     let Ok(itemsize) = code[1..].parse::<usize>() else {
         return Err(PickleError::NoItemSize { dtype: code });
     };
@@ -708,16 +967,18 @@ pub fn ndarray(v: &Value) -> Result<NdArray, PickleError> {
 }
 
 fn dtype_code(v: &Value) -> Result<(String, char), PickleError> {
-    let Value::Build { obj, state } = v else {
+    let Value::Reduce(r) = v else {
         return Err(PickleError::BadDtype);
     };
-    let Value::Reduce { callable, args } = obj.as_ref() else {
+    // Without its state, the byte order would be a guess.
+    let Some(state) = r.state() else {
         return Err(PickleError::BadDtype);
     };
-    if !is_global(callable, &["numpy"], "dtype") {
+    if !is_global(&r.callable, &["numpy"], "dtype") {
         return Err(PickleError::BadDtype);
     }
-    let code = args
+    let code = r
+        .args
         .items()
         .and_then(|a| a.first().and_then(Value::as_text))
         .ok_or(PickleError::BadDtype)?;
@@ -752,6 +1013,115 @@ mod tests {
             vec![1, 2]
         );
         assert_eq!(v.get("k").unwrap().as_text().as_deref(), Some("x"));
+    }
+
+    fn nested(depth: usize, open: &[u8], per_level: &[u8]) -> Vec<u8> {
+        let mut p = b"\x80\x05".to_vec();
+        p.extend(open);
+        for _ in 0..depth {
+            p.extend(per_level);
+        }
+        p.push(b'.');
+        p
+    }
+
+    /// A pickle nested 200,000 deep overflowed the stack (dropping the value recursed).
+    #[test]
+    fn nesting_is_limited() {
+        let tuples = |depth| nested(depth, b")", b"\x85"); // TUPLE1 of the previous
+        let calls = |depth| nested(depth, b"N", b"NR"); // REDUCE(previous, None)
+        // new = []; new.append(previous), through the memo
+        let lists = |depth| nested(depth, b"]", b"q\x000]h\x00a");
+        for deep in [tuples(200_000), calls(200_000), lists(100_000)] {
+            let err = parse(&deep).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PickleError::Parse {
+                        rule: ParseRule::TooDeep,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(err.to_string().contains("nested deeper than 1000"), "{err}");
+        }
+        assert_eq!(parse(&tuples(MAX_DEPTH - 1)).unwrap().depth(), MAX_DEPTH);
+        assert!(parse(&tuples(MAX_DEPTH)).is_err());
+        assert_eq!(parse(&calls(MAX_DEPTH)).unwrap().depth(), MAX_DEPTH);
+    }
+
+    /// Growing a list after it was nested would make its parents deeper than they know.
+    #[test]
+    fn containers_do_not_change_once_nested() {
+        // l = []; l.append(l)
+        let err = parse(b"\x80\x02]q\x00h\x00a.").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a list changed after it was put inside"),
+            "{err}"
+        );
+        // a = []; b = (a,); a.append(1)
+        let err = parse(b"\x80\x02]q\x00\x85h\x00K\x01a.").unwrap_err();
+        assert!(matches!(
+            err,
+            PickleError::Parse {
+                rule: ParseRule::ChangedWhenNested { target: "a list" },
+                ..
+            }
+        ));
+        // d = {}; d['k'] = d
+        let err = parse(b"\x80\x02}q\x00X\x01\x00\x00\x00kh\x00s.").unwrap_err();
+        assert!(err.to_string().contains("a dict changed"), "{err}");
+        // o = f(); o.__setstate__((o,))
+        let err = parse(b"\x80\x02N)Rq\x00h\x00\x85b.").unwrap_err();
+        assert!(err.to_string().contains("an object changed"), "{err}");
+    }
+
+    /// Memo gets make values from few bytes; their number is limited.
+    #[test]
+    fn the_number_of_values_is_limited() {
+        let mut p = b"\x80\x02Nq\x00".to_vec();
+        p.extend(b"h\x00".repeat(1000));
+        p.push(b'.');
+        let err = parse_within(&p, 500).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PickleError::Parse {
+                    rule: ParseRule::TooManyValues,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(parse_within(&p, 2000).is_ok());
+    }
+
+    /// `pickle.dumps(np.arange(3, dtype='>i4'), protocol=5)`: read, but refused as big-endian.
+    #[test]
+    fn big_endian_arrays_are_refused() {
+        let p = b"\x80\x05\x95\x80\x00\x00\x00\x00\x00\x00\x00\x8c\x13numpy._core.numeric\x94\x8c\x0b_frombuffer\x94\x93\x94(\x96\x0c\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x02\x94\x8c\x05numpy\x94\x8c\x05dtype\x94\x93\x94\x8c\x02i4\x94\x89\x88\x87\x94R\x94(K\x03\x8c\x01>\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t\x94bK\x03\x85\x94\x8c\x01C\x94t\x94R\x94.";
+        let err = ndarray(&parse(p).unwrap()).unwrap_err();
+        assert_eq!(err, PickleError::BigEndian { dtype: "i4".into() });
+    }
+
+    #[test]
+    fn out_of_band_buffers_are_refused_by_name() {
+        let err = parse(b"\x80\x05\x97.").unwrap_err();
+        assert!(err.to_string().contains("out-of-band buffers"), "{err}");
+        assert!(parse(b"\x80\x05C\x01x\x98.").is_ok());
+        assert!(parse(b"\x80\x05K\x01\x98.").is_err());
+    }
+
+    #[test]
+    fn raw_unicode_escape_is_latin1_with_escapes() {
+        assert_eq!(
+            raw_unicode_escape(b"a\xe9\\u20ac\\U0001F600").unwrap(),
+            "a\u{e9}\u{20ac}\u{1F600}"
+        );
+        assert!(raw_unicode_escape(b"\\u12").is_err());
+        assert!(raw_unicode_escape(b"\\UFFFFFFFF").is_err());
     }
 
     #[test]

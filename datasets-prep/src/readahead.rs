@@ -8,19 +8,22 @@
 //! the page cache (the usual case the first time a dataset is packed).
 
 use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
+use crate::bounded::{self, ReadError};
 use crate::sources::{ImageData, Item};
+
+/// Largest image file read: far beyond any photo, well below running out of memory.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 
 /// The encoded bytes of one input, or why they could not be read; `None` for an item whose
 /// pixels are already in memory (array sources).
-pub type Input = Option<std::io::Result<Vec<u8>>>;
+pub type Input = Option<Result<Vec<u8>, ReadError>>;
 
 /// Reads the inputs of `items`, in order. All files are opened and announced to the kernel
 /// first, so that it can fetch them concurrently, then read one after the other.
 pub fn read_chunk<'a>(items: impl IntoIterator<Item = &'a Item>) -> Vec<Input> {
-    let opened: Vec<Option<std::io::Result<File>>> = items
+    let opened: Vec<Option<Result<(File, &Path), ReadError>>> = items
         .into_iter()
         .map(|item| match &item.data {
             ImageData::File(path) => Some(open_announced(path)),
@@ -31,19 +34,18 @@ pub fn read_chunk<'a>(items: impl IntoIterator<Item = &'a Item>) -> Vec<Input> {
         .into_iter()
         .map(|file| {
             file.map(|file| {
-                let mut file = file?;
-                let mut bytes = Vec::new();
-                file.read_to_end(&mut bytes)?;
-                Ok(bytes)
+                let (file, path) = file?;
+                bounded::read_handle_limited(file, path, MAX_IMAGE_FILE_BYTES)
             })
         })
         .collect()
 }
 
-fn open_announced(path: &Path) -> std::io::Result<File> {
-    let file = File::open(path)?;
+/// Opens a regular file (never blocking on a FIFO) and announces the read.
+fn open_announced(path: &Path) -> Result<(File, &Path), ReadError> {
+    let file = bounded::open_regular(path)?;
     will_need(&file);
-    Ok(file)
+    Ok((file, path))
 }
 
 /// Asks the kernel to start reading the whole file into the page cache, without waiting.

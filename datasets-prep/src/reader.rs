@@ -3,11 +3,11 @@
 //! threads.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use crate::bounded::{self, ReadError};
 use crate::format::{RecordEntry, ShardError, checksum, parse_shard};
 use crate::manifest::{Encoding, MAX_MANIFEST_BYTES, Manifest, Split};
 
@@ -146,23 +146,31 @@ impl ShardDir {
     /// The shard files are memory-mapped: they must not be modified while open (the packer
     /// never rewrites a finished directory in place; it renames a new one over it).
     pub fn open(root: &Path) -> Result<ShardDir, ShardError> {
-        let manifest_path = root.join("manifest.json");
-        let meta = match std::fs::metadata(&manifest_path) {
-            Ok(m) => m,
+        let meta = match std::fs::metadata(root) {
+            Ok(meta) => meta,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ShardError::NotAShardDir {
                     path: root.to_path_buf(),
                 });
             }
-            Err(e) => return Err(ShardError::io(&manifest_path, e)),
+            Err(e) => return Err(ShardError::io(root, e)),
         };
-        if meta.len() > MAX_MANIFEST_BYTES {
-            return Err(ShardError::BadManifest {
-                path: manifest_path,
-                reason: format!("{} bytes is more than any manifest needs", meta.len()),
+        if !meta.is_dir() {
+            return Err(ShardError::NotADirectory {
+                path: root.to_path_buf(),
+                what: bounded::describe(meta.file_type()),
             });
         }
-        let bytes = std::fs::read(&manifest_path).map_err(|e| ShardError::io(&manifest_path, e))?;
+        let manifest_path = root.join("manifest.json");
+        let bytes = match bounded::read_limited(&manifest_path, MAX_MANIFEST_BYTES) {
+            Ok(bytes) => bytes,
+            Err(ReadError::NotFound { .. }) => {
+                return Err(ShardError::NotAShardDir {
+                    path: root.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         let manifest = Manifest::parse(&manifest_path, &bytes)?;
         let train = open_split(root, &manifest, Split::Train)?;
         let test = open_split(root, &manifest, Split::Test)?;
@@ -216,7 +224,7 @@ fn open_split(root: &Path, manifest: &Manifest, split: Split) -> Result<SplitRea
     let mut per_class = vec![0u64; manifest.classes.len()];
     for shard in &info.shards {
         let path = root.join(&shard.file);
-        let file = File::open(&path).map_err(|e| ShardError::io(&path, e))?;
+        let file = bounded::open_regular(&path)?;
         let len = file.metadata().map_err(|e| ShardError::io(&path, e))?.len();
         if len != shard.bytes {
             return Err(ShardError::SizeMismatch {

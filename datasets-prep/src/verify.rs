@@ -10,13 +10,29 @@ use crate::manifest::{Encoding, Split};
 use crate::reader::ShardDir;
 
 /// Every problem found in `dir` (empty when it is intact): the structure (at open), each shard's
-/// checksum, and for JPEG storage that every record decodes to the size in its table.
+/// checksum, a training record for every class, and for JPEG storage that every record decodes
+/// (within the decoder's limits) to the size in its table.
 pub fn verify(dir: &Path) -> Vec<ShardError> {
     let shards = match ShardDir::open(dir) {
         Ok(s) => s,
         Err(e) => return vec![e],
     };
     let mut problems = shards.verify_checksums();
+    let m = shards.manifest();
+    let empty: Vec<String> = (m.classes.iter().zip(&m.train.per_class))
+        .filter(|(_, n)| **n == 0)
+        .map(|(c, _)| format!("{:?} ({})", c.id, c.name))
+        .collect();
+    if !empty.is_empty() {
+        problems.push(ShardError::BadManifest {
+            path: dir.join("manifest.json"),
+            reason: format!(
+                "every class needs a training record; {} class(es) have none: {}",
+                empty.len(),
+                empty.join(", ")
+            ),
+        });
+    }
     if shards.manifest().storage.encoding == Encoding::Jpeg {
         for split in Split::ALL {
             for (path, map, entries) in shards.split(split).files() {

@@ -51,6 +51,11 @@ pub enum ShardError {
     },
     #[error("{path}: not a shard directory (no manifest.json); an interrupted pack leaves none")]
     NotAShardDir { path: PathBuf },
+    #[error("{path}: is {what}, expected a shard directory")]
+    NotADirectory { path: PathBuf, what: &'static str },
+    /// A file of the directory that is not a regular file, or too large (see `bounded`).
+    #[error(transparent)]
+    Read(#[from] crate::bounded::ReadError),
     #[error("{path}: invalid manifest: {reason}")]
     BadManifest { path: PathBuf, reason: String },
     #[error("{path}: file is {got} bytes, the manifest says {expected}")]

@@ -9,7 +9,8 @@ use crate::mat::{self, MatValue};
 pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError> {
     let annos_path = required(source, root, "cars_annos.mat")?;
     let bad = |reason: String| SourceError::invalid(&annos_path, reason);
-    let vars = mat::read_mat(&read_file(&annos_path)?).map_err(|e| bad(e.to_string()))?;
+    let vars = mat::read_mat(&read_file(&annos_path, mat::MAX_FILE_BYTES)?)
+        .map_err(|e| bad(e.to_string()))?;
     let annos = mat::variable(&vars, "annotations").map_err(|e| bad(e.to_string()))?;
     let paths = annos
         .struct_field("relative_im_path")

@@ -4,12 +4,19 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    ImageData, Item, Listing, Source, SourceError, integer_classes, read_file, read_lines,
+    ImageData, Item, Listing, Source, SourceError, integer_classes, is_present_file, read_file,
+    read_lines,
 };
 use crate::image_ops::Pixels;
 use crate::pickle;
 
 const PIXELS: usize = 32 * 32 * 3;
+
+/// Largest batch file read (CIFAR-100's train batch is 155 MB in either form).
+const MAX_BATCH_BYTES: u64 = 1 << 30;
+
+/// Largest `meta` / `batches.meta` read (they hold the class names).
+const MAX_META_BYTES: u64 = 16 << 20;
 
 struct Batches {
     train: Vec<PathBuf>,
@@ -49,7 +56,9 @@ fn locate(source: &Source, root: &Path, classes: usize) -> Result<(PathBuf, Batc
     ];
     for dir in &candidates {
         for (train, test, binary) in [(&py_train, py_test, false), (&bin_train, bin_test, true)] {
-            if dir.join(test).is_file() && train.iter().all(|t| dir.join(t).is_file()) {
+            if is_present_file(&dir.join(test))
+                && train.iter().all(|t| is_present_file(&dir.join(t)))
+            {
                 let batches = Batches {
                     train: train.iter().map(|t| dir.join(t)).collect(),
                     test: vec![dir.join(test)],
@@ -82,7 +91,7 @@ fn chw_to_hwc(chw: &[u8]) -> Pixels {
 }
 
 fn read_binary(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
-    let bytes = read_file(path)?;
+    let bytes = read_file(path, MAX_BATCH_BYTES)?;
     let label_bytes = if classes == 100 { 2 } else { 1 };
     let record = label_bytes + PIXELS;
     if bytes.len() % record != 0 {
@@ -116,7 +125,7 @@ fn read_binary(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
 
 fn read_python(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
     let bad = |reason: String| SourceError::invalid(path, reason);
-    let root = pickle::parse(&read_file(path)?).map_err(|e| bad(e.to_string()))?;
+    let root = pickle::parse(&read_file(path, MAX_BATCH_BYTES)?).map_err(|e| bad(e.to_string()))?;
     let label_key = if classes == 100 {
         "fine_labels"
     } else {
@@ -155,8 +164,9 @@ fn read_python(path: &Path, classes: usize) -> Result<Vec<Item>, SourceError> {
             .and_then(|l| usize::try_from(l).ok())
             .filter(|&l| l < classes)
             .ok_or_else(|| {
+                let label = label.as_int().map_or(label.describe(), |l| l.to_string());
                 bad(format!(
-                    "record {i}: label {label:?} out of range for {classes} classes"
+                    "record {i}: label {label} out of range for {classes} classes"
                 ))
             })?;
         items.push(Item {
@@ -184,7 +194,7 @@ fn class_names(dir: &Path, classes: usize, binary: bool) -> Vec<String> {
         } else {
             ("batches.meta", "label_names")
         };
-        std::fs::read(dir.join(file))
+        read_file(&dir.join(file), MAX_META_BYTES)
             .ok()
             .and_then(|b| pickle::parse(&b).ok())
             .and_then(|m| m.get(key))

@@ -12,7 +12,7 @@ pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError>
     let jpg = required(source, root, "jpg")?;
 
     let numbers = |path: &Path, var: &str| -> Result<Vec<f64>, SourceError> {
-        let vars = mat::read_mat(&read_file(path)?)
+        let vars = mat::read_mat(&read_file(path, mat::MAX_FILE_BYTES)?)
             .map_err(|e| SourceError::invalid(path, e.to_string()))?;
         let v = mat::variable(&vars, var).map_err(|e| SourceError::invalid(path, e.to_string()))?;
         v.as_numbers()

@@ -7,15 +7,25 @@ use std::path::{Path, PathBuf};
 use super::{ImageData, Item, Listing, Source, SourceError, is_image_file, read_lines, required};
 use crate::manifest::ClassInfo;
 
-/// Sorted names of the visible sub-directories of `dir`.
+/// Sorted names of the visible sub-directories of `dir`. Class names are stored as UTF-8 text,
+/// so a folder name that is not UTF-8 is an error naming it (two such names could otherwise
+/// become the same class).
 fn subdirs(dir: &Path) -> Result<Vec<String>, SourceError> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| SourceError::invalid(dir, e.to_string()))? {
         let entry = entry.map_err(|e| SourceError::invalid(dir, e.to_string()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with('.') && entry.path().is_dir() {
-            names.push(name);
+        let path = entry.path();
+        if entry.file_name().as_encoded_bytes().starts_with(b".") || !path.is_dir() {
+            continue;
         }
+        let name = entry.file_name().into_string().map_err(|_| {
+            SourceError::invalid(
+                &path,
+                "class folder name is not valid UTF-8 (shown with \u{fffd} for the bad bytes); \
+                 rename it: class names are stored as UTF-8 text",
+            )
+        })?;
+        names.push(name);
     }
     names.sort();
     Ok(names)
@@ -31,7 +41,9 @@ fn image_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
         let hidden = path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with('.'));
-        if !hidden && path.is_file() && is_image_file(&path) {
+        // Anything but a directory: a FIFO named like an image is then reported, not skipped.
+        let not_dir = std::fs::metadata(&path).is_ok_and(|m| !m.is_dir());
+        if !hidden && not_dir && is_image_file(&path) {
             files.push(path);
         }
     }

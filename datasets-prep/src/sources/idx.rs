@@ -3,16 +3,18 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::{ImageData, Item, Listing, Source, SourceError, integer_classes, read_file};
+use super::{
+    ImageData, Item, Listing, Source, SourceError, integer_classes, is_present_file, read_file,
+};
 use crate::image_ops::Pixels;
 
-/// Largest decompressed IDX file accepted.
-const MAX_IDX_BYTES: u64 = 8 << 30;
+/// Largest IDX file accepted, compressed or decompressed (EMNIST's largest is 0.6 GB).
+pub const MAX_IDX_BYTES: u64 = 2 << 30;
 
 fn find(source: &Source, root: &Path, stem: &str) -> Result<PathBuf, SourceError> {
     for name in [stem.to_string(), format!("{stem}.gz")] {
         let path = root.join(name);
-        if path.is_file() {
+        if is_present_file(&path) {
             return Ok(path);
         }
     }
@@ -23,17 +25,66 @@ fn find(source: &Source, root: &Path, stem: &str) -> Result<PathBuf, SourceError
     })
 }
 
-fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, SourceError> {
-    let raw = read_file(path)?;
+/// The bytes of an IDX file given its raw content, gunzipped if it is gzip data. Decompression
+/// stops at the size the IDX header inside claims (and at [`MAX_IDX_BYTES`]), so that a small
+/// damaged or hostile file cannot expand without bound.
+fn decompress(path: &Path, raw: Vec<u8>) -> Result<Vec<u8>, SourceError> {
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(&raw[..])
-        .take(MAX_IDX_BYTES)
-        .read_to_end(&mut out)
-        .map_err(|e| SourceError::invalid(path, format!("gzip data does not decompress: {e}")))?;
-    Ok(out)
+    let bad = |e: std::io::Error| {
+        SourceError::invalid(path, format!("gzip data does not decompress: {e}"))
+    };
+    let mut gz = flate2::read::GzDecoder::new(&raw[..]);
+    let mut header = vec![0u8; 4];
+    gz.read_exact(&mut header).map_err(bad)?;
+    let ndim = usize::from(header[3]);
+    header.resize(4 + 4 * ndim, 0);
+    gz.read_exact(&mut header[4..]).map_err(bad)?;
+    let element = match header[2] {
+        0x0B => 2,
+        0x0C | 0x0D => 4,
+        0x0E => 8,
+        _ => 1,
+    };
+    let dims: Vec<u32> = (header[4..].chunks_exact(4))
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let claimed = (dims.iter())
+        .try_fold(element, |a: u64, &d| a.checked_mul(u64::from(d)))
+        .filter(|&n| n <= MAX_IDX_BYTES - header.len() as u64)
+        .ok_or_else(|| {
+            SourceError::invalid(
+                path,
+                format!(
+                    "IDX header claims dimensions {dims:?}, more than the limit of \
+                     {MAX_IDX_BYTES} bytes"
+                ),
+            )
+        })?;
+    let data = crate::bounded::read_handle_limited(gz, path, claimed).map_err(|e| match e {
+        crate::bounded::ReadError::TooLarge { .. } => SourceError::invalid(
+            path,
+            format!(
+                "gzip data holds more than the {claimed} bytes of data its IDX header claims \
+                 (dimensions {dims:?})"
+            ),
+        ),
+        crate::bounded::ReadError::Io { source, .. } => bad(source),
+        other => other.into(),
+    })?;
+    header.extend(data);
+    Ok(header)
+}
+
+/// Parses the raw content of an IDX u8 file (gzipped or not) with `want_dims` dimensions:
+/// (dimensions, data). `path` names the file in errors.
+pub fn parse(
+    path: &Path,
+    raw: Vec<u8>,
+    want_dims: usize,
+) -> Result<(Vec<usize>, Vec<u8>), SourceError> {
+    parse_idx(path, &decompress(path, raw)?, want_dims)
 }
 
 /// Parses an IDX u8 array: (dimensions, data).
@@ -85,8 +136,8 @@ fn split(
 ) -> Result<Vec<(u8, Pixels, String)>, SourceError> {
     let images_path = find(source, root, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels_path = find(source, root, &format!("{prefix}-labels-idx1-ubyte"))?;
-    let (dims, pixels) = parse_idx(&images_path, &read_maybe_gz(&images_path)?, 3)?;
-    let (ldims, labels) = parse_idx(&labels_path, &read_maybe_gz(&labels_path)?, 1)?;
+    let (dims, pixels) = parse(&images_path, read_file(&images_path, MAX_IDX_BYTES)?, 3)?;
+    let (ldims, labels) = parse(&labels_path, read_file(&labels_path, MAX_IDX_BYTES)?, 1)?;
     if ldims[0] != dims[0] {
         return Err(SourceError::invalid(
             &labels_path,

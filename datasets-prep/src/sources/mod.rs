@@ -9,13 +9,19 @@ mod flowers;
 mod folder;
 mod idx;
 
+pub use idx::{MAX_IDX_BYTES, parse as parse_idx};
+
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::bounded::{self, ReadError};
 use crate::image_ops::Pixels;
 use crate::manifest::ClassInfo;
+
+/// Largest metadata text file read (NABirds' images.txt is a few MB).
+const MAX_TEXT_BYTES: u64 = 256 << 20;
 
 /// Where an image's pixels come from.
 #[derive(Clone, Debug)]
@@ -211,6 +217,9 @@ pub enum SourceError {
     },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    /// A file that is not a regular file, or too large for its kind (see `bounded`).
+    #[error(transparent)]
+    Read(#[from] ReadError),
 }
 
 impl SourceError {
@@ -236,13 +245,20 @@ fn required(source: &Source, root: &Path, name: &str) -> Result<PathBuf, SourceE
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, SourceError> {
-    std::fs::read(path).map_err(|e| SourceError::invalid(path, e.to_string()))
+/// Reads a regular file of at most `limit` bytes.
+fn read_file(path: &Path, limit: u64) -> Result<Vec<u8>, SourceError> {
+    Ok(bounded::read_limited(path, limit)?)
+}
+
+/// Whether `path` names something other than a directory: a file the source reads (if it is a
+/// FIFO or a device, reading it says so rather than calling it missing).
+fn is_present_file(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| !m.is_dir())
 }
 
 /// Non-empty lines with their 1-based numbers.
 fn read_lines(path: &Path) -> Result<Vec<(usize, String)>, SourceError> {
-    let text = String::from_utf8(read_file(path)?)
+    let text = String::from_utf8(read_file(path, MAX_TEXT_BYTES)?)
         .map_err(|e| SourceError::invalid(path, format!("not UTF-8 text: {e}")))?;
     Ok(text
         .lines()
@@ -309,13 +325,17 @@ fn check_listing(listing: &Listing, root: &Path) -> Result<(), SourceError> {
                 ),
             ));
         }
-        if let ImageData::File(path) = &item.data
-            && !path.is_file()
-        {
-            return Err(SourceError::invalid(
-                path,
-                "listed in the metadata but absent",
-            ));
+        if let ImageData::File(path) = &item.data {
+            match bounded::check_regular(path) {
+                Ok(_) => {}
+                Err(ReadError::NotFound { .. }) => {
+                    return Err(SourceError::invalid(
+                        path,
+                        "listed in the metadata but absent",
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())

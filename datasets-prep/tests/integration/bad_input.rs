@@ -226,6 +226,96 @@ fn existing_output_is_kept_without_force_and_replaced_with_it() {
     );
 }
 
+/// `--root /x/data --out /x --force` used to delete the dataset: an `--out` that is or contains
+/// `--root` is refused before anything is touched, however the paths are spelled.
+#[test]
+fn force_never_deletes_the_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("x");
+    let root = parent.join("data");
+    folder_dataset(&root, 2, 6);
+    let before = dir_bytes(&root.join("train/a"));
+    for (out, needle) in [
+        (parent.clone(), "contains --root"),
+        (root.join(".."), "contains --root"),
+        (tmp.path().to_path_buf(), "contains --root"),
+        (root.clone(), "is the --root folder"),
+        (root.join("train/.."), "is the --root folder"),
+    ] {
+        let o = pack("folder", &root, &out, &["--force"]);
+        assert!(!o.status.success(), "{}", show(&o));
+        assert!(
+            stderr(&o).contains(needle),
+            "{}: {}",
+            out.display(),
+            show(&o)
+        );
+        assert_eq!(
+            dir_bytes(&root.join("train/a")),
+            before,
+            "{}",
+            out.display()
+        );
+    }
+    // A symbolic link to an ancestor is resolved too.
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&parent, &link).unwrap();
+    let o = pack("folder", &root, &link, &["--force"]);
+    assert!(stderr(&o).contains("contains --root"), "{}", show(&o));
+    assert_eq!(dir_bytes(&root.join("train/a")), before);
+    // A new folder inside the root is fine.
+    pack_ok("folder", &root, &root.join("packed"), &[]);
+}
+
+/// `--force` replaces a shard directory this tool wrote, and nothing else: a folder with any
+/// other file is refused, the file named, and everything left as it was.
+#[test]
+fn force_replaces_only_shard_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+
+    let photos = tmp.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::write(photos.join("holiday.jpg"), b"precious").unwrap();
+    let o = pack("folder", &root, &photos, &["--force"]);
+    fails_with(&o, &["not a shard directory", "holiday.jpg"]);
+    assert_eq!(
+        std::fs::read(photos.join("holiday.jpg")).unwrap(),
+        b"precious"
+    );
+
+    // A packed directory someone added a file to.
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+    let before = dir_bytes(&out);
+    fails_with(&pack("folder", &root, &out, &["--force"]), &["notes.txt"]);
+    assert_eq!(dir_bytes(&out), before);
+    std::fs::remove_file(out.join("notes.txt")).unwrap();
+
+    // Shard-like names without a manifest this tool recognises.
+    std::fs::write(out.join("manifest.json"), b"{}").unwrap();
+    fails_with(
+        &pack("folder", &root, &out, &["--force"]),
+        &["manifest.json is not one datasets-prep writes"],
+    );
+    let file = tmp.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    fails_with(
+        &pack("folder", &root, &file, &["--force"]),
+        &["is a regular file"],
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+
+    // An empty folder, and a real shard directory, are replaced.
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::create_dir(&out).unwrap();
+    pack_ok("folder", &root, &out, &["--force"]);
+    pack_ok("folder", &root, &out, &["--force", "--per-class", "1"]);
+    assert_eq!(manifest(&out)["train"]["count"], 2);
+}
+
 #[test]
 fn an_interrupted_pack_leaves_nothing_that_passes_as_complete() {
     let tmp = tempfile::tempdir().unwrap();
@@ -279,4 +369,290 @@ fn an_interrupted_pack_leaves_nothing_that_passes_as_complete() {
             Err(ShardError::NotAShardDir { .. })
         ));
     }
+}
+
+/// Killed packs leave `.NAME.partial-PID` folders; the next pack into the same `--out` removes
+/// those whose process is gone, and only those, and names a live one it leaves.
+#[test]
+fn leftovers_of_killed_packs_are_removed_by_the_next_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let live = std::process::id();
+    let partial = |name: &str| tmp.path().join(name);
+    let dead_out = partial(&format!(".out.partial-{dead}"));
+    let live_out = partial(&format!(".out.partial-{live}"));
+    let other_name = partial(&format!(".other.partial-{dead}"));
+    let not_a_pid = partial(&format!(".out.partial-{dead}x"));
+    for dir in [&dead_out, &live_out, &other_name, &not_a_pid] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::write(dir.join("train-00000.shard"), b"half").unwrap();
+    }
+    let o = pack("folder", &root, &tmp.path().join("out"), &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(!dead_out.exists(), "a dead pack's folder is removed");
+    assert!(
+        stderr(&o).contains(&format!("removed {}", dead_out.display())),
+        "{}",
+        show(&o)
+    );
+    for dir in [&live_out, &other_name, &not_a_pid] {
+        assert!(
+            dir.join("train-00000.shard").exists(),
+            "{} is kept",
+            dir.display()
+        );
+    }
+    assert!(
+        stderr(&o).contains(&format!("left {} alone", live_out.display())),
+        "{}",
+        show(&o)
+    );
+}
+
+/// `--help` promises exit status 2 for usage errors: every rejected option value gets it, with
+/// the option named, before anything is read (`--short-side 100000` used to abort on a 30 GB
+/// allocation, `--threads 100000` never to return).
+#[test]
+fn rejected_option_values_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 1, 6);
+    let out = tmp.path().join("out");
+    for (args, needle) in [
+        (&["--short-side", "100000"][..], "--short-side"),
+        (&["--short-side", "4097"], "--short-side"),
+        (&["--short-side", "x"], "--short-side"),
+        (&["--threads", "100000"], "--threads"),
+        (&["--threads", "0"], "--threads"),
+        (&["--quality", "0"], "--quality"),
+        (&["--quality", "101"], "--quality"),
+        (&["--per-class", "0"], "--per-class"),
+        (&["--shard-mib", "0"], "--shard-mib"),
+        (&["--encoding", "png"], "--encoding"),
+    ] {
+        let o = pack("folder", &root, &out, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
+        assert!(stderr(&o).contains(needle), "{args:?}: {}", show(&o));
+        assert!(!out.exists(), "{args:?}");
+    }
+    let o = pack("folder", &root, Path::new("/"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(stderr(&o).contains("contains --root"), "{}", show(&o));
+    let o = pack("folder", &root, &tmp.path().join("absent/.."), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("--out has no file name"),
+        "{}",
+        show(&o)
+    );
+    let help = run(datasets_prep().arg("--help"));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("2  usage error"));
+    // The limits themselves are accepted.
+    pack_ok(
+        "folder",
+        &root,
+        &out,
+        &["--short-side", "1", "--threads", "1024"],
+    );
+}
+
+/// A 1x30000 PNG resized to a short side of 512 needed a 7.8 GB buffer, and a 631-byte JPEG
+/// claiming 16000x16000 packed into a 733 MB record of filler: both are refused, naming the
+/// file, before any such allocation (and left out with --skip-bad).
+#[test]
+fn images_too_large_or_too_short_for_their_size_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 8);
+    let out = tmp.path().join("out");
+    let wide = root.join("train/a/wide.png");
+    write_png(&wide, 1, 1, 30_000, 1);
+    fails_with(
+        &pack("folder", &root, &out, &["--short-side", "512"]),
+        &["wide.png", "would be a record of", "--short-side"],
+    );
+    pack_ok(
+        "folder",
+        &root,
+        &out,
+        &["--short-side", "512", "--skip-bad"],
+    );
+    let m = manifest(&out);
+    assert!(
+        m["skipped"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("wide.png"),
+        "{m}"
+    );
+    std::fs::remove_file(&wide).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+
+    let bomb = root.join("train/b/bomb.jpg");
+    write_jpeg(&bomb, 3, 8, 8, 3);
+    let mut bytes = std::fs::read(&bomb).unwrap();
+    claim_size(&mut bytes, 16_000, 16_000);
+    std::fs::write(&bomb, &bytes).unwrap();
+    fails_with(
+        &pack("folder", &root, &out, &[]),
+        &[
+            "bomb.jpg",
+            "16000x16000 is 256 megapixels, more than the 100",
+        ],
+    );
+    claim_size(&mut bytes, 4_000, 4_000);
+    std::fs::write(&bomb, &bytes).unwrap();
+    fails_with(
+        &pack("folder", &root, &out, &[]),
+        &["bomb.jpg", "cannot hold a 4000x4000 image"],
+    );
+    assert!(!out.exists());
+}
+
+/// A FIFO where a file is expected blocked `open` forever (or was called absent); a device
+/// reporting size 0 was read until memory ran out. Each is now named for what it is, at once.
+#[test]
+fn fifos_and_devices_are_named_not_opened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 2, 6);
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    let verify = |dir: &Path| run_within(datasets_prep().arg("verify").arg(dir), 20);
+
+    // The shard directory, its manifest, one of its shard files.
+    let shard = out.join("test-00000.shard");
+    std::fs::remove_file(&shard).unwrap();
+    mkfifo(&shard);
+    fails_with(&verify(&out), &["test-00000.shard: is a FIFO (named pipe)"]);
+    std::fs::remove_file(&shard).unwrap();
+    let manifest = out.join("manifest.json");
+    std::fs::remove_file(&manifest).unwrap();
+    mkfifo(&manifest);
+    fails_with(&verify(&out), &["manifest.json: is a FIFO (named pipe)"]);
+    std::fs::remove_file(&manifest).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &manifest).unwrap();
+    fails_with(&verify(&out), &["manifest.json: is a character device"]);
+    let fifo_dir = tmp.path().join("fifo-dir");
+    mkfifo(&fifo_dir);
+    fails_with(
+        &verify(&fifo_dir),
+        &["fifo-dir: is a FIFO (named pipe), expected a shard directory"],
+    );
+
+    // An image named like one in a class folder.
+    let image = root.join("train/a/zz.jpg");
+    mkfifo(&image);
+    let packing = |source: &str, root: &Path| {
+        run_within(
+            datasets_prep()
+                .args(["pack", "--source", source, "--root"])
+                .arg(root)
+                .arg("--out")
+                .arg(tmp.path().join("new")),
+            20,
+        )
+    };
+    fails_with(
+        &packing("folder", &root),
+        &["zz.jpg: is a FIFO (named pipe)"],
+    );
+    std::fs::remove_file(&image).unwrap();
+
+    // CUB metadata files and listed images.
+    let cub = tmp.path().join("cub");
+    write_jpeg(&cub.join("images/a/1.jpg"), 1, 8, 8, 3);
+    mkfifo(&cub.join("images/a/2.jpg"));
+    let lines = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    write_text(&cub.join("images.txt"), &lines(&["1 a/1.jpg", "2 a/2.jpg"]));
+    write_text(&cub.join("train_test_split.txt"), &lines(&["1 1", "2 0"]));
+    mkfifo(&cub.join("image_class_labels.txt"));
+    fails_with(
+        &packing("cub", &cub),
+        &["image_class_labels.txt: is a FIFO (named pipe)"],
+    );
+    std::fs::remove_file(cub.join("image_class_labels.txt")).unwrap();
+    write_text(&cub.join("image_class_labels.txt"), &lines(&["1 1", "2 1"]));
+    fails_with(&packing("cub", &cub), &["2.jpg: is a FIFO (named pipe)"]);
+    assert!(!tmp.path().join("new").exists());
+}
+
+/// A class folder whose name is not UTF-8 was turned into a lossy name that matched no folder;
+/// now it is an error naming the folder.
+#[test]
+fn a_class_folder_name_that_is_not_utf8_is_named() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 1, 6);
+    let bad = root
+        .join("train")
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
+    write_jpeg(&bad.join("0.jpg"), 9, 6, 6, 3);
+    fails_with(
+        &pack("folder", &root, &tmp.path().join("out"), &[]),
+        &["caf\u{fffd}", "class folder name is not valid UTF-8"],
+    );
+}
+
+/// A manifest larger than any real one is refused without reading it all (a sparse file).
+#[test]
+fn an_oversized_manifest_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    folder_dataset(&root, 1, 6);
+    let out = tmp.path().join("out");
+    pack_ok("folder", &root, &out, &[]);
+    let file = std::fs::File::options()
+        .write(true)
+        .open(out.join("manifest.json"))
+        .unwrap();
+    file.set_len(65 << 20).unwrap();
+    fails_with(
+        &run(datasets_prep().arg("verify").arg(&out)),
+        &["manifest.json: larger than the limit of 67108864 bytes"],
+    );
+}
+
+/// A gzip IDX file whose data goes on past what its header claims (a 34 MB bomb reached 4.2 GB
+/// before failing): decompression stops at the claimed size, and a header claiming more than
+/// the limit is refused before any data is decompressed.
+#[test]
+fn gzip_idx_files_expand_no_further_than_their_header_claims() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("idx");
+    write_idx(
+        &root.join("t10k-images-idx3-ubyte"),
+        &[1, 2, 2],
+        &[0; 4],
+        false,
+    );
+    write_idx(&root.join("t10k-labels-idx1-ubyte"), &[1], &[0], false);
+    write_idx(&root.join("train-labels-idx1-ubyte"), &[1], &[0], false);
+    let images = root.join("train-images-idx3-ubyte.gz");
+    // 40 MB of zeros after a header claiming one 2x2 image.
+    write_idx(&images, &[1, 2, 2], &vec![0u8; 40 << 20], true);
+    assert!(std::fs::metadata(&images).unwrap().len() < 1 << 20);
+    let out = tmp.path().join("out");
+    fails_with(
+        &pack("idx", &root, &out, &[]),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "gzip data holds more than the 4 bytes of data its IDX header claims",
+        ],
+    );
+    write_idx(&images, &[60_000, 1000, 1000], &[0; 16], true);
+    fails_with(
+        &pack("idx", &root, &out, &[]),
+        &[
+            "train-images-idx3-ubyte.gz",
+            "IDX header claims dimensions [60000, 1000, 1000]",
+        ],
+    );
+    write_idx(&images, &[1, 2, 2], &[0; 4], true);
+    pack_ok("idx", &root, &out, &[]);
 }

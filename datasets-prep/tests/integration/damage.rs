@@ -99,6 +99,69 @@ fn flipped_byte_truncation_and_edited_manifest_are_reported() {
     verify_fails(&out, &["test-00000.shard"]);
 }
 
+/// A small JPEG-stored folder dataset: classes a and b, 8x8 images.
+fn packed_jpeg(dir: &Path) -> std::path::PathBuf {
+    let raw = dir.join("raw");
+    for (i, path) in ["train/a/0.jpg", "train/b/0.jpg", "test/a/0.jpg"]
+        .iter()
+        .enumerate()
+    {
+        write_jpeg(&raw.join(path), i as u32, 8, 8, 3);
+    }
+    let out = dir.join("packed");
+    pack_ok("folder", &raw, &out, &["--encoding", "jpeg"]);
+    out
+}
+
+/// A JPEG record whose header and table entry both claim 16000x16000 (checksum updated): it
+/// decoded leniently to 768 MB of filler and `verify` said ok; now the decoder's limits refuse
+/// it and `verify` names the record.
+#[test]
+fn verify_decodes_jpeg_records_within_limits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = packed_jpeg(tmp.path());
+    let shard = out.join("train-00000.shard");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let layout = parse_shard(&shard, &bytes, 2).unwrap();
+    let e = layout.entries[0];
+    let record = e.offset as usize..e.offset as usize + e.length as usize;
+    claim_size(&mut bytes[record], 16_000, 16_000);
+    bytes[HEADER_BYTES + 16..HEADER_BYTES + 20].copy_from_slice(&16_000u32.to_le_bytes());
+    bytes[HEADER_BYTES + 20..HEADER_BYTES + 24].copy_from_slice(&16_000u32.to_le_bytes());
+    std::fs::write(&shard, &bytes).unwrap();
+    let mut m = manifest(&out);
+    m["train"]["shards"][0]["xxh3"] = datasets_prep::format::checksum(&bytes).into();
+    std::fs::write(out.join("manifest.json"), m.to_string()).unwrap();
+    verify_fails(
+        &out,
+        &[
+            "train-00000.shard: record 0 does not decode",
+            "256 megapixels",
+            "1 problem(s)",
+        ],
+    );
+}
+
+/// FORMAT.md says every class MUST have a training record; `verify` accepted a class without.
+#[test]
+fn verify_refuses_a_class_without_training_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = packed_jpeg(tmp.path());
+    let mut m = manifest(&out);
+    m["classes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"id": "c", "name": "cat"}));
+    for split in ["train", "test"] {
+        m[split]["per_class"].as_array_mut().unwrap().push(0.into());
+    }
+    std::fs::write(out.join("manifest.json"), m.to_string()).unwrap();
+    verify_fails(
+        &out,
+        &["every class needs a training record", "\"c\" (cat)"],
+    );
+}
+
 #[test]
 fn reader_rejects_out_of_range_indices() {
     let tmp = tempfile::tempdir().unwrap();
@@ -181,5 +244,132 @@ proptest! {
         mat.extend_from_slice(b"IM");
         mat.extend_from_slice(&bytes);
         let _ = datasets_prep::mat::read_mat(&mat);
+    }
+}
+
+/// A small IDX file: `dims` and its data.
+fn idx_bytes(dims: &[u32]) -> Vec<u8> {
+    let mut out = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    let n: u32 = dims.iter().product();
+    out.extend((0..n).map(|i| i as u8));
+    out
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    z.write_all(bytes).unwrap();
+    z.finish().unwrap()
+}
+
+/// Pickles as numpy writes them, one per protocol (`tests/fixtures/pickle`).
+fn sample_pickles() -> &'static Vec<Vec<u8>> {
+    static PICKLES: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    PICKLES.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pickle");
+        (0..=5)
+            .map(|p| std::fs::read(dir.join(format!("arrays-p{p}.pkl"))).unwrap())
+            .collect()
+    })
+}
+
+/// Every array a pickle's top-level dict holds, as `ndarray` reads them (errors ignored).
+fn read_arrays(bytes: &[u8]) {
+    if let Ok(root) = datasets_prep::pickle::parse(bytes) {
+        for key in ["u1", "f8", "empty", "labels"] {
+            if let Some(v) = root.get(key) {
+                if let Ok(a) = datasets_prep::pickle::ndarray(&v) {
+                    let _ = a.to_f64();
+                }
+                let _ = v.items();
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// IDX files, raw or gzipped: random bytes, and a valid file with bytes overwritten or cut.
+    /// An accepted file's data always matches its dimensions.
+    #[test]
+    fn idx_parser_never_panics(
+        random in proptest::collection::vec(any::<u8>(), 0..600),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let path = Path::new("x-idx3-ubyte");
+        let mut valid = idx_bytes(&[3, 4, 5]);
+        for (at, v) in &edits {
+            let i = at.index(valid.len());
+            valid[i] = *v;
+        }
+        let valid = valid[..cut.index(valid.len() + 1)].to_vec();
+        let mut zipped_valid = gzip(&idx_bytes(&[3, 4, 5]));
+        for (at, v) in &edits {
+            let i = at.index(zipped_valid.len());
+            zipped_valid[i] = *v;
+        }
+        let mut gz_random = vec![0x1f, 0x8b];
+        gz_random.extend(&random);
+        let candidates = [random.clone(), gz_random, valid.clone(), gzip(&valid), zipped_valid];
+        for bytes in candidates {
+            for dims in [1, 3] {
+                if let Ok((d, data)) = datasets_prep::sources::parse_idx(path, bytes.clone(), dims) {
+                    prop_assert_eq!(d.len(), dims);
+                    prop_assert_eq!(d.iter().product::<usize>(), data.len());
+                }
+            }
+        }
+    }
+
+    /// Real numpy pickles of every protocol with a few bytes overwritten or cut off.
+    #[test]
+    fn pickle_reader_survives_mutated_numpy_pickles(
+        protocol in 0usize..=5,
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let mut bytes = sample_pickles()[protocol].clone();
+        for (at, v) in edits {
+            let i = at.index(bytes.len());
+            bytes[i] = v;
+        }
+        read_arrays(&bytes);
+        read_arrays(&bytes[..cut.index(bytes.len() + 1)]);
+    }
+
+    /// A MAT file of the Flowers kind (compressed or not) with bytes overwritten or cut off.
+    #[test]
+    fn mat_reader_survives_mutated_files(
+        compress in any::<bool>(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("m.mat");
+        write_mat(
+            &path,
+            &[
+                ("labels", Mat::Double(vec![1.0, 2.0, 3.0])),
+                ("names", Mat::Cell(vec![Mat::Char("a".into()), Mat::U8(vec![7])])),
+                ("s", Mat::Struct(vec!["f"], vec![vec![Mat::Char("x".into())]])),
+            ],
+            compress,
+        );
+        let mut bytes = std::fs::read(&path).unwrap();
+        for (at, v) in edits {
+            let i = 128 + at.index(bytes.len() - 128);
+            bytes[i] = v;
+        }
+        let bytes = &bytes[..cut.index(bytes.len() + 1)];
+        if let Ok(vars) = datasets_prep::mat::read_mat(bytes) {
+            for (name, _) in &vars {
+                let _ = datasets_prep::mat::variable(&vars, name);
+            }
+        }
     }
 }

@@ -26,6 +26,31 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs the command, failing the test if it has not finished after `secs` seconds (it is then
+/// killed): for inputs that used to block forever.
+pub fn run_within(cmd: &mut Command, secs: u64) -> Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start datasets-prep");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed().as_secs() >= secs {
+            child.kill().expect("kill");
+            let out = child.wait_with_output().expect("wait");
+            panic!("still running after {secs}s, killed:\n{}", show(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("wait")
+}
+
+pub fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().expect("mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
 /// Runs `pack` with the given arguments and returns its output.
 pub fn pack(source: &str, root: &Path, out: &Path, extra: &[&str]) -> Output {
     run(datasets_prep()
@@ -67,6 +92,16 @@ pub fn write_jpeg(path: &Path, seed: u32, h: u32, w: u32, channels: u8) {
         .encode(&pattern(seed, h, w, channels), w, h, color)
         .unwrap();
     std::fs::write(path, bytes).unwrap();
+}
+
+/// Makes a baseline JPEG's frame header (SOF0) claim another size; the data stays as it is.
+pub fn claim_size(jpeg: &mut [u8], height: u16, width: u16) {
+    let at = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    jpeg[at + 5..at + 7].copy_from_slice(&height.to_be_bytes());
+    jpeg[at + 7..at + 9].copy_from_slice(&width.to_be_bytes());
 }
 
 pub fn write_png(path: &Path, seed: u32, h: u32, w: u32, channels: u8) {

@@ -4,5 +4,6 @@
 mod bad_input;
 mod damage;
 mod fixtures;
+mod pickles;
 mod real_data;
 mod sources;
