@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::builder::RangedU64ValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use datasets_prep::pack::{PackError, PackOptions, SHORT_SIDES, pack};
-use datasets_prep::sources::{SOURCE_NAMES, Source};
+use datasets_prep::sources::Source;
 use datasets_prep::{Encoding, verify};
 
 const EXIT_CODES: &str = "\
@@ -112,9 +112,9 @@ fn parse_short_side(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The source's own error already lists the accepted names.
 fn parse_source(s: &str) -> Result<Source, String> {
     s.parse()
-        .map_err(|e: String| format!("{e}\n(expected one of {SOURCE_NAMES})"))
 }
 
 fn main() -> ExitCode {
@@ -184,6 +184,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "datasets-prep: left {} alone: the pack that is writing it is still running",
                     dir.display()
+                );
+            }
+            if packed.per_class_kept_all
+                && let Some(k) = opts.per_class
+            {
+                eprintln!(
+                    "datasets-prep: --per-class {k}: no class has more training images, so all \
+                     were kept"
                 );
             }
             let m = packed.manifest;

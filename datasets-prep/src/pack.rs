@@ -210,6 +210,8 @@ pub struct Packed {
     pub removed_partials: Vec<PathBuf>,
     /// Such folders of processes still running, left alone.
     pub live_partials: Vec<PathBuf>,
+    /// `--per-class` kept every training image: no class has more.
+    pub per_class_kept_all: bool,
 }
 
 /// Packs and returns the manifest written.
@@ -226,10 +228,12 @@ pub fn pack(opts: &PackOptions) -> Result<Packed, PackError> {
         return Err(PackError::ShortSide { short_side });
     }
     let mut listing = opts.source.load(&opts.root)?;
+    let mut kept_all = false;
     if let Some(k) = opts.per_class {
         if k == 0 {
             return Err(PackError::ZeroPerClass);
         }
+        kept_all = train_counts(&listing).iter().all(|&n| n <= k);
         listing.train = select_per_class(
             std::mem::take(&mut listing.train),
             listing.classes.len(),
@@ -271,6 +275,7 @@ pub fn pack(opts: &PackOptions) -> Result<Packed, PackError> {
         manifest: result?,
         removed_partials,
         live_partials,
+        per_class_kept_all: kept_all,
     })
 }
 
@@ -342,9 +347,15 @@ fn pack_into(
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:40}] {pos}/{len} images, {per_sec}, eta {eta}",
+            "{prefix} [{bar:40}] {pos}/{len} images, {rate}, eta {eta}",
         )
         .expect("static template")
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} images/s", state.per_sec());
+            },
+        )
         .progress_chars("=> "),
     );
     let mut skipped = Vec::new();

@@ -451,6 +451,19 @@ fn rejected_option_values_are_usage_errors() {
     );
     let help = run(datasets_prep().arg("--help"));
     assert!(String::from_utf8_lossy(&help.stdout).contains("2  usage error"));
+    // An unknown source lists the sources once.
+    let o = pack("imagenet", &root, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert_eq!(stderr(&o).matches("cub-sub:X").count(), 1, "{}", show(&o));
+    // A --per-class above every class's count keeps all, and says so.
+    let o = pack("folder", &root, &out, &["--per-class", "100000"]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("--per-class 100000: no class has more training images"),
+        "{}",
+        show(&o)
+    );
+    std::fs::remove_dir_all(&out).unwrap();
     // The limits themselves are accepted.
     pack_ok(
         "folder",
