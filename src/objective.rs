@@ -244,6 +244,12 @@ impl Head {
         f.matmul(&psi.transpose(0, 1)).argmax(1, false)
     }
 
+    /// Whether a variable belongs to the head (the last layer `fc` and cosine+CE's `head.*`),
+    /// which `--init-from ... --new-head` leaves freshly initialised.
+    pub fn owns(name: &str) -> bool {
+        name.starts_with("fc.") || name.starts_with("head.")
+    }
+
     /// L2 coefficient of a head parameter by name, `None` if `name` is not the head's.
     pub fn l2_of(name: &str) -> Option<f64> {
         if name == "head.fc.weight" {

@@ -9,7 +9,9 @@ use clap::Args;
 use datasets_prep::sources::Source;
 
 use super::{ChannelsLast, JobArgs, UsageError, choice, preset, threads};
-use crate::config::{BnStats, EmbeddingSpec, Overrides, Precision, Preset, RunConfig, defaults};
+use crate::config::{
+    BnStats, EmbeddingSpec, InitFrom, Overrides, Precision, Preset, RunConfig, defaults,
+};
 use crate::dist::Communicator;
 use crate::dist::job::Job;
 use crate::model::Arch;
@@ -131,6 +133,14 @@ pub struct TrainArgs {
     /// of its node when they are not bound to cores].
     #[arg(long, value_parser = threads())]
     pub threads: Option<i32>,
+    /// Start from these weights (a run's model.safetensors or a checkpoint's) instead of the
+    /// seed's initialisation; every variable must be there with its shape.
+    #[arg(long, value_name = "WEIGHTS")]
+    pub init_from: Option<PathBuf>,
+    /// With --init-from: keep the head (fc, head.*) freshly initialised, e.g. for a dataset
+    /// with other classes.
+    #[arg(long, requires = "init_from")]
+    pub new_head: bool,
     /// Replace a run already in --out.
     #[arg(long)]
     pub force: bool,
@@ -198,6 +208,8 @@ impl TrainArgs {
             seed: pick("seed").then_some(self.seed),
             device: pick("device").then_some(self.device),
             precision: pick("precision").then_some(self.precision),
+            // Resolved with its file's hash in `resolve_config`.
+            init_from: None,
         }
     }
 }
@@ -260,6 +272,15 @@ fn resolve_config(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Res
         .hierarchy
         .map(|h| absolute(&h, "--hierarchy"))
         .transpose()?;
+    if let Some(weights) = &args.init_from {
+        let weights = absolute(weights, "--init-from")?;
+        let xxh3 = crate::run_dir::checkpoint::file_hash(&weights)?;
+        flags.init_from = Some(InitFrom {
+            weights,
+            xxh3,
+            new_head: args.new_head,
+        });
+    }
     if let Some(EmbeddingSpec::File(path)) = &flags.embedding {
         flags.embedding = Some(EmbeddingSpec::File(absolute(path, "--embedding")?));
     }

@@ -94,6 +94,20 @@ pub struct RunConfig {
     /// BatchNorm statistics over the whole job's batch in training (multi-rank runs).
     #[serde(default)]
     pub sync_bn: bool,
+    /// Weights the run starts from instead of the seed's initialisation (`--init-from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
+}
+
+/// `--init-from FILE [--new-head]`: start from saved weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InitFrom {
+    /// A `.safetensors` file (a run's `model.safetensors` or a checkpoint's).
+    pub weights: PathBuf,
+    /// xxh3 of the file: a resume must start from the same weights.
+    pub xxh3: String,
+    /// Keep the seed's initialisation for the head (`fc`, `head.*`), e.g. for other classes.
+    pub new_head: bool,
 }
 
 /// What the user set for a run; `None` leaves a value to the preset, then to the data's source,
@@ -129,6 +143,7 @@ pub struct Overrides {
     pub seed: Option<u64>,
     pub device: Option<DeviceChoice>,
     pub precision: Option<Precision>,
+    pub init_from: Option<InitFrom>,
 }
 
 impl Overrides {
@@ -176,6 +191,7 @@ impl Overrides {
             seed: Some(config.seed),
             device: Some(config.device),
             precision: Some(config.precision),
+            init_from: config.init_from.clone(),
         }
     }
 
@@ -209,6 +225,7 @@ impl Overrides {
             seed: self.seed.or(lower.seed),
             device: self.device.or(lower.device),
             precision: self.precision.or(lower.precision),
+            init_from: self.init_from.or(lower.init_from),
         }
     }
 }
@@ -351,6 +368,7 @@ impl RunConfig {
             device: given.device.unwrap_or(DeviceChoice::Cpu),
             precision: given.precision.unwrap_or(Precision::Fp32),
             sync_bn: given.sync_bn,
+            init_from: given.init_from.clone(),
         })
     }
 }

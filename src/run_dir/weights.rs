@@ -10,7 +10,8 @@ use datasets_prep::Manifest;
 use tch::nn::VarStore;
 
 use super::records::Versions;
-use crate::config::{EmbeddingSpec, RunConfig};
+use crate::config::{EmbeddingSpec, InitFrom, RunConfig};
+use crate::objective::Head;
 
 /// The `format` entry of the metadata; bumped when a key changes meaning.
 pub const METADATA_FORMAT: &str = "cosine-train-weights/1";
@@ -117,3 +118,54 @@ pub fn of_run(run: &Path) -> anyhow::Result<PathBuf> {
         ),
     }
 }
+
+/// Copies `init.weights` into the variables of `vs` (the head's too unless `init.new_head`):
+/// every variable must be in the file with its shape, and the file must be the one hashed when
+/// the run was configured.
+pub fn init_from(vs: &VarStore, init: &InitFrom) -> anyhow::Result<()> {
+    let path = &init.weights;
+    let what = format!("--init-from {}", path.display());
+    let bytes = datasets_prep::bounded::read_limited(path, INIT_LIMIT).context("--init-from")?;
+    let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+    if format!("{hash:016x}") != init.xxh3 {
+        anyhow::bail!("{what}: the file changed since the run was configured (its hash differs)");
+    }
+    let saved: BTreeMap<String, tch::Tensor> = super::checkpoint::from_safetensors(&bytes, &what)?
+        .into_iter()
+        .collect();
+    let mut problems = Vec::new();
+    tch::no_grad(|| {
+        for (name, t) in vs.variables() {
+            if init.new_head && Head::owns(&name) {
+                continue;
+            }
+            match saved.get(&name) {
+                None => problems.push(format!("{name} is missing")),
+                Some(src) if src.size() != t.size() => problems.push(format!(
+                    "{name} is {:?}, the model needs {:?}",
+                    src.size(),
+                    t.size()
+                )),
+                Some(src) => {
+                    t.shallow_clone()
+                        .copy_(&src.to_kind(t.kind()).to_device(t.device()));
+                }
+            }
+        }
+    });
+    if !problems.is_empty() {
+        let hint = if problems.iter().any(|p| Head::owns(p)) && !init.new_head {
+            " (for other classes, add --new-head)"
+        } else {
+            ""
+        };
+        anyhow::bail!(
+            "{what}: does not fit this model: {}{hint}",
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The largest weights file read for `--init-from` (ResNet-50 takes ~100 MB).
+const INIT_LIMIT: u64 = 4 << 30;

@@ -163,6 +163,12 @@ impl<'c> Trainer<'c> {
         }
         let m = &data.manifest;
         let mut net = Network::build(&config, i64::from(m.channels), &m.classes, opts.device)?;
+        if let Some(init) = &config.init_from
+            && dp.is_lead()
+        {
+            // Rank 0's model goes to every rank next.
+            crate::run_dir::weights::init_from(&net.vs, init)?;
+        }
         if opts.channels_last {
             net.use_channels_last();
         }

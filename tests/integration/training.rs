@@ -296,6 +296,74 @@ fn the_run_directory_removes_only_what_a_run_wrote() {
     assert!(has("brain.Event:2") && has("test/top1") && has("train/loss"));
 }
 
+/// `--init-from` starts a new run from saved weights: with a negligible learning rate it
+/// evaluates where the first run ended; weights of another model are refused, naming what does
+/// not fit; `--new-head` keeps the head's fresh initialisation.
+#[test]
+fn a_run_starts_from_saved_weights() {
+    let data = fashion(10);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = [
+        "--arch",
+        "resnet8",
+        "--loss",
+        "ce",
+        "--bn-stats",
+        "precise",
+        "--threads",
+        "1",
+    ];
+    let first = tmp.path().join("first");
+    let o = train(&data, &first, &[&base[..], &["--epochs", "3"]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    let weights = first.join("model.safetensors");
+    let w = weights.to_str().unwrap();
+    let still = [
+        &base[..],
+        &["--epochs", "1", "--lr-max", "1e-9", "--lr-min", "0"],
+    ]
+    .concat();
+    let second = tmp.path().join("second");
+    let o = train(&data, &second, &[&still[..], &["--init-from", w]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    let (a, b) = (metrics(&first), metrics(&second));
+    let (ended, started) = (
+        a[2]["test_top1"].as_f64().unwrap(),
+        b[0]["test_top1"].as_f64().unwrap(),
+    );
+    assert!((ended - started).abs() < 0.01, "{ended} then {started}");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(second.join("config.json")).unwrap())
+            .unwrap();
+    assert!(
+        record["config"]["init_from"]["xxh3"].is_string(),
+        "{record}"
+    );
+
+    let o = train(
+        &data,
+        &tmp.path().join("other"),
+        &["--arch", "resnet20", "--epochs", "1", "--init-from", w],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("does not fit this model"),
+        "{}",
+        show(&o)
+    );
+    let fresh_head = tmp.path().join("fresh-head");
+    let o = train(
+        &data,
+        &fresh_head,
+        &[&still[..], &["--init-from", w, "--new-head"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        metrics(&fresh_head)[0]["test_top1"].as_f64().unwrap() < ended - 0.05,
+        "a fresh head forgets the classes"
+    );
+}
+
 #[test]
 fn bad_options_and_data_are_refused_with_the_valid_choices() {
     let data = fashion(10);
