@@ -18,13 +18,21 @@ use crate::network::Network;
 use crate::run_dir::{self, records, weights};
 use crate::runtime::device::DeviceChoice;
 use crate::train::data_parallel::DataParallel;
-use crate::train::{class_similarity, evaluate};
+use crate::train::{EvalCounts, class_similarity, evaluate};
+use datasets_prep::manifest::ClassInfo;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// Run directory written by `train` (its config.json says how to build the model).
     #[arg(long)]
     pub run: PathBuf,
+    /// Also write per-class test accuracy (class id, name, images, top-1, top-5) to this CSV.
+    #[arg(long, value_name = "CSV")]
+    pub per_class: Option<PathBuf>,
+    /// Also write the confusion matrix (rows: true class, columns: predicted, by class id) to
+    /// this CSV.
+    #[arg(long, value_name = "CSV")]
+    pub confusion: Option<PathBuf>,
     /// Weights to evaluate [default: RUN/model.safetensors].
     #[arg(long)]
     pub weights: Option<PathBuf>,
@@ -102,14 +110,26 @@ pub fn evaluate_run(
         m.classes.len(),
         device,
         similarity.as_deref(),
+        args.confusion.is_some(),
         &dp,
     )?;
+    if comm.rank() == 0 {
+        if let Some(path) = &args.per_class {
+            datasets_prep::atomic::write_file(path, per_class_csv(&counts, &m.classes).as_bytes())
+                .context("--per-class")?;
+        }
+        if let (Some(path), Some(matrix)) = (&args.confusion, &counts.confusion) {
+            let text = confusion_csv(matrix, &m.classes);
+            datasets_prep::atomic::write_file(path, text.as_bytes()).context("--confusion")?;
+        }
+    }
     let mut report = json!({
         "weights": weights.display().to_string(),
         "data": config.data.display().to_string(),
         "test_images": counts.total.iter().sum::<u64>(),
         "correct": counts.correct.iter().sum::<u64>(),
         "test_top1": counts.top1(),
+        "test_top5": counts.top5(),
         "test_balanced": counts.balanced(),
         "world_size": comm.size(),
     });
@@ -120,4 +140,41 @@ pub fn evaluate_run(
         report["test_embedding_top1"] = json!(e);
     }
     Ok(report)
+}
+
+/// A CSV field, quoted when it holds a comma, quote or line break.
+fn field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+fn per_class_csv(c: &EvalCounts, classes: &[ClassInfo]) -> String {
+    let mut out = String::from("class_id,class_name,test_images,correct,top1,top5\n");
+    for (i, class) in classes.iter().enumerate() {
+        let n = c.total[i];
+        let share = |k: u64| if n == 0 { 0.0 } else { k as f64 / n as f64 };
+        out += &format!(
+            "{},{},{n},{},{:.6},{:.6}\n",
+            field(&class.id),
+            field(&class.name),
+            c.correct[i],
+            share(c.correct[i]),
+            share(c.top5_correct[i])
+        );
+    }
+    out
+}
+
+fn confusion_csv(matrix: &[u64], classes: &[ClassInfo]) -> String {
+    let ids: Vec<String> = classes.iter().map(|c| field(&c.id)).collect();
+    let mut out = format!("true\\predicted,{}\n", ids.join(","));
+    for (i, id) in ids.iter().enumerate() {
+        let row = &matrix[i * classes.len()..(i + 1) * classes.len()];
+        let cells: Vec<String> = row.iter().map(u64::to_string).collect();
+        out += &format!("{id},{}\n", cells.join(","));
+    }
+    out
 }

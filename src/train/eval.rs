@@ -24,6 +24,10 @@ pub struct EvalCounts {
     pub embedding_correct: Option<Vec<u64>>,
     /// With a hierarchy: the sum over samples of S[prediction][truth].
     pub hierarchical_sum: Option<f64>,
+    /// Per class: samples whose class is among the 5 best scores.
+    pub top5_correct: Vec<u64>,
+    /// When asked for: counts by (true class, predicted class), row-major C x C.
+    pub confusion: Option<Vec<u64>>,
 }
 
 impl EvalCounts {
@@ -49,6 +53,9 @@ impl EvalCounts {
         let n: u64 = self.total.iter().sum();
         self.hierarchical_sum
             .map(|s| if n == 0 { 0.0 } else { s / n as f64 })
+    }
+    pub fn top5(&self) -> f64 {
+        ratio(self.top5_correct.iter().sum(), self.total.iter().sum())
     }
     pub fn embedding_top1(&self) -> Option<f64> {
         self.embedding_correct
@@ -98,7 +105,8 @@ pub fn class_similarity(
 
 /// Evaluates on the test split, in order, without augmentation; this rank takes its contiguous
 /// share and the counts of all ranks are summed. `similarity` (C x C) adds the hierarchical
-/// accuracy.
+/// accuracy; `confusion` the C x C counts of (truth, prediction).
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     net: &Network,
     loader: &LoaderSpec,
@@ -106,6 +114,7 @@ pub fn evaluate(
     classes: usize,
     device: Device,
     similarity: Option<&[f64]>,
+    confusion: bool,
     dp: &DataParallel,
 ) -> anyhow::Result<EvalCounts> {
     let n = loader.shards.split(Split::Test).len();
@@ -114,6 +123,9 @@ pub fn evaluate(
     let mut correct = vec![0u64; classes];
     let mut embedding_correct: Option<Vec<u64>> = None;
     let mut hierarchical_sum = 0f64;
+    let mut top5 = vec![0u64; classes];
+    let mut matrix = confusion.then(|| vec![0u64; classes * classes]);
+    let k = classes.min(5) as i64;
     tch::no_grad(|| -> anyhow::Result<()> {
         for b in loader.start(0, mine.collect(), batch, false) {
             let b = b?;
@@ -124,10 +136,17 @@ pub fn evaluate(
             let embedding_pred = embedding_pred
                 .map(|p| Vec::<i64>::try_from(p.to_device(Device::Cpu)))
                 .transpose()?;
+            let best = net.head.scores(&out).topk(k, 1, true, true).1;
+            let best = Vec::<i64>::try_from(best.to_device(Device::Cpu).reshape([-1]))?;
             for (k, &y) in labels.iter().enumerate() {
                 let y = y as usize;
                 total[y] += 1;
                 correct[y] += u64::from(pred[k] == y as i64);
+                let row = &best[k * classes.min(5)..(k + 1) * classes.min(5)];
+                top5[y] += u64::from(row.contains(&(y as i64)));
+                if let Some(m) = matrix.as_mut() {
+                    m[y * classes + pred[k] as usize] += 1;
+                }
                 if let Some(s) = similarity {
                     hierarchical_sum += s[pred[k] as usize * classes + y];
                 }
@@ -145,6 +164,8 @@ pub fn evaluate(
             correct,
             embedding_correct,
             hierarchical_sum: similarity.map(|_| hierarchical_sum),
+            top5_correct: top5,
+            confusion: matrix,
         });
     }
     // One all-reduce: totals, corrects, embedding corrects (+ whether there are any), the
@@ -159,9 +180,19 @@ pub fn evaluate(
         .collect();
     packed.push(f64::from(u8::from(has_embedding)));
     packed.push(hierarchical_sum);
+    packed.extend(top5.iter().map(|&c| c as f64));
+    if let Some(m) = &matrix {
+        packed.extend(m.iter().map(|&c| c as f64));
+    }
     dp.sum_f64(&mut packed, "summing evaluation counts")?;
     let count = |i: usize| packed[i].round() as u64;
+    let top5_at = 3 * classes + 2;
     Ok(EvalCounts {
+        top5_correct: (top5_at..top5_at + classes).map(count).collect(),
+        confusion: matrix.map(|m| {
+            let at = top5_at + classes;
+            (at..at + m.len()).map(count).collect()
+        }),
         total: (0..classes).map(count).collect(),
         correct: (classes..2 * classes).map(count).collect(),
         embedding_correct: (packed[3 * classes] > 0.0)

@@ -445,6 +445,7 @@ impl<'c> Trainer<'c> {
             self.data.manifest.classes.len(),
             self.opts.device,
             self.data.similarity.as_deref(),
+            false,
             &self.dp,
         )?;
         self.at.evaluated(counts.top1());

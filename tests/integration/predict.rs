@@ -1,6 +1,7 @@
 //! `cosine-train predict` on image files: the same preprocessing as evaluation (the pack's
 //! resize, the centre crop, the normalisation), so that its top-1 over the test images of a
-//! folder dataset is exactly what `eval` counts; and self-describing weights.
+//! folder dataset is exactly what `eval` counts; eval's per-class table and confusion matrix;
+//! self-describing weights.
 
 use std::path::Path;
 use std::time::Duration;
@@ -58,14 +59,41 @@ fn predict_agrees_with_eval_on_every_test_image_and_weights_describe_themselves(
     );
     assert!(o.status.success(), "{}", show(&o));
 
+    let (per_class, confusion) = (tmp.path().join("pc.csv"), tmp.path().join("cm.csv"));
     let o = run(
         cosine_train()
             .args(["eval", "--threads", "2", "--run"])
-            .arg(&out),
+            .arg(&out)
+            .arg("--per-class")
+            .arg(&per_class)
+            .arg("--confusion")
+            .arg(&confusion),
         LIMIT,
     );
     assert!(o.status.success(), "{}", show(&o));
     let eval: Value = serde_json::from_slice(&o.stdout).unwrap();
+    // Per-class rows and the confusion matrix add up to the totals; top-5 >= top-1.
+    let rows: Vec<Vec<String>> = std::fs::read_to_string(&per_class)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').map(String::from).collect())
+        .collect();
+    assert_eq!(rows.len(), 10);
+    let cells: Vec<Vec<u64>> = std::fs::read_to_string(&confusion)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').skip(1).map(|c| c.parse().unwrap()).collect())
+        .collect();
+    let mut diagonal = 0;
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(cells[i].iter().sum::<u64>(), row[2].parse::<u64>().unwrap());
+        assert_eq!(cells[i][i], row[3].parse::<u64>().unwrap());
+        diagonal += cells[i][i];
+    }
+    assert_eq!(diagonal, eval["correct"].as_u64().unwrap());
+    assert!(eval["test_top5"].as_f64().unwrap() >= eval["test_top1"].as_f64().unwrap());
     let o = run(
         cosine_train()
             .args([
