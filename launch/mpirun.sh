@@ -56,9 +56,11 @@ case "$np" in
   ''|*[!0-9]*|0) echo "launch/mpirun.sh: -n N: expected a positive number of ranks, got '${np}'" >&2; exit 2 ;;
 esac
 
+bin="${COSINE_TRAIN:-$repo/target/release/cosine-train}"
+# The environment of this binary: the libtorch it was linked with, not the first one found.
+export COSINE_ENV_FOR="$bin"
 # shellcheck source=launch/env.sh
 source "$repo/launch/env.sh"
-bin="${COSINE_TRAIN:-$repo/target/release/cosine-train}"
 if [ "$dry" = 0 ] && [ ! -x "$bin" ]; then
   echo "launch/mpirun.sh: $bin is missing; run 'make build' (or set COSINE_TRAIN)" >&2
   exit 1

@@ -38,9 +38,11 @@ if [ -z "${SLURM_JOB_ID:-}" ] || ! command -v srun >/dev/null 2>&1; then
   exit 2
 fi
 repo="${COSINE_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
+bin="${COSINE_TRAIN:-$repo/target/release/cosine-train}"
+# The environment of this binary: the libtorch it was linked with, not the first one found.
+export COSINE_ENV_FOR="$bin"
 # shellcheck source=launch/env.sh
 source "$repo/launch/env.sh"
-bin="${COSINE_TRAIN:-$repo/target/release/cosine-train}"
 if [ ! -x "$bin" ]; then
   echo "sbatch.sh: $bin is missing; build with 'make build' in $repo or set COSINE_TRAIN" >&2
   exit 1

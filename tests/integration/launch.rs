@@ -204,3 +204,39 @@ fn launch_scripts_answer_help_with_status_0_and_sbatch_outside_slurm_with_2() {
         show(&o)
     );
 }
+
+/// At launch, `env.sh` takes the libtorch the binary was linked with (its RUNPATH), not the
+/// first install it finds: a CUDA build must not be started on the CPU libtorch.
+#[test]
+fn env_sh_follows_the_binarys_own_libtorch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("torch-cuda/torch/lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::write(lib.join("libtorch_cpu.so"), b"").unwrap();
+    let src = tmp.path().join("main.c");
+    std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+    let bin = tmp.path().join("linked");
+    let o = run(
+        Command::new("cc")
+            .arg(&src)
+            .arg("-o")
+            .arg(&bin)
+            .arg(format!("-Wl,--enable-new-dtags,-rpath,{}", lib.display())),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let o = run(
+        Command::new("bash")
+            .arg("-c")
+            .arg("unset LIBTORCH; source launch/env.sh; echo \"$LIBTORCH\"")
+            .current_dir(repo_root())
+            .env("COSINE_ENV_FOR", &bin),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let found = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(
+        std::fs::canonicalize(found).unwrap(),
+        std::fs::canonicalize(lib.parent().unwrap()).unwrap()
+    );
+}
