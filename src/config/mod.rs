@@ -236,6 +236,15 @@ impl Overrides {
 pub enum ConfigError {
     #[error("--lr-max {max} / --lr-min {min}: expected 0 <= lr-min <= lr-max and lr-max > 0")]
     LearningRates { max: f64, min: f64 },
+    #[error(
+        "--preset {preset} is for data packed from source {wanted}, but this data was packed \
+         from {found}"
+    )]
+    WrongData {
+        preset: String,
+        wanted: String,
+        found: String,
+    },
     #[error("--{option} {value}: expected {expected}")]
     OutOfRange {
         option: &'static str,
@@ -271,6 +280,15 @@ impl RunConfig {
         source: Option<&Source>,
     ) -> Result<RunConfig, ConfigError> {
         let preset = given.preset.as_ref();
+        if let (Some(p), Some(s)) = (preset, source)
+            && !p.fits(s)
+        {
+            return Err(ConfigError::WrongData {
+                preset: p.name.clone(),
+                wanted: p.source.to_string(),
+                found: s.to_string(),
+            });
+        }
         let arch = given
             .arch
             .or(preset.map(|p| p.arch))
@@ -316,7 +334,10 @@ impl RunConfig {
             .or(preset.map(|p| p.batch_size))
             .unwrap_or(defaults::BATCH_SIZE);
         check(batch_size >= 1, "batch-size", batch_size, "at least 1")?;
-        let label_smoothing = given.label_smoothing.unwrap_or(defaults::LABEL_SMOOTHING);
+        let label_smoothing = given
+            .label_smoothing
+            .or(preset.and_then(|p| p.label_smoothing))
+            .unwrap_or(defaults::LABEL_SMOOTHING);
         check(
             (0.0..1.0).contains(&label_smoothing),
             "label-smoothing",
@@ -426,10 +447,25 @@ mod tests {
             batch_size: Some(32),
             ..Default::default()
         };
-        let c = RunConfig::resolve(data, &given, Some(&Source::Idx)).unwrap();
+        let c = RunConfig::resolve(data, &given, Some(&Source::Cub)).unwrap();
         assert_eq!((c.arch, c.epochs, c.batch_size), (Arch::ResNet50, 372, 32));
         assert_eq!(c.schedule.max_lr(), 0.05);
         assert_eq!(c.augment.crop, Some(448));
+    }
+
+    #[test]
+    fn a_preset_refuses_data_of_another_source() {
+        let given = Overrides {
+            preset: Some("paper-cub-ce-ls".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = RunConfig::resolve(Path::new("d"), &given, Some(&Source::Cifar100))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("for data packed from source cub"), "{err}");
+        let sub = Source::CubSub("5".into());
+        let c = RunConfig::resolve(Path::new("d"), &given, Some(&sub)).unwrap();
+        assert_eq!(c.objective.label_smoothing, defaults::LABEL_SMOOTHING);
     }
 
     #[test]
@@ -464,14 +500,17 @@ mod tests {
 
     #[test]
     fn a_config_resolves_back_from_its_own_values() {
-        for preset in ["paper-cub-cosine", "paper-cifar100-ce-ls"] {
+        for (preset, source) in [
+            ("paper-cub-cosine", Source::Cub),
+            ("paper-cifar100-ce-ls", Source::Cifar100),
+        ] {
             let given = Overrides {
                 preset: Some(preset.parse().unwrap()),
                 sync_bn: true,
                 clip_norm: Some(2.0),
                 ..Default::default()
             };
-            let c = RunConfig::resolve(Path::new("d"), &given, Some(&Source::Cub)).unwrap();
+            let c = RunConfig::resolve(Path::new("d"), &given, Some(&source)).unwrap();
             let back =
                 RunConfig::resolve(Path::new("d"), &Overrides::from_config(&c), None).unwrap();
             assert_eq!(back, c, "{preset}");

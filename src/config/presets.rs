@@ -93,9 +93,21 @@ pub struct Preset {
     pub arch: Arch,
     pub loss: LossKind,
     pub lr_max: f64,
+    /// ce-ls: the paper's smoothing, set by the preset itself (not left to a default).
+    pub label_smoothing: Option<f64>,
     pub batch_size: usize,
     pub epochs: usize,
     pub augment: AugmentConfig,
+}
+
+impl Preset {
+    /// Whether data packed from `source` is what this preset is for (CUB-subX counts as CUB).
+    pub fn fits(&self, source: &Source) -> bool {
+        match (&self.source, source) {
+            (Source::Cub, Source::CubSub(_)) => true,
+            (a, b) => a == b,
+        }
+    }
 }
 
 /// A name that is no preset.
@@ -128,6 +140,7 @@ impl FromStr for Preset {
             arch: d.arch,
             loss,
             lr_max: d.lr[k],
+            label_smoothing: (loss == LossKind::CeLs).then_some(defaults::LABEL_SMOOTHING),
             batch_size: d.batch,
             epochs: defaults::PAPER_EPOCHS,
             augment: defaults::augment_for(Some(&d.source)),
