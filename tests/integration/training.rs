@@ -399,6 +399,10 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
         (&["--shift", "0.9"][..], "--shift 0.9"),
         (&["--sgdr-base", "0"][..], "--sgdr-base 0"),
         (&["--crop", "100000"][..], "--crop 100000"),
+        (
+            &["--preset", "paper-cub-ce"][..],
+            "is for data packed from source cub, but this data was packed from idx",
+        ),
     ] {
         let o = train(&data, &out, args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", show(&o));
