@@ -51,6 +51,34 @@ fn with_fault(np: usize, out: &Path, fault: &str, extra: &[&str]) -> Output {
     run(&mut cmd, Duration::from_secs(300))
 }
 
+/// A one-rank run into `out`, sent `signal` from outside once its first checkpoint (step 5)
+/// exists; its output once it has exited.
+fn signalled_after_first_checkpoint(out: &Path, signal: i32) -> Output {
+    let child = Command::new(cosine_train_path())
+        .arg("train")
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(out)
+        .args(["--threads", "1", "--workers", "1"])
+        .args(RUN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !out.join("checkpoints/step-000000000005").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    child.wait_with_output().unwrap()
+}
+
 /// The run directory `out` ends like `reference`: the same metrics (wall-clock fields aside)
 /// and bit-identical final weights.
 fn assert_same_run(out: &Path, reference: &Path) {
@@ -118,29 +146,7 @@ fn sigterm_checkpoints_exits_75_and_resume_completes_identically() {
 
     // A real signal, from outside, once the first checkpoint exists.
     let out = tmp.path().join("terminated");
-    let child = Command::new(cosine_train_path())
-        .arg("train")
-        .arg("--data")
-        .arg(data())
-        .arg("--out")
-        .arg(&out)
-        .args(["--threads", "1", "--workers", "1"])
-        .args(RUN)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !out.join("checkpoints/step-000000000005").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let o = child.wait_with_output().unwrap();
+    let o = signalled_after_first_checkpoint(&out, libc::SIGTERM);
     assert_eq!(o.status.code(), Some(75), "{}", show(&o));
     assert!(stderr(&o).contains("stopped by SIGTERM"), "{}", show(&o));
     let o = train_ranks(
@@ -194,29 +200,7 @@ fn ctrl_c_checkpoints_and_the_run_resumes_and_extends_from_its_directory_alone()
     assert!(o.status.success(), "{}", show(&o));
 
     let out = tmp.path().join("interrupted");
-    let child = Command::new(cosine_train_path())
-        .arg("train")
-        .arg("--data")
-        .arg(data())
-        .arg("--out")
-        .arg(&out)
-        .args(["--threads", "1", "--workers", "1"])
-        .args(RUN)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !out.join("checkpoints/step-000000000005").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let o = child.wait_with_output().unwrap();
+    let o = signalled_after_first_checkpoint(&out, libc::SIGINT);
     assert_eq!(o.status.code(), Some(130), "{}", show(&o));
     assert_eq!(
         stderr(&o).matches("stopped by SIGINT").count(),
