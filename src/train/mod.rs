@@ -15,7 +15,7 @@ pub mod progress;
 pub mod resume;
 pub mod step;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -90,6 +90,7 @@ impl RunData {
                 config.data.display()
             )
         })?);
+        check_image_sizes(&shards, config.augment.crop, &config.data)?;
         let manifest = shards.manifest().clone();
         let loader = |split| {
             LoaderSpec::new(
@@ -118,6 +119,42 @@ impl RunData {
     fn train_images(&self) -> usize {
         self.manifest.train.count as usize
     }
+}
+
+/// Refuses data that batches cannot be made of before anything trains: images of different
+/// sizes without `--crop`, or a crop larger than a stored image (it would be padded silently).
+fn check_image_sizes(shards: &ShardDir, crop: Option<u32>, data: &Path) -> anyhow::Result<()> {
+    let data = data.display();
+    let mut first: Option<(u32, u32)> = None;
+    for split in [Split::Train, Split::Test] {
+        let reader = shards.split(split);
+        for i in 0..reader.len() {
+            let r = reader.record(i)?;
+            let size = (r.height, r.width);
+            match crop {
+                Some(c) if r.height < c || r.width < c => anyhow::bail!(
+                    "--crop {c}: {} record {i} of {data} is only {}x{} pixels; pack with \
+                     --short-side {c} or more, or lower --crop",
+                    split.name(),
+                    r.height,
+                    r.width
+                ),
+                Some(_) => {}
+                None => match first {
+                    None => first = Some(size),
+                    Some((h, w)) if (h, w) != size => anyhow::bail!(
+                        "{data}: images of different sizes ({} record {i} is {}x{}, the first \
+                         is {h}x{w}) need --crop N (a square crop) or a pack with --short-side",
+                        split.name(),
+                        r.height,
+                        r.width
+                    ),
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One rank's training run.

@@ -468,6 +468,15 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
         show(&o)
     );
 
+    // A crop larger than the stored images is refused before training, not padded.
+    let o = train(&data, &out, &["--crop", "40", "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("--crop 40: train record 0 of") && stderr(&o).contains("28x28"),
+        "{}",
+        show(&o)
+    );
+
     // A damaged shard directory stops before training.
     let broken = tmp.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
