@@ -80,10 +80,15 @@ pub struct Head {
     config: ObjectiveConfig,
     fc: nn::Linear,
     cls: Option<(BatchNorm, nn::Linear)>,
-    /// Class embeddings psi, (C, D), unit rows (cosine objectives).
+    /// Class embeddings psi, (C, D), rows as stored (cosine objectives).
     class_embedding: Option<Tensor>,
+    /// psi is not the identity: accuracy by the reference's `max_sim_acc` rule.
+    semantic: bool,
     classes: i64,
 }
+
+/// The reference's tolerance for a semantic embedding's best dot product (`nn_accuracy`).
+pub const MAX_SIM_TOLERANCE: f64 = 1e-6;
 
 /// x / sqrt(max(sum x^2, 1e-12)) along the last axis, as `tf.nn.l2_normalize`.
 pub fn l2_normalize(x: &Tensor) -> Tensor {
@@ -114,11 +119,17 @@ impl Head {
                 linear(&p / "fc", out, classes),
             )
         });
+        let class_embedding = class_embedding.filter(|_| config.loss.uses_embedding());
+        let semantic = class_embedding.as_ref().is_some_and(|e| {
+            let eye = Tensor::eye(e.size()[0], (e.kind(), e.device()));
+            e.size() != eye.size() || !bool::try_from(e.eq_tensor(&eye).all()).unwrap_or(false)
+        });
         Head {
             config,
             fc,
             cls,
-            class_embedding: class_embedding.filter(|_| config.loss.uses_embedding()),
+            class_embedding,
+            semantic,
             classes,
         }
     }
@@ -219,6 +230,20 @@ impl Head {
         }
     }
 
+    /// Which samples count as correct (N, bool) for the main prediction: the predicted class is
+    /// the label; for the cosine loss with a semantic embedding, as the reference's
+    /// `max_sim_acc`, the label's dot product is within 1e-6 of the best (ties count).
+    pub fn hits(&self, out: &HeadOutput, predicted: &Tensor, labels: &Tensor) -> Tensor {
+        if self.config.loss == LossKind::Cosine && self.semantic {
+            let scores = self.scores(out);
+            let best = scores.amax([1i64].as_slice(), false);
+            let at_label = scores.gather(1, &labels.unsqueeze(1), false).squeeze_dim(1);
+            (best - at_label).lt(MAX_SIM_TOLERANCE)
+        } else {
+            predicted.eq_tensor(labels)
+        }
+    }
+
     /// Per-class scores (N, C) whose argmax is [`Head::predict`]'s main prediction: softmax
     /// probabilities for the cross-entropy heads (cosine+CE: its classification head's), the
     /// cosine similarity to each class embedding for the cosine loss.
@@ -290,4 +315,43 @@ pub fn keras_clipped_ce(logits: &Tensor, targets: &Tensor) -> Tensor {
     -(p.log() * targets)
         .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
         .mean(Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cosine_head(psi: Tensor) -> Head {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let config = ObjectiveConfig {
+            loss: LossKind::Cosine,
+            label_smoothing: 0.0,
+            cls_weight: 0.0,
+            keras_ce_clip: false,
+        };
+        Head::new(&vs.root(), config, 4, 2, Some(psi))
+    }
+
+    /// A semantic embedding counts a sample correct when its class's dot product is within
+    /// 1e-6 of the best (ties count, as the reference's max_sim_acc); one-hot takes the argmax.
+    #[test]
+    fn semantic_ties_count_as_correct_and_rows_stay_as_stored() {
+        let same = Tensor::from_slice(&[0.6f32, 0.8, 0.6, 0.8]).view([2, 2]);
+        let head = cosine_head(same);
+        let out = HeadOutput {
+            primary: Tensor::from_slice(&[1f32, 0.0]).view([1, 2]),
+            cls_logits: None,
+        };
+        let labels = Tensor::from_slice(&[1i64]);
+        let (pred, _) = head.predict(&out);
+        assert_eq!(i64::try_from(&pred).unwrap(), 0, "argmax takes the first");
+        assert!(bool::try_from(head.hits(&out, &pred, &labels).all()).unwrap());
+        let onehot = cosine_head(Tensor::eye(2, (Kind::Float, tch::Device::Cpu)));
+        let tie = HeadOutput {
+            primary: Tensor::from_slice(&[0.5f32, 0.5]).view([1, 2]),
+            cls_logits: None,
+        };
+        let (pred, _) = onehot.predict(&tie);
+        assert!(!bool::try_from(onehot.hits(&tie, &pred, &labels).all()).unwrap());
+    }
 }

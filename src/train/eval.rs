@@ -131,6 +131,9 @@ pub fn evaluate(
             let b = b?;
             let out = net.forward_t(&b.to_device(device).0, false);
             let (pred, embedding_pred) = net.head.predict(&out);
+            let on_device = b.labels.to_device(pred.device());
+            let hits = net.head.hits(&out, &pred, &on_device);
+            let hits = Vec::<bool>::try_from(hits.to_device(Device::Cpu))?;
             let labels = Vec::<i64>::try_from(&b.labels)?;
             let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
             let embedding_pred = embedding_pred
@@ -141,7 +144,7 @@ pub fn evaluate(
             for (k, &y) in labels.iter().enumerate() {
                 let y = y as usize;
                 total[y] += 1;
-                correct[y] += u64::from(pred[k] == y as i64);
+                correct[y] += u64::from(hits[k]);
                 let row = &best[k * classes.min(5)..(k + 1) * classes.min(5)];
                 top5[y] += u64::from(row.contains(&(y as i64)));
                 if let Some(m) = matrix.as_mut() {
