@@ -97,9 +97,10 @@ pub struct TrainArgs {
     pub eval_every: usize,
     /// BatchNorm statistics for evaluation: ema (the reference's bias-corrected moving average)
     /// or precise (recomputed over the un-augmented training images before each evaluation;
-    /// better when a run has few steps, cheap on small datasets).
-    #[arg(long, value_parser = choice::<BnStats>(), default_value = "ema")]
-    pub bn_stats: BnStats,
+    /// the moving average lags a network that changes fast, so short runs evaluate poorly with
+    /// it) [default: precise for runs of fewer than 10,000 steps, else ema; presets: ema].
+    #[arg(long, value_parser = choice::<BnStats>())]
+    pub bn_stats: Option<BnStats>,
     /// Synchronised BatchNorm: in training, normalise with the statistics of the whole global
     /// batch instead of each rank's share (for tiny per-rank batches; costs one small all-reduce
     /// per BatchNorm per step; no effect on one rank).
@@ -201,7 +202,7 @@ impl TrainArgs {
             erase_prob: self.erase_prob,
             shift: self.shift,
             eval_every: pick("eval_every").then_some(self.eval_every),
-            bn_stats: pick("bn_stats").then_some(self.bn_stats),
+            bn_stats: self.bn_stats,
             sync_bn: self.sync_bn,
             hierarchy: self.hierarchy.clone(),
             hierarchy_is_a: self.hierarchy_is_a,
@@ -290,16 +291,24 @@ fn resolve_config(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Res
     {
         flags = flags.or(Overrides::from_config(stored));
     }
-    let source = {
+    let (source, train_images) = {
         let shards = datasets_prep::ShardDir::open(&data).with_context(|| {
             format!(
                 "--data {}: not a usable shard directory (pack one with `datasets-prep pack`)",
                 data.display()
             )
         })?;
-        shards.manifest().source.parse::<Source>().ok()
+        (
+            shards.manifest().source.parse::<Source>().ok(),
+            shards.manifest().train.count,
+        )
     };
-    Ok(RunConfig::resolve(&data, &flags, source.as_ref())?)
+    Ok(RunConfig::resolve_for(
+        &data,
+        &flags,
+        source.as_ref(),
+        Some(train_images),
+    )?)
 }
 
 /// `path` made absolute and canonical; an error names the option.

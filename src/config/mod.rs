@@ -279,6 +279,18 @@ impl RunConfig {
         given: &Overrides,
         source: Option<&Source>,
     ) -> Result<RunConfig, ConfigError> {
+        Self::resolve_for(data, given, source, None)
+    }
+
+    /// [`RunConfig::resolve`] for data of `train_images` training images, which chooses the
+    /// BatchNorm statistics when none are given: precise for short runs (see
+    /// [`defaults::bn_stats_for`]); without the count, or with a preset, the reference's ema.
+    pub fn resolve_for(
+        data: &Path,
+        given: &Overrides,
+        source: Option<&Source>,
+        train_images: Option<u64>,
+    ) -> Result<RunConfig, ConfigError> {
         let preset = given.preset.as_ref();
         if let (Some(p), Some(s)) = (preset, source)
             && !p.fits(s)
@@ -382,7 +394,14 @@ impl RunConfig {
             clip_norm: (clip_norm > 0.0).then_some(clip_norm),
             augment: resolve_augment(given, preset, source)?,
             eval_every,
-            bn_stats: given.bn_stats.unwrap_or(BnStats::Ema),
+            bn_stats: given
+                .bn_stats
+                .unwrap_or_else(|| match (preset, train_images) {
+                    (None, Some(n)) => {
+                        defaults::bn_stats_for(epochs as u64 * (n.div_ceil(batch_size as u64)))
+                    }
+                    _ => BnStats::Ema,
+                }),
             hierarchy: given.hierarchy.clone(),
             hierarchy_is_a: given.hierarchy_is_a,
             seed: given.seed.unwrap_or(defaults::SEED),
@@ -451,6 +470,28 @@ mod tests {
         assert_eq!((c.arch, c.epochs, c.batch_size), (Arch::ResNet50, 372, 32));
         assert_eq!(c.schedule.max_lr(), 0.05);
         assert_eq!(c.augment.crop, Some(448));
+    }
+
+    #[test]
+    fn short_runs_default_to_precise_batchnorm_statistics() {
+        let d = Path::new("d");
+        let plain = Overrides::default();
+        let short = RunConfig::resolve_for(d, &plain, None, Some(200)).unwrap();
+        assert_eq!(short.bn_stats, BnStats::Precise, "36 epochs x 2 steps");
+        let long = RunConfig::resolve_for(d, &plain, None, Some(1_000_000)).unwrap();
+        assert_eq!(long.bn_stats, BnStats::Ema, "36 x 10,000 steps");
+        let paper = Overrides {
+            preset: Some("paper-cub-ce".parse().unwrap()),
+            ..Default::default()
+        };
+        let p = RunConfig::resolve_for(d, &paper, Some(&Source::Cub), Some(200)).unwrap();
+        assert_eq!(p.bn_stats, BnStats::Ema, "presets keep the reference's");
+        let chosen = Overrides {
+            bn_stats: Some(BnStats::Ema),
+            ..Default::default()
+        };
+        let c = RunConfig::resolve_for(d, &chosen, None, Some(200)).unwrap();
+        assert_eq!(c.bn_stats, BnStats::Ema);
     }
 
     #[test]
