@@ -472,4 +472,27 @@ mod tests {
             assert!(format!("{err:#}").contains("state.json"), "{err:#}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// Random bytes as state.json, and random file lists in an otherwise valid one, are
+        /// errors, never panics or reads outside the checkpoint.
+        #[test]
+        fn state_json_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            name in "[a-z./]{0,12}",
+            size in 0u64..1_000_000,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let ck = dir.path().join("step-000000000001");
+            std::fs::create_dir_all(&ck).unwrap();
+            std::fs::write(ck.join(STATE), &bytes).unwrap();
+            let _ = load(&ck);
+            let listed = format!(
+                "{{\"format\":1,\"files\":{{\"{name}\":{{\"bytes\":{size},\"xxh3\":\"0\"}}}}}}"
+            );
+            std::fs::write(ck.join(STATE), listed).unwrap();
+            proptest::prop_assert!(load(&ck).is_err());
+        }
+    }
 }
