@@ -15,6 +15,7 @@ use crate::data::loader::LoaderSpec;
 use crate::dist::Communicator;
 use crate::dist::job::Job;
 use crate::network::Network;
+use crate::report::csv_field;
 use crate::run_dir::{self, records, weights};
 use crate::runtime::device::DeviceChoice;
 use crate::train::data_parallel::DataParallel;
@@ -142,15 +143,6 @@ pub fn evaluate_run(
     Ok(report)
 }
 
-/// A CSV field, quoted when it holds a comma, quote or line break.
-fn field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
-    }
-}
-
 fn per_class_csv(c: &EvalCounts, classes: &[ClassInfo]) -> String {
     let mut out = String::from("class_id,class_name,test_images,correct,top1,top5\n");
     for (i, class) in classes.iter().enumerate() {
@@ -158,8 +150,8 @@ fn per_class_csv(c: &EvalCounts, classes: &[ClassInfo]) -> String {
         let share = |k: u64| if n == 0 { 0.0 } else { k as f64 / n as f64 };
         out += &format!(
             "{},{},{n},{},{:.6},{:.6}\n",
-            field(&class.id),
-            field(&class.name),
+            csv_field(&class.id),
+            csv_field(&class.name),
             c.correct[i],
             share(c.correct[i]),
             share(c.top5_correct[i])
@@ -169,7 +161,7 @@ fn per_class_csv(c: &EvalCounts, classes: &[ClassInfo]) -> String {
 }
 
 fn confusion_csv(matrix: &[u64], classes: &[ClassInfo]) -> String {
-    let ids: Vec<String> = classes.iter().map(|c| field(&c.id)).collect();
+    let ids: Vec<String> = classes.iter().map(|c| csv_field(&c.id)).collect();
     let mut out = format!("true\\predicted,{}\n", ids.join(","));
     for (i, id) in ids.iter().enumerate() {
         let row = &matrix[i * classes.len()..(i + 1) * classes.len()];

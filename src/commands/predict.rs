@@ -18,6 +18,7 @@ use crate::choice::Choice;
 use crate::data::augment::{self, Normalize, Source};
 use crate::model::layers::Pass;
 use crate::network::Network;
+use crate::report::csv_field;
 use crate::run_dir::{records, weights};
 use crate::runtime::device::DeviceChoice;
 
@@ -180,12 +181,12 @@ struct Preprocess {
 
 impl Preprocess {
     fn new(m: &Manifest, augment: augment::AugmentConfig) -> Self {
+        let (mean, std) = crate::data::loader::normalization(m);
         Preprocess {
             channels: usize::from(m.channels),
             short_side: m.resize.short_side,
-            mean: m.train_mean.iter().map(|&v| v as f32).collect(),
-            // As the loader: a channel without variation would divide by zero.
-            std: m.train_std.iter().map(|&v| (v as f32).max(1e-3)).collect(),
+            mean,
+            std,
             augment,
             pool: BufferPool::new(0),
         }
@@ -296,13 +297,4 @@ fn print_one(
         }
     }
     Ok(())
-}
-
-/// A CSV field, quoted when it holds a comma, quote or line break.
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_string()
-    }
 }

@@ -67,6 +67,14 @@ pub struct EpochBatches {
     total: usize,
 }
 
+/// The data's normalisation: the training split's per-channel mean and std (0-255 values).
+pub fn normalization(m: &datasets_prep::Manifest) -> (Vec<f32>, Vec<f32>) {
+    let mean = m.train_mean.iter().map(|&v| v as f32).collect();
+    // A channel without variation (a constant image border) would divide by zero.
+    let std = m.train_std.iter().map(|&v| (v as f32).max(1e-3)).collect();
+    (mean, std)
+}
+
 impl LoaderSpec {
     /// The loader of `split` of `shards`: the data's own normalisation (train-split mean and
     /// std), `channels` as stored, `workers` threads with two batches each buffered, and
@@ -80,11 +88,11 @@ impl LoaderSpec {
         device: tch::Device,
     ) -> Self {
         let m = shards.manifest();
+        let (mean, std) = normalization(m);
         LoaderSpec {
             channels: usize::from(m.channels),
-            mean: m.train_mean.iter().map(|&v| v as f32).collect(),
-            // A channel without variation (a constant image border) would divide by zero.
-            std: m.train_std.iter().map(|&v| (v as f32).max(1e-3)).collect(),
+            mean,
+            std,
             shards,
             split,
             augment,

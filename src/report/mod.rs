@@ -277,15 +277,18 @@ pub fn markdown(runs: &[RunInfo]) -> String {
     out
 }
 
+/// A CSV field (RFC 4180): quoted when it holds a comma, quote or line break.
+pub fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
 /// The same table as CSV (RFC 4180 quoting), accuracies as plain percentages for spreadsheets.
 pub fn csv(runs: &[RunInfo]) -> String {
-    let quote = |s: &str| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.to_string()
-        }
-    };
+    let quote = |s: &str| csv_field(s);
     let header = COLUMNS.map(|c| {
         if c.contains("top-1") || c.contains("balanced") {
             format!("{c} (%)")
