@@ -58,28 +58,6 @@ pub fn save(vs: &VarStore, path: &Path, metadata: BTreeMap<String, String>) -> a
         .with_context(|| format!("{}: cannot write the weights", path.display()))
 }
 
-/// The `__metadata__` table of a weights file (empty for files written without one).
-pub fn read_metadata(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
-    use std::io::Read;
-    let mut file = datasets_prep::bounded::open_regular(path).context("cannot read weights")?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .with_context(|| format!("{}: not a safetensors file (too short)", path.display()))?;
-    let n = u64::from_le_bytes(len);
-    let header = datasets_prep::bounded::read_handle_limited(file.take(n), path, HEADER_LIMIT)
-        .context("reading the safetensors header")?;
-    let header: serde_json::Value = serde_json::from_slice(&header)
-        .with_context(|| format!("{}: not a safetensors header", path.display()))?;
-    Ok(match header.get("__metadata__") {
-        Some(m) => serde_json::from_value(m.clone())
-            .with_context(|| format!("{}: __metadata__ is not a table of text", path.display()))?,
-        None => BTreeMap::new(),
-    })
-}
-
-/// The largest safetensors header read (names and shapes of a ResNet-50 take ~40 KiB).
-const HEADER_LIMIT: u64 = 100 << 20;
-
 /// Loads `path` into the variables of `vs`; every variable must be there with its shape.
 pub fn load(vs: &mut VarStore, path: &Path, model_of: &str) -> anyhow::Result<()> {
     // A FIFO or device would block or never end inside libtorch's reader.
