@@ -233,9 +233,9 @@ impl Head {
     /// Which samples count as correct (N, bool) for the main prediction: the predicted class is
     /// the label; for the cosine loss with a semantic embedding, as the reference's
     /// `max_sim_acc`, the label's dot product is within 1e-6 of the best (ties count).
-    pub fn hits(&self, out: &HeadOutput, predicted: &Tensor, labels: &Tensor) -> Tensor {
+    /// `scores` are [`Head::scores`] of the same output.
+    pub fn hits(&self, scores: &Tensor, predicted: &Tensor, labels: &Tensor) -> Tensor {
         if self.config.loss == LossKind::Cosine && self.semantic {
-            let scores = self.scores(out);
             let best = scores.amax([1i64].as_slice(), false);
             let at_label = scores.gather(1, &labels.unsqueeze(1), false).squeeze_dim(1);
             (best - at_label).lt(MAX_SIM_TOLERANCE)
@@ -345,13 +345,13 @@ mod tests {
         let labels = Tensor::from_slice(&[1i64]);
         let (pred, _) = head.predict(&out);
         assert_eq!(i64::try_from(&pred).unwrap(), 0, "argmax takes the first");
-        assert!(bool::try_from(head.hits(&out, &pred, &labels).all()).unwrap());
+        assert!(bool::try_from(head.hits(&head.scores(&out), &pred, &labels).all()).unwrap());
         let onehot = cosine_head(Tensor::eye(2, (Kind::Float, tch::Device::Cpu)));
         let tie = HeadOutput {
             primary: Tensor::from_slice(&[0.5f32, 0.5]).view([1, 2]),
             cls_logits: None,
         };
         let (pred, _) = onehot.predict(&tie);
-        assert!(!bool::try_from(onehot.hits(&tie, &pred, &labels).all()).unwrap());
+        assert!(!bool::try_from(onehot.hits(&onehot.scores(&tie), &pred, &labels).all()).unwrap());
     }
 }

@@ -131,15 +131,16 @@ pub fn evaluate(
             let b = b?;
             let out = net.forward_t(&b.to_device(device).0, false);
             let (pred, embedding_pred) = net.head.predict(&out);
+            let scores = net.head.scores(&out);
             let on_device = b.labels.to_device(pred.device());
-            let hits = net.head.hits(&out, &pred, &on_device);
+            let hits = net.head.hits(&scores, &pred, &on_device);
             let hits = Vec::<bool>::try_from(hits.to_device(Device::Cpu))?;
             let labels = Vec::<i64>::try_from(&b.labels)?;
             let pred = Vec::<i64>::try_from(pred.to_device(Device::Cpu))?;
             let embedding_pred = embedding_pred
                 .map(|p| Vec::<i64>::try_from(p.to_device(Device::Cpu)))
                 .transpose()?;
-            let best = net.head.scores(&out).topk(k, 1, true, true).1;
+            let best = scores.topk(k, 1, true, true).1;
             let best = Vec::<i64>::try_from(best.to_device(Device::Cpu).reshape([-1]))?;
             for (k, &y) in labels.iter().enumerate() {
                 let y = y as usize;
