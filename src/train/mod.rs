@@ -402,6 +402,9 @@ impl<'c> Trainer<'c> {
         let mut lr = lr_at(first);
         let loader = self.data.train.start_plan(epoch as u64, order, plan, true);
         let mut last_step = Instant::now();
+        // The same for every step of the epoch.
+        let evals_left = self.evaluations_from(epoch);
+        let steps_after = (self.config.epochs - epoch - 1) * steps;
         for (global, batch) in globals.iter().zip(loader) {
             let batch = batch?;
             let step = self.at.step;
@@ -425,10 +428,9 @@ impl<'c> Trainer<'c> {
             self.eta.trained(1, last_step.elapsed().as_secs_f64());
             last_step = Instant::now();
             let images_per_sec = self.at.seen as f64 / start.elapsed().as_secs_f64();
-            let left = self.eta.left(
-                (steps - self.at.step + (self.config.epochs - epoch - 1) * steps) as u64,
-                self.evaluations_from(epoch),
-            );
+            let left = self
+                .eta
+                .left((steps - self.at.step + steps_after) as u64, evals_left);
             self.display
                 .step(self.at.train_loss(), lr, images_per_sec, left, self.at.best);
             if totals.stop {
