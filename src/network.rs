@@ -31,7 +31,7 @@ impl Network {
         tch::manual_seed(config.seed as i64);
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let backbone = Backbone::new(config.arch, &root, channels);
+        let backbone = Backbone::new(config.arch, &root, channels, config.conv_padding);
         let class_embedding = if config.objective.loss.uses_embedding() {
             Some(crate::embedding::load(&config.embedding, classes)?.to_device(device))
         } else {

@@ -144,7 +144,7 @@ pub fn measure(
     let settings = StepSettings {
         device,
         bf16: config.precision == Precision::Bf16,
-        sync_bn: false,
+        bn: crate::train::step::BnGroups::PerRank,
     };
     let split = dp.world() > 1 && !args.whole_step;
     let (mut compute, mut reduce, mut calls) = (Vec::new(), Vec::new(), Vec::new());

@@ -107,6 +107,7 @@ pub fn evaluate_run(
     let counts = evaluate(
         &net,
         &loader,
+        None,
         batch,
         m.classes.len(),
         device,

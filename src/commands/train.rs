@@ -10,7 +10,8 @@ use datasets_prep::sources::Source;
 
 use super::{ChannelsLast, JobArgs, UsageError, choice, preset, threads};
 use crate::config::{
-    BnStats, EmbeddingSpec, InitFrom, Overrides, Precision, Preset, RunConfig, defaults,
+    BnStats, ConvPadding, EmbeddingSpec, InitFrom, Overrides, Precision, Preset, RunConfig,
+    ValSplit, defaults,
 };
 use crate::dist::Communicator;
 use crate::dist::job::Job;
@@ -33,7 +34,9 @@ pub struct TrainArgs {
     /// Run directory to create (config.json, metrics.jsonl, log.txt, checkpoints/).
     #[arg(long)]
     pub out: PathBuf,
-    /// A paper protocol (sets arch, loss, batch, epochs, lr and augmentation).
+    /// A protocol that sets every value it depends on: paper-DATASET-LOSS (the paper's),
+    /// paper-cub-subX-LOSS (X images per class, 30 // X passes per epoch), gem-DATASET-LOSS (the
+    /// tuned cross-entropy baseline's recipe; tune lr/batch/weight decay on validation).
     #[arg(long, value_parser = preset())]
     pub preset: Option<Preset>,
     /// Architecture [default: resnet20].
@@ -92,15 +95,54 @@ pub struct TrainArgs {
     /// Random shift as a fraction of the size [default: from the dataset's source].
     #[arg(long)]
     pub shift: Option<f64>,
+    /// Training augmentation: crop (a random crop of --crop pixels, or none) or rrc
+    /// (random-resized crops of --rrc-scale of the area, resized to --crop) [default: from the
+    /// preset or the dataset's source].
+    #[arg(long, value_parser = choice::<AugKind>())]
+    pub aug: Option<AugKind>,
+    /// Area range of random-resized crops, as fractions of the image (implies --aug rrc).
+    #[arg(long, value_parser = scale_range, value_name = "MIN,MAX")]
+    pub rrc_scale: Option<(f64, f64)>,
+    /// PyTorch-style weight decay on every parameter, on top of the architecture's L2 (added
+    /// to the gradient before clipping) [default: 0; gem presets: 5e-4].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Train on K images per class of the packed training split (0 = all), chosen by
+    /// --subset-seed: one pack serves a whole sub-sampling curve, and smaller subsets are
+    /// contained in larger ones.
+    #[arg(long, value_name = "K")]
+    pub per_class: Option<usize>,
+    /// Hold out K images per class (or a fraction, e.g. 0.1) of the training split for
+    /// validation: every evaluation then reports val_top1, and the best epoch is chosen on it.
+    #[arg(long, value_name = "K|FRACTION")]
+    pub val_per_class: Option<ValSplit>,
+    /// Seed of the --per-class and --val-per-class choice (independent of --seed).
+    #[arg(long, default_value_t = 0)]
+    pub subset_seed: u64,
+    /// Passes over the training list per epoch, each with its own augmentation draws (the
+    /// reference's CUB-subX: 30 // X) [default: 1].
+    #[arg(long, value_name = "R")]
+    pub train_repeats: Option<usize>,
+    /// "Ghost" BatchNorm: training statistics over groups of N images of each rank's share
+    /// (ranks with fewer share them over the ranks of a group), so that any number of ranks
+    /// normalises as the paper's 4 GPUs x 24 did; 0 = each rank's share [default: 24 with
+    /// the ResNet-50 paper presets].
+    #[arg(long, value_name = "N")]
+    pub bn_batch: Option<usize>,
+    /// Padding of the CIFAR ResNets' stride-2 convolutions: same (TensorFlow's, as the
+    /// reference: 0 before and 1 after on even sizes) or symmetric (1 on each side).
+    #[arg(long, value_parser = choice::<ConvPadding>(), default_value = "same")]
+    pub conv_padding: ConvPadding,
     /// Evaluate every N epochs (and after the last).
     #[arg(long, default_value_t = defaults::EVAL_EVERY)]
     pub eval_every: usize,
     /// BatchNorm statistics for evaluation: ema (the reference's bias-corrected moving average)
     /// or precise (recomputed over the un-augmented training images before each evaluation;
     /// the moving average lags a network that changes fast, so short runs evaluate poorly with
-    /// it) [default: precise for runs of fewer than 10,000 steps, else ema; presets: ema].
-    #[arg(long, value_parser = choice::<BnStats>())]
-    pub bn_stats: Option<BnStats>,
+    /// it); auto: precise for runs of fewer than 10,000 optimiser steps, else ema (presets:
+    /// ema). The log and config.json say which was used.
+    #[arg(long, value_parser = bn_stats, value_name = "auto|ema|precise", default_value = "auto")]
+    pub bn_stats: BnStatsChoice,
     /// Synchronised BatchNorm: in training, normalise with the statistics of the whole global
     /// batch instead of each rank's share (for tiny per-rank batches; costs one small all-reduce
     /// per BatchNorm per step; no effect on one rank).
@@ -167,6 +209,54 @@ pub struct TrainArgs {
     pub job: JobArgs,
 }
 
+/// `--aug`: the kind of training crop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AugKind {
+    Crop,
+    Rrc,
+}
+
+impl crate::choice::Choice for AugKind {
+    const WHAT: &'static str = "augmentation";
+    const ALL: &'static [AugKind] = &[AugKind::Crop, AugKind::Rrc];
+    fn name(self) -> &'static str {
+        match self {
+            AugKind::Crop => "crop",
+            AugKind::Rrc => "rrc",
+        }
+    }
+}
+
+crate::choice_traits!(AugKind);
+
+/// `MIN,MAX`.
+fn scale_range(text: &str) -> Result<(f64, f64), String> {
+    let bad = || format!("'{text}': expected MIN,MAX with 0 < MIN <= MAX <= 1, e.g. 0.4,1");
+    let (a, b) = text.split_once(',').ok_or_else(bad)?;
+    let (a, b): (f64, f64) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a > 0.0 && a <= b && b <= 1.0 {
+        Ok((a, b))
+    } else {
+        Err(bad())
+    }
+}
+
+/// `--bn-stats`: a statistic, or `None` for auto (chosen from the run's length).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BnStatsChoice(pub Option<BnStats>);
+
+fn bn_stats(text: &str) -> Result<BnStatsChoice, String> {
+    if text == "auto" {
+        return Ok(BnStatsChoice(None));
+    }
+    <BnStats as crate::choice::Choice>::parse_name(text)
+        .map(|b| BnStatsChoice(Some(b)))
+        .map_err(|e| e.to_string())
+}
+
 /// `on`/`off` (also `true`/`false`, `yes`/`no`).
 fn on_off(text: &str) -> Result<bool, String> {
     match text {
@@ -202,7 +292,7 @@ impl TrainArgs {
             erase_prob: self.erase_prob,
             shift: self.shift,
             eval_every: pick("eval_every").then_some(self.eval_every),
-            bn_stats: self.bn_stats,
+            bn_stats: self.bn_stats.0,
             sync_bn: self.sync_bn,
             hierarchy: self.hierarchy.clone(),
             hierarchy_is_a: self.hierarchy_is_a,
@@ -211,6 +301,19 @@ impl TrainArgs {
             precision: pick("precision").then_some(self.precision),
             // Resolved with its file's hash in `resolve_config`.
             init_from: None,
+            per_class: self.per_class,
+            val: self.val_per_class,
+            subset_seed: pick("subset_seed").then_some(self.subset_seed),
+            train_repeats: self.train_repeats,
+            bn_batch: self.bn_batch,
+            weight_decay: self.weight_decay,
+            rrc_scale: match (self.aug, self.rrc_scale) {
+                (Some(AugKind::Crop), _) => Some((0.0, 0.0)),
+                (_, Some(range)) => Some(range),
+                (Some(AugKind::Rrc), None) => Some(crate::config::presets::GEM_RRC_SCALE),
+                (None, None) => None,
+            },
+            conv_padding: pick("conv_padding").then_some(self.conv_padding),
         }
     }
 }
@@ -300,14 +403,14 @@ fn resolve_config(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Res
         })?;
         (
             shards.manifest().source.parse::<Source>().ok(),
-            shards.manifest().train.count,
+            shards.manifest().train.per_class.clone(),
         )
     };
     Ok(RunConfig::resolve_for(
         &data,
         &flags,
         source.as_ref(),
-        Some(train_images),
+        Some(&train_images),
     )?)
 }
 

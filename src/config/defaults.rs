@@ -44,6 +44,7 @@ pub fn augment_for(source: Option<&Source>) -> AugmentConfig {
         hflip: true,
         erase_prob: 0.5,
         shift: 0.0,
+        rrc_scale: None,
     };
     match source {
         Some(Source::Cub | Source::CubSub(_) | Source::Nab | Source::Cars | Source::Flowers) => {
@@ -55,6 +56,7 @@ pub fn augment_for(source: Option<&Source>) -> AugmentConfig {
             hflip: true,
             erase_prob: 0.0,
             shift: 0.15,
+            rrc_scale: None,
         },
         // Digits and clothes: shifts, but no flips (a flipped digit is another symbol).
         Some(Source::Idx) => AugmentConfig {
@@ -62,15 +64,20 @@ pub fn augment_for(source: Option<&Source>) -> AugmentConfig {
             hflip: false,
             erase_prob: 0.0,
             shift: 0.15,
+            rrc_scale: None,
         },
         Some(Source::Folder) | None => AugmentConfig {
             crop: None,
             hflip: true,
             erase_prob: 0.0,
             shift: 0.0,
+            rrc_scale: None,
         },
     }
 }
+
+/// The most passes over the training list per epoch (`--train-repeats`).
+pub const MAX_TRAIN_REPEATS: usize = 1000;
 
 /// The largest `--crop` (libtorch would fail deep inside on absurd sizes).
 pub const MAX_CROP: u32 = 4096;

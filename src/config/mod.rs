@@ -6,7 +6,9 @@
 pub mod defaults;
 pub mod presets;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use datasets_prep::sources::Source;
 use serde::{Deserialize, Serialize};
@@ -17,6 +19,7 @@ use crate::choice::Choice;
 use crate::data::augment::AugmentConfig;
 pub use crate::embedding::EmbeddingSpec;
 use crate::model::Arch;
+pub use crate::model::ConvPadding;
 use crate::objective::{LossKind, ObjectiveConfig};
 use crate::runtime::device::DeviceChoice;
 use crate::schedule::{Schedule, ScheduleKind, sgdr_epochs};
@@ -64,6 +67,86 @@ impl Choice for Precision {
 
 crate::choice_traits!(Precision);
 
+/// What a `config.json` without `conv_padding` was trained with.
+fn padding_before_the_option() -> ConvPadding {
+    ConvPadding::Symmetric
+}
+
+/// `--val-per-class`: training images held out of training for validation, per class.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValSplit {
+    /// This many images of every class.
+    PerClass(usize),
+    /// This fraction (0 < f < 1) of every class, rounded, at least one image.
+    Fraction(f64),
+}
+
+impl FromStr for ValSplit {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "'{text}': expected a count of images per class (e.g. 2) or a fraction (e.g. 0.1)"
+            )
+        };
+        if text.contains('.') {
+            let f: f64 = text.parse().map_err(|_| bad())?;
+            if f > 0.0 && f < 1.0 {
+                return Ok(ValSplit::Fraction(f));
+            }
+            return Err(bad());
+        }
+        match text.parse::<usize>() {
+            Ok(k) if k >= 1 => Ok(ValSplit::PerClass(k)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for ValSplit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValSplit::PerClass(k) => write!(f, "{k}"),
+            ValSplit::Fraction(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// Which of the packed training images a run trains on and which it holds out for validation:
+/// a pure function of the packed training split and `seed` (see `data::selection`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainSubset {
+    /// Training images per class (`--per-class`); `None`: all that are not held out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<usize>,
+    /// Held out for validation (`--val-per-class`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val: Option<ValSplit>,
+    /// `--subset-seed`.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl TrainSubset {
+    /// Every packed training image trains (and nothing is held out).
+    pub fn is_all(&self) -> bool {
+        self.per_class.is_none() && self.val.is_none() && self.seed == 0
+    }
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
 /// Everything that decides a run's result. Serialised as `config.json`'s `config` object; the
 /// key names and value spellings are a file format (old run directories must keep reading).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -97,6 +180,22 @@ pub struct RunConfig {
     /// Weights the run starts from instead of the seed's initialisation (`--init-from`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<InitFrom>,
+    /// The training images used and held out (`--per-class`, `--val-per-class`).
+    #[serde(default, skip_serializing_if = "TrainSubset::is_all")]
+    pub subset: TrainSubset,
+    /// Passes over the training list per epoch (`--train-repeats`; the reference's CUB-subX).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub train_repeats: usize,
+    /// Training BatchNorm statistics over groups of this many images (`--bn-batch`, "ghost"
+    /// BatchNorm); `None`: over each rank's share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_batch: Option<usize>,
+    /// PyTorch-style coupled weight decay on every parameter (`--weight-decay`), on top of the
+    /// architecture's L2.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub weight_decay: f64,
+    #[serde(default = "padding_before_the_option")]
+    pub conv_padding: ConvPadding,
 }
 
 /// `--init-from FILE [--new-head]`: start from saved weights.
@@ -144,6 +243,15 @@ pub struct Overrides {
     pub device: Option<DeviceChoice>,
     pub precision: Option<Precision>,
     pub init_from: Option<InitFrom>,
+    pub per_class: Option<usize>,
+    pub val: Option<ValSplit>,
+    pub subset_seed: Option<u64>,
+    pub train_repeats: Option<usize>,
+    /// 0: per-rank statistics.
+    pub bn_batch: Option<usize>,
+    pub weight_decay: Option<f64>,
+    pub rrc_scale: Option<(f64, f64)>,
+    pub conv_padding: Option<ConvPadding>,
 }
 
 impl Overrides {
@@ -192,6 +300,15 @@ impl Overrides {
             device: Some(config.device),
             precision: Some(config.precision),
             init_from: config.init_from.clone(),
+            // `Some(0)` is "all" / "none" where 0 cannot be a value.
+            per_class: Some(config.subset.per_class.unwrap_or(0)),
+            val: config.subset.val,
+            subset_seed: Some(config.subset.seed),
+            train_repeats: Some(config.train_repeats),
+            bn_batch: Some(config.bn_batch.unwrap_or(0)),
+            weight_decay: Some(config.weight_decay),
+            rrc_scale: Some(a.rrc_scale.unwrap_or((0.0, 0.0))),
+            conv_padding: Some(config.conv_padding),
         }
     }
 
@@ -226,6 +343,14 @@ impl Overrides {
             device: self.device.or(lower.device),
             precision: self.precision.or(lower.precision),
             init_from: self.init_from.or(lower.init_from),
+            per_class: self.per_class.or(lower.per_class),
+            val: self.val.or(lower.val),
+            subset_seed: self.subset_seed.or(lower.subset_seed),
+            train_repeats: self.train_repeats.or(lower.train_repeats),
+            bn_batch: self.bn_batch.or(lower.bn_batch),
+            weight_decay: self.weight_decay.or(lower.weight_decay),
+            rrc_scale: self.rrc_scale.or(lower.rrc_scale),
+            conv_padding: self.conv_padding.or(lower.conv_padding),
         }
     }
 }
@@ -282,14 +407,14 @@ impl RunConfig {
         Self::resolve_for(data, given, source, None)
     }
 
-    /// [`RunConfig::resolve`] for data of `train_images` training images, which chooses the
-    /// BatchNorm statistics when none are given: precise for short runs (see
-    /// [`defaults::bn_stats_for`]); without the count, or with a preset, the reference's ema.
+    /// [`RunConfig::resolve`] for data of `train_per_class` training images per class, which
+    /// chooses the BatchNorm statistics when none are given: precise for short runs (see
+    /// [`defaults::bn_stats_for`]); without the counts, or with a preset, the reference's ema.
     pub fn resolve_for(
         data: &Path,
         given: &Overrides,
         source: Option<&Source>,
-        train_images: Option<u64>,
+        train_per_class: Option<&[u64]>,
     ) -> Result<RunConfig, ConfigError> {
         let preset = given.preset.as_ref();
         if let (Some(p), Some(s)) = (preset, source)
@@ -297,7 +422,7 @@ impl RunConfig {
         {
             return Err(ConfigError::WrongData {
                 preset: p.name.clone(),
-                wanted: p.source.to_string(),
+                wanted: p.source_name(),
                 found: s.to_string(),
             });
         }
@@ -324,7 +449,11 @@ impl RunConfig {
         let mul = given.sgdr_mul.unwrap_or(defaults::SGDR_MUL);
         check(base >= 1, "sgdr-base", base, "at least 1 epoch")?;
         check(mul >= 1, "sgdr-mul", mul, "a factor of at least 1")?;
-        let schedule = match given.schedule.unwrap_or(ScheduleKind::Sgdr) {
+        let schedule_kind = given
+            .schedule
+            .or(preset.map(|p| p.schedule))
+            .unwrap_or(ScheduleKind::Sgdr);
+        let schedule = match schedule_kind {
             ScheduleKind::Sgdr => Schedule::Sgdr {
                 max_lr: lr_max,
                 min_lr: lr_min,
@@ -377,6 +506,54 @@ impl RunConfig {
             eval_every,
             "at least 1 epoch",
         )?;
+        let subset = TrainSubset {
+            per_class: given
+                .per_class
+                .or(preset.and_then(|p| p.per_class_for(source)))
+                .filter(|&k| k > 0),
+            val: given.val,
+            seed: given.subset_seed.unwrap_or(0),
+        };
+        let train_repeats = given
+            .train_repeats
+            .or(preset.map(|p| p.train_repeats))
+            .unwrap_or(1);
+        check(
+            (1..=defaults::MAX_TRAIN_REPEATS).contains(&train_repeats),
+            "train-repeats",
+            train_repeats,
+            "1 to 1000 passes per epoch",
+        )?;
+        // --sync-bn replaces a preset's group size; given together they contradict.
+        let preset_bn_batch = preset.and_then(|p| p.bn_batch).filter(|_| !given.sync_bn);
+        let bn_batch = given.bn_batch.or(preset_bn_batch).filter(|&n| n > 0);
+        if let Some(n) = bn_batch {
+            check(
+                !given.sync_bn,
+                "bn-batch",
+                n,
+                "either --bn-batch or --sync-bn, not both (--bn-batch 0 turns it off)",
+            )?;
+            check(
+                n >= 2,
+                "bn-batch",
+                n,
+                "at least 2 images per BatchNorm group",
+            )?;
+        }
+        let weight_decay = given
+            .weight_decay
+            .or(preset.map(|p| p.weight_decay))
+            .unwrap_or(0.0);
+        check(
+            weight_decay >= 0.0 && weight_decay.is_finite(),
+            "weight-decay",
+            weight_decay,
+            "a decay >= 0",
+        )?;
+        let train_images = train_per_class
+            .and_then(|counts| crate::data::selection::counts_after(counts, &subset).ok())
+            .map(|counts| counts.iter().sum::<u64>() * train_repeats as u64);
         Ok(RunConfig {
             data: data.to_path_buf(),
             arch,
@@ -409,6 +586,11 @@ impl RunConfig {
             precision: given.precision.unwrap_or(Precision::Fp32),
             sync_bn: given.sync_bn,
             init_from: given.init_from.clone(),
+            subset,
+            train_repeats,
+            bn_batch,
+            weight_decay,
+            conv_padding: given.conv_padding.unwrap_or(ConvPadding::Same),
         })
     }
 }
@@ -445,6 +627,23 @@ fn resolve_augment(
         check((0.0..0.5).contains(&s), "shift", s, "a fraction in 0..0.5")?;
         augment.shift = s;
     }
+    if let Some((lo, hi)) = given.rrc_scale {
+        augment.rrc_scale = (hi > 0.0).then_some((lo, hi));
+    }
+    if let Some((lo, hi)) = augment.rrc_scale {
+        check(
+            lo > 0.0 && lo <= hi && hi <= 1.0,
+            "rrc-scale",
+            format!("{lo},{hi}"),
+            "MIN,MAX with 0 < MIN <= MAX <= 1 (fractions of the image's area)",
+        )?;
+        check(
+            augment.crop.is_some(),
+            "aug",
+            "rrc",
+            "a --crop size for the random-resized crops to be resized to",
+        )?;
+    }
     Ok(augment)
 }
 
@@ -476,21 +675,21 @@ mod tests {
     fn short_runs_default_to_precise_batchnorm_statistics() {
         let d = Path::new("d");
         let plain = Overrides::default();
-        let short = RunConfig::resolve_for(d, &plain, None, Some(200)).unwrap();
+        let short = RunConfig::resolve_for(d, &plain, None, Some(&[100, 100])).unwrap();
         assert_eq!(short.bn_stats, BnStats::Precise, "36 epochs x 2 steps");
-        let long = RunConfig::resolve_for(d, &plain, None, Some(1_000_000)).unwrap();
+        let long = RunConfig::resolve_for(d, &plain, None, Some(&[1_000_000])).unwrap();
         assert_eq!(long.bn_stats, BnStats::Ema, "36 x 10,000 steps");
         let paper = Overrides {
             preset: Some("paper-cub-ce".parse().unwrap()),
             ..Default::default()
         };
-        let p = RunConfig::resolve_for(d, &paper, Some(&Source::Cub), Some(200)).unwrap();
+        let p = RunConfig::resolve_for(d, &paper, Some(&Source::Cub), Some(&[200])).unwrap();
         assert_eq!(p.bn_stats, BnStats::Ema, "presets keep the reference's");
         let chosen = Overrides {
             bn_stats: Some(BnStats::Ema),
             ..Default::default()
         };
-        let c = RunConfig::resolve_for(d, &chosen, None, Some(200)).unwrap();
+        let c = RunConfig::resolve_for(d, &chosen, None, Some(&[200])).unwrap();
         assert_eq!(c.bn_stats, BnStats::Ema);
     }
 

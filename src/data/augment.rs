@@ -16,6 +16,11 @@ pub struct AugmentConfig {
     pub erase_prob: f64,
     /// Continuous random shift as a fraction of the size (CIFAR: 0.15), bilinear, edge fill.
     pub shift: f64,
+    /// Random-resized crops (`--aug rrc`): a rectangle of this range of fractions of the
+    /// image's area and an aspect ratio log-uniform in 3/4..4/3, resized bilinearly to the crop
+    /// size (in place of the plain random crop; test images stay centre-cropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rrc_scale: Option<(f64, f64)>,
 }
 
 /// The deterministic generator of one sample's draws.
@@ -67,7 +72,9 @@ pub fn process(
     let (h, w) = (src.height as i64, src.width as i64);
     let d = &draws;
     let inside = d.top >= 0 && d.left >= 0 && d.top + d.oh <= h && d.left + d.ow <= w;
-    if d.shift == (0.0, 0.0) && inside {
+    if d.resized.is_some() {
+        write_resized(src, out_channels, norm, &mut draws, out);
+    } else if d.shift == (0.0, 0.0) && inside {
         write_rows(src, out_channels, norm, &mut draws, out);
     } else {
         write_pixelwise(src, out_channels, norm, &mut draws, out);
@@ -86,6 +93,9 @@ struct Draws {
     left: i64,
     /// Continuous shift (dy, dx) in pixels.
     shift: (f64, f64),
+    /// A random-resized crop's source rectangle (top, left, height, width) in the flipped full
+    /// image, resampled to the output size.
+    resized: Option<(f64, f64, f64, f64)>,
     /// Generator of the erasing noise.
     noise: Option<SplitMix64>,
 }
@@ -106,6 +116,7 @@ impl Draws {
             top: (h - oh) / 2,
             left: (w - ow) / 2,
             shift: (0.0, 0.0),
+            resized: None,
             noise: None,
         };
         if let Some(rng) = rng {
@@ -113,8 +124,10 @@ impl Draws {
             if cfg.erase_prob > 0.0 && uniform(rng) < cfg.erase_prob {
                 d.erase = erase_rect(rng, h, w);
             }
-            // An image smaller than the crop stays centred and is reflect-padded.
-            if oh <= h && ow <= w {
+            if let Some(scale) = cfg.rrc_scale {
+                d.resized = Some(resized_crop_rect(rng, h, w, scale));
+            } else if oh <= h && ow <= w {
+                // An image smaller than the crop stays centred and is reflect-padded.
                 d.top = (uniform(rng) * (h - oh + 1) as f64) as i64;
                 d.left = (uniform(rng) * (w - ow + 1) as f64) as i64;
             }
@@ -244,6 +257,93 @@ fn write_rows(src: &Source, out_channels: usize, norm: &Normalize, d: &mut Draws
     }
 }
 
+/// A random-resized crop's rectangle (top, left, height, width) in an h x w image: area a
+/// fraction U(scale) of the image, aspect (width / height) log-uniform in 3/4..4/3, redrawn until
+/// it fits (at most 10 tries, then the largest centred rectangle of the aspect range, as
+/// torchvision does).
+fn resized_crop_rect(
+    rng: &mut SplitMix64,
+    h: i64,
+    w: i64,
+    scale: (f64, f64),
+) -> (f64, f64, f64, f64) {
+    let (hf, wf) = (h as f64, w as f64);
+    let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let area = (scale.0 + uniform(rng) * (scale.1 - scale.0)) * hf * wf;
+        let aspect = (lo + uniform(rng) * (hi - lo)).exp();
+        let cw = (area * aspect).sqrt().round();
+        let ch = (area / aspect).sqrt().round();
+        if cw >= 1.0 && ch >= 1.0 && cw <= wf && ch <= hf {
+            let top = (uniform(rng) * (hf - ch + 1.0)).floor();
+            let left = (uniform(rng) * (wf - cw + 1.0)).floor();
+            return (top, left, ch, cw);
+        }
+    }
+    let aspect = wf / hf;
+    let (ch, cw) = if aspect < 3.0 / 4.0 {
+        ((wf / (3.0 / 4.0)).round(), wf)
+    } else if aspect > 4.0 / 3.0 {
+        (hf, (hf * 4.0 / 3.0).round())
+    } else {
+        (hf, wf)
+    };
+    (((hf - ch) / 2.0).floor(), ((wf - cw) / 2.0).floor(), ch, cw)
+}
+
+/// A random-resized crop: each output pixel samples its source rectangle bilinearly (pixel
+/// centres aligned, edges replicated); erasing applies in full-image coordinates as elsewhere.
+fn write_resized(
+    src: &Source,
+    out_channels: usize,
+    norm: &Normalize,
+    d: &mut Draws,
+    out: &mut [f32],
+) {
+    let Some((top, left, rh, rw)) = d.resized else {
+        return;
+    };
+    let (oh, ow) = (d.oh, d.ow);
+    let plane = (oh * ow) as usize;
+    let value = |y: usize, x: usize, c: usize| -> f32 {
+        let sc = if src.channels == 1 { 0 } else { c };
+        let v = f32::from(src.pixels[(y * src.width + x) * src.channels + sc]);
+        (v - norm.mean[c]) / norm.std[c]
+    };
+    let (sy, sx) = (rh / oh as f64, rw / ow as f64);
+    let (hmax, wmax) = ((src.height - 1) as f64, (src.width - 1) as f64);
+    for oy in 0..oh {
+        let fy = (top + (oy as f64 + 0.5) * sy - 0.5).clamp(0.0, hmax);
+        for ox in 0..ow {
+            let fx = (left + (ox as f64 + 0.5) * sx - 0.5).clamp(0.0, wmax);
+            let o = (oy * ow + ox) as usize;
+            let (iy, ix) = (fy.round() as i64, fx.round() as i64);
+            let erased = d.erase.is_some_and(|(ey, ex, eh, ew)| {
+                iy >= ey && iy < ey + eh && ix >= ex && ix < ex + ew
+            });
+            if erased {
+                for c in 0..out_channels {
+                    out[c * plane + o] = d.noise_value(norm, c);
+                }
+                continue;
+            }
+            let (y0, x0) = (fy.floor() as usize, fx.floor() as usize);
+            let (y1, x1) = ((y0 + 1).min(src.height - 1), (x0 + 1).min(src.width - 1));
+            let (ty, tx) = ((fy - y0 as f64) as f32, (fx - x0 as f64) as f32);
+            let (x0, x1) = if d.flip {
+                (src.width - 1 - x0, src.width - 1 - x1)
+            } else {
+                (x0, x1)
+            };
+            for c in 0..out_channels {
+                let top_row = value(y0, x0, c) * (1.0 - tx) + value(y0, x1, c) * tx;
+                let bottom_row = value(y1, x0, c) * (1.0 - tx) + value(y1, x1, c) * tx;
+                out[c * plane + o] = top_row * (1.0 - ty) + bottom_row * ty;
+            }
+        }
+    }
+}
+
 /// Random erasing's rectangle (top, left, height, width): area U(0.02, 0.3) of the image,
 /// aspect U(0.3, 1/0.3), redrawn until it fits (at most 100 tries, then no erasing).
 fn erase_rect(rng: &mut SplitMix64, h: i64, w: i64) -> Option<(i64, i64, i64, i64)> {
@@ -283,6 +383,7 @@ mod tests {
             hflip: true,
             erase_prob: 1.0,
             shift: 0.0,
+            rrc_scale: None,
         };
         let mut out = vec![0.0; 16];
         process(
@@ -315,6 +416,7 @@ mod tests {
             hflip: true,
             erase_prob: 0.5,
             shift: 0.0,
+            rrc_scale: None,
         };
         let norm = Normalize {
             mean: &[0.0],
@@ -353,6 +455,7 @@ mod tests {
             hflip: false,
             erase_prob: 0.0,
             shift: 0.15,
+            rrc_scale: None,
         };
         let mut out = vec![0.0; 48];
         process(
@@ -394,6 +497,7 @@ mod tests {
                     hflip: true,
                     erase_prob,
                     shift: 0.0,
+                    rrc_scale: None,
                 };
                 for index in 0..40 {
                     let size = 3 * crop.map_or(h * w, |c| (c * c) as usize);
@@ -413,5 +517,62 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod resized_crop_tests {
+    use super::*;
+
+    #[test]
+    fn random_resized_crops_stay_inside_and_cover_the_scale_range() {
+        let (h, w) = (48i64, 48i64);
+        let mut areas = Vec::new();
+        for index in 0..2000 {
+            let mut rng = sample_rng(1, 0, index);
+            let (top, left, ch, cw) = resized_crop_rect(&mut rng, h, w, (0.4, 1.0));
+            assert!(top >= 0.0 && left >= 0.0, "{index}");
+            assert!(top + ch <= h as f64 && left + cw <= w as f64, "{index}");
+            let aspect = cw / ch;
+            // Rounding to whole pixels moves the aspect a little past 3/4..4/3.
+            assert!((0.70..=1.42).contains(&aspect), "{index}: aspect {aspect}");
+            areas.push(ch * cw / (h * w) as f64);
+        }
+        let (min, max) = areas
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        assert!(min < 0.45 && min > 0.37, "smallest area {min}");
+        assert!(max > 0.9, "largest area {max}");
+    }
+
+    #[test]
+    fn a_whole_image_crop_resized_to_its_own_size_is_the_image() {
+        let (h, w) = (5usize, 7usize);
+        let px: Vec<u8> = (0..h * w).map(|i| (i * 7 % 256) as u8).collect();
+        let src = Source {
+            pixels: &px,
+            height: h,
+            width: w,
+            channels: 1,
+        };
+        let norm = Normalize {
+            mean: &[0.0],
+            std: &[1.0],
+        };
+        let mut d = Draws {
+            oh: h as i64,
+            ow: w as i64,
+            flip: false,
+            erase: None,
+            top: 0,
+            left: 0,
+            shift: (0.0, 0.0),
+            resized: Some((0.0, 0.0, h as f64, w as f64)),
+            noise: None,
+        };
+        let mut out = vec![0.0f32; h * w];
+        write_resized(&src, 1, &norm, &mut d, &mut out);
+        let expected: Vec<f32> = px.iter().map(|&v| f32::from(v)).collect();
+        assert_eq!(out, expected);
     }
 }

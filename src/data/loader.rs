@@ -103,8 +103,10 @@ impl LoaderSpec {
         }
     }
 
-    /// Starts the workers for one pass over `indices` (dataset record indices) in batches of
-    /// `batch`; `train` turns augmentation on with draws seeded by (seed, epoch, record index).
+    /// Starts the workers for one pass over `indices` in batches of `batch`; `train` turns
+    /// augmentation on with draws seeded by (seed, epoch, index). An index is a record of the
+    /// split, or record + k * (the split's length) for the k-th repeat of a record in an epoch
+    /// (see [`super::epoch_samples`]).
     pub fn start(
         &self,
         epoch: u64,
@@ -179,7 +181,7 @@ impl LoaderSpec {
                 labels: Tensor::zeros([0], (tch::Kind::Int64, tch::Device::Cpu)),
             });
         }
-        let first = reader.record(indices[0])?;
+        let first = reader.record(indices[0] % reader.len())?;
         let (h, w) = match self.augment.crop {
             Some(c) => (c as usize, c as usize),
             None => (first.height as usize, first.width as usize),
@@ -212,7 +214,11 @@ impl LoaderSpec {
                 std::ptr::write_bytes(ptr, 0, len);
                 std::slice::from_raw_parts_mut(ptr, len)
             };
-            for (slot, &i) in indices.iter().enumerate() {
+            let records = reader.len();
+            for (slot, &key) in indices.iter().enumerate() {
+                // A key past the split's end is record key % len in a later pass of the
+                // training list (`--train-repeats`): the same image with fresh draws.
+                let i = key % records;
                 let r = reader.record(i)?;
                 if self.augment.crop.is_none() && (r.height as usize, r.width as usize) != (h, w) {
                     bail!(
@@ -231,7 +237,7 @@ impl LoaderSpec {
                     width: r.width as usize,
                     channels: r.channels as usize,
                 };
-                let mut rng = train.then(|| augment::sample_rng(self.seed, epoch, i as u64));
+                let mut rng = train.then(|| augment::sample_rng(self.seed, epoch, key as u64));
                 augment::process(
                     &src,
                     c,

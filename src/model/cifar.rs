@@ -1,10 +1,12 @@
 //! CIFAR-style ResNets (He et al. 2016, section 4.2): a 3x3 stem, three stages of basic blocks,
 //! option-A shortcuts (2x2 average pool, zero channel padding split half before and half after),
-//! glorot-uniform kernels, as the reference's `cifar_resnet.SmallResNet`.
+//! glorot-uniform kernels, as the reference's `cifar_resnet.SmallResNet`. Stride-2 convolutions
+//! pad as [`ConvPadding`] says (Keras' 'same': 0 before and 1 after on even sizes).
 
 use tch::Tensor;
 use tch::nn;
 
+use super::ConvPadding;
 use super::layers::{BatchNorm, ConvInit, Pass, conv2d};
 
 #[derive(Debug)]
@@ -16,10 +18,15 @@ struct BasicBlock {
     stride: i64,
     c_in: i64,
     c_out: i64,
+    /// Padding of `conv1` applied by hand (the conv itself pads nothing) when it is asymmetric.
+    explicit_padding: Option<ConvPadding>,
 }
 
 impl BasicBlock {
-    fn new(p: nn::Path, c_in: i64, c_out: i64, stride: i64) -> Self {
+    fn new(p: nn::Path, c_in: i64, c_out: i64, stride: i64, padding: ConvPadding) -> Self {
+        // Stride 1 pads 1 on each side under both rules; only strided convs differ.
+        let explicit_padding = (stride > 1 && padding == ConvPadding::Same).then_some(padding);
+        let conv_pad = if explicit_padding.is_some() { 0 } else { 1 };
         BasicBlock {
             conv1: conv2d(
                 &p / "conv1",
@@ -27,7 +34,7 @@ impl BasicBlock {
                 c_out,
                 3,
                 stride,
-                1,
+                conv_pad,
                 ConvInit::GlorotUniform,
             ),
             bn1: BatchNorm::new(&p / "bn1", c_out),
@@ -36,11 +43,21 @@ impl BasicBlock {
             stride,
             c_in,
             c_out,
+            explicit_padding,
         }
     }
 
     fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
-        let out = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
+        let input = match self.explicit_padding {
+            Some(padding) => {
+                let size = x.size();
+                let (top, bottom) = padding.split(size[2], 3, self.stride);
+                let (left, right) = padding.split(size[3], 3, self.stride);
+                x.constant_pad_nd([left, right, top, bottom])
+            }
+            None => x.shallow_clone(),
+        };
+        let out = self.bn1.forward(&input.apply(&self.conv1), pass).relu();
         let out = self.bn2.forward(&out.apply(&self.conv2), pass);
         let mut shortcut = if self.stride > 1 {
             x.avg_pool2d(
@@ -72,7 +89,13 @@ pub struct CifarResNet {
 }
 
 impl CifarResNet {
-    pub fn new(p: &nn::Path, in_channels: i64, blocks_per_stage: usize, widths: [i64; 3]) -> Self {
+    pub fn new(
+        p: &nn::Path,
+        in_channels: i64,
+        blocks_per_stage: usize,
+        widths: [i64; 3],
+        padding: ConvPadding,
+    ) -> Self {
         let conv1 = conv2d(
             p / "conv1",
             in_channels,
@@ -89,7 +112,7 @@ impl CifarResNet {
             let layer = p / format!("layer{}", stage + 1);
             for i in 0..blocks_per_stage {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                blocks.push(BasicBlock::new(&layer / i, c_in, width, stride));
+                blocks.push(BasicBlock::new(&layer / i, c_in, width, stride, padding));
                 c_in = width;
             }
         }

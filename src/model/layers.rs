@@ -94,6 +94,11 @@ pub enum Pass<'a> {
     Train,
     /// Training with statistics over every rank's batch (`--sync-bn`), summed by `reducer`.
     TrainSynced(&'a dyn BatchStatsReducer),
+    /// Training with statistics over `groups` contiguous groups of the batch, cut as ranks cut a
+    /// global batch ("ghost" BatchNorm, `--bn-batch`). The running statistics move towards the
+    /// mean of the groups' statistics: what averaging the running statistics of `groups` ranks
+    /// gives, since the update is linear.
+    TrainGhost { groups: usize },
     /// The `batch`-th batch (1-based) of a precise-BN pass ("precise BN", Wu & Johnson 2021):
     /// the running statistics become the plain average of the pass's batch statistics;
     /// parameters and update counts are untouched.
@@ -172,8 +177,10 @@ impl BatchNorm {
 
     /// Normalises `xs` (N, C, ...) as `pass` says.
     pub fn forward(&self, xs: &Tensor, pass: Pass) -> Tensor {
-        if let Pass::TrainSynced(reducer) = pass {
-            return self.forward_synchronised(xs, reducer);
+        match pass {
+            Pass::TrainSynced(reducer) => return self.forward_synchronised(xs, reducer),
+            Pass::TrainGhost { groups } if groups > 1 => return self.forward_ghost(xs, groups),
+            _ => {}
         }
         let train = pass.uses_batch_statistics();
         let channels = xs.size().get(1).copied().unwrap_or(1).max(1);
@@ -196,7 +203,7 @@ impl BatchNorm {
         let momentum = match pass {
             // The k-th batch of a precise pass enters the average with weight 1 / k.
             Pass::PreciseStats { batch } => 1.0 / batch.max(1) as f64,
-            Pass::Train => self.next_update_momentum(),
+            Pass::Train | Pass::TrainGhost { .. } => self.next_update_momentum(),
             Pass::Eval | Pass::TrainSynced(_) => 0.0,
         };
         xs.batch_norm(
@@ -209,6 +216,62 @@ impl BatchNorm {
             BN_EPS,
             true,
         )
+    }
+
+    /// Training-mode normalisation of each of `groups` parts of the batch with its own
+    /// statistics; one running-statistics update with their mean.
+    fn forward_ghost(&self, xs: &Tensor, groups: usize) -> Tensor {
+        let n = xs.size().first().copied().unwrap_or(0).max(0) as usize;
+        let sizes: Vec<i64> = (0..groups)
+            .map(|g| crate::data::share(n, groups, g).len() as i64)
+            .filter(|&len| len > 0)
+            .collect();
+        let channels = xs.size().get(1).copied().unwrap_or(1).max(1);
+        let dims: Vec<i64> = (0..xs.dim() as i64).filter(|&d| d != 1).collect();
+        let mut outputs = Vec::with_capacity(sizes.len());
+        let mut stats: Option<(Tensor, Tensor)> = None;
+        let mut counted = 0usize;
+        for part in xs.split_with_sizes(sizes.as_slice(), 0) {
+            outputs.push(part.batch_norm(
+                Some(&self.weight),
+                Some(&self.bias),
+                None::<&Tensor>,
+                None::<&Tensor>,
+                true,
+                0.0,
+                BN_EPS,
+                true,
+            ));
+            // A part of one value per channel has no variance (as in `forward`).
+            if part.numel() as i64 / channels <= 1 {
+                continue;
+            }
+            let (mean, var) = tch::no_grad(|| {
+                let x = part.detach().to_kind(Kind::Float);
+                (
+                    x.mean_dim(dims.as_slice(), false, Kind::Float),
+                    x.var_dim(dims.as_slice(), true, false),
+                )
+            });
+            stats = Some(match stats {
+                None => (mean, var),
+                Some((m, v)) => (m + mean, v + var),
+            });
+            counted += 1;
+        }
+        if let Some((mean_sum, var_sum)) = stats {
+            let m = self.next_update_momentum();
+            let k = counted as f64;
+            tch::no_grad(|| {
+                let mut mean = self.running_mean.shallow_clone();
+                let mut var = self.running_var.shallow_clone();
+                let _ = mean.g_mul_scalar_(1.0 - m);
+                let _ = mean.g_add_(&(mean_sum * (m / k)).to_kind(mean.kind()));
+                let _ = var.g_mul_scalar_(1.0 - m);
+                let _ = var.g_add_(&(var_sum * (m / k)).to_kind(var.kind()));
+            });
+        }
+        Tensor::cat(&outputs, 0)
     }
 
     /// Training-mode normalisation with statistics over the whole job's batch (`--sync-bn`).

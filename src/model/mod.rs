@@ -122,6 +122,44 @@ pub fn to_channels_last(vs: &nn::VarStore) {
     });
 }
 
+/// `--conv-padding`: how the CIFAR ResNets pad their stride-2 3x3 convolutions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPadding {
+    /// TensorFlow's `padding='same'`, as the reference's Keras models: the total padding
+    /// `max((ceil(n / s) - 1) s + k - n, 0)` is split with the odd pixel after, so an even input
+    /// is padded 0 before and 1 after.
+    Same,
+    /// One pixel on every side (PyTorch's `padding=1`); what runs before this option had.
+    Symmetric,
+}
+
+impl Choice for ConvPadding {
+    const WHAT: &'static str = "convolution padding";
+    const ALL: &'static [ConvPadding] = &[ConvPadding::Same, ConvPadding::Symmetric];
+    fn name(self) -> &'static str {
+        match self {
+            ConvPadding::Same => "same",
+            ConvPadding::Symmetric => "symmetric",
+        }
+    }
+}
+
+crate::choice_traits!(ConvPadding);
+
+impl ConvPadding {
+    /// (before, after) padding of a dimension of `n` for a kernel `k` at `stride`.
+    pub fn split(self, n: i64, k: i64, stride: i64) -> (i64, i64) {
+        match self {
+            ConvPadding::Symmetric => (k / 2, k / 2),
+            ConvPadding::Same => {
+                let out = (n + stride - 1) / stride;
+                let total = ((out - 1) * stride + k - n).max(0);
+                (total / 2, total - total / 2)
+            }
+        }
+    }
+}
+
 /// A built backbone.
 #[derive(Debug)]
 pub enum Backbone {
@@ -131,7 +169,7 @@ pub enum Backbone {
 }
 
 impl Backbone {
-    pub fn new(arch: Arch, p: &nn::Path, in_channels: i64) -> Self {
+    pub fn new(arch: Arch, p: &nn::Path, in_channels: i64, padding: ConvPadding) -> Self {
         match arch {
             Arch::ResNet50 => Backbone::ResNet50(resnet50::ResNet50::new(p, in_channels)),
             Arch::Tiny => Backbone::Tiny(tiny::TinyCnn::new(p, in_channels)),
@@ -142,6 +180,7 @@ impl Backbone {
                     in_channels,
                     (depth - 2) / 6,
                     widths,
+                    padding,
                 ))
             }
         }

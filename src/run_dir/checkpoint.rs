@@ -90,6 +90,12 @@ pub struct State {
     pub best_top1: Option<f64>,
     pub best_epoch: usize,
     pub last_top1: Option<f64>,
+    /// With a validation split: the selected epoch's validation top-1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_top1: Option<f64>,
+    /// The highest test top-1 so far (older checkpoints: `best_top1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_test_top1: Option<f64>,
     /// Length of `metrics.jsonl` when the checkpoint was taken.
     pub metrics_bytes: u64,
     pub files: BTreeMap<String, FileSum>,

@@ -76,6 +76,11 @@ pub struct EpochMetrics {
     pub sync_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_top1: Option<f64>,
+    /// Top-1 on the images held out of the training split (`--val-per-class`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_top1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_balanced: Option<f64>,
     /// Mean per-class accuracy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_balanced: Option<f64>,
@@ -119,11 +124,26 @@ impl<'de> Deserialize<'de> for SummaryMarker {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub summary: SummaryMarker,
+    /// The test top-1 of the selected epoch `best_epoch` (see `selected_on`).
     pub best_top1: Option<f64>,
     pub best_epoch: usize,
     pub last_top1: Option<f64>,
     pub epochs: usize,
     pub world_size: usize,
+    /// How `best_epoch` was chosen: "val" (highest validation top-1) or "test" (highest test
+    /// top-1, the paper's protocol; what summaries without the field mean).
+    #[serde(default = "test_selected")]
+    pub selected_on: String,
+    /// With a validation split: the selected epoch's validation top-1 ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_val_top1: Option<f64>,
+    /// ... and the highest test top-1 of any epoch, for comparison with test selection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_test_top1: Option<f64>,
+}
+
+fn test_selected() -> String {
+    "test".to_string()
 }
 
 /// A line of `metrics.jsonl`.

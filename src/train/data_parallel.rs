@@ -17,14 +17,7 @@ use crate::model::layers::BatchStatsReducer;
 use crate::optim::Param;
 use crate::tensors::{bn_buffers, host_bytes, sorted_variables as variables};
 
-/// Part `part` of `0..total` cut into `parts` contiguous pieces whose sizes differ by at most one
-/// (the first `total % parts` pieces are one longer; pieces may be empty).
-pub fn share(total: usize, parts: usize, part: usize) -> Range<usize> {
-    let parts = parts.max(1);
-    let (base, extra) = (total / parts, total % parts);
-    let start = part * base + part.min(extra);
-    start..start + base + usize::from(part < extra)
-}
+pub use crate::data::share;
 
 /// A 64-bit hash of the name, shape and bytes of every parameter and, with `buffers`, every
 /// buffer (BatchNorm statistics, which legitimately differ between ranks during an epoch).
@@ -315,6 +308,26 @@ impl<'c> DataParallel<'c> {
         }
         self.comm.set_context(what);
         self.comm.barrier().with_context(|| what.to_string())
+    }
+}
+
+/// Synchronised BatchNorm over groups of `ranks_per_group` consecutive ranks (`--bn-batch`
+/// larger than a rank's share): each rank's statistics go into its group's slot of one
+/// world-wide all-reduce, so that no sub-communicator is needed.
+pub struct GroupedStats<'a, 'c> {
+    pub dp: &'a DataParallel<'c>,
+    pub ranks_per_group: usize,
+}
+
+impl BatchStatsReducer for GroupedStats<'_, '_> {
+    fn sum_over_ranks(&self, packed: &Tensor) -> Tensor {
+        let per = self.ranks_per_group.max(1);
+        let groups = (self.dp.world() / per).max(1) as i64;
+        let mine = (self.dp.rank() / per) as i64;
+        let len = packed.numel() as i64;
+        let slots = Tensor::zeros([groups * len], (packed.kind(), packed.device()));
+        slots.narrow(0, mine * len, len).copy_(packed);
+        self.dp.sum_over_ranks(&slots).narrow(0, mine * len, len)
     }
 }
 

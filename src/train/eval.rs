@@ -103,13 +103,15 @@ pub fn class_similarity(
     Ok(h.similarity(&ids))
 }
 
-/// Evaluates on the test split, in order, without augmentation; this rank takes its contiguous
-/// share and the counts of all ranks are summed. `similarity` (C x C) adds the hierarchical
-/// accuracy; `confusion` the C x C counts of (truth, prediction).
+/// Evaluates on `records` of the loader's split (`None`: all of them), in order, without
+/// augmentation; this rank takes its contiguous share and the counts of all ranks are summed.
+/// `similarity` (C x C) adds the hierarchical accuracy; `confusion` the C x C counts of
+/// (truth, prediction).
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     net: &Network,
     loader: &LoaderSpec,
+    records: Option<&[usize]>,
     batch: usize,
     classes: usize,
     device: Device,
@@ -117,8 +119,11 @@ pub fn evaluate(
     confusion: bool,
     dp: &DataParallel,
 ) -> anyhow::Result<EvalCounts> {
-    let n = loader.shards.split(Split::Test).len();
-    let mine = dp.my_share(n);
+    let records: Vec<usize> = match records {
+        Some(r) => r.to_vec(),
+        None => (0..loader.shards.split(loader.split).len()).collect(),
+    };
+    let mine = dp.my_share(records.len());
     let mut total = vec![0u64; classes];
     let mut correct = vec![0u64; classes];
     let mut embedding_correct: Option<Vec<u64>> = None;
@@ -127,7 +132,7 @@ pub fn evaluate(
     let mut matrix = confusion.then(|| vec![0u64; classes * classes]);
     let k = classes.min(5) as i64;
     tch::no_grad(|| -> anyhow::Result<()> {
-        for b in loader.start(0, mine.collect(), batch, false) {
+        for b in loader.start(0, records[mine].to_vec(), batch, false) {
             let b = b?;
             let out = net.forward_t(&b.to_device(device).0, false);
             let (pred, embedding_pred) = net.head.predict(&out);
@@ -206,17 +211,23 @@ pub fn evaluate(
 }
 
 /// Replaces every BatchNorm's running statistics by their average over one pass of the
-/// training images, preprocessed as test images are (precise BN). The pass is cut into the same
-/// batches for any world size; each rank averages a contiguous run of them and the ranks'
-/// averages are combined weighted by their batch counts.
+/// training images (`records` of the training split, `None`: all), preprocessed as test images
+/// are (precise BN). The pass is cut into the same batches for any world size; each rank
+/// averages a contiguous run of them and the ranks' averages are combined weighted by their
+/// batch counts.
 pub fn recompute_bn_statistics(
     net: &Network,
     loader: &LoaderSpec,
+    records: Option<&[usize]>,
     batch: usize,
     device: Device,
     dp: &DataParallel,
 ) -> anyhow::Result<()> {
-    let n = loader.shards.split(Split::Train).len();
+    let records: Vec<usize> = match records {
+        Some(r) => r.to_vec(),
+        None => (0..loader.shards.split(Split::Train).len()).collect(),
+    };
+    let n = records.len();
     let batch = batch.max(1);
     let mine = share(batches(n, batch), dp.world(), dp.rank());
     let plan: Vec<_> = mine
@@ -224,7 +235,7 @@ pub fn recompute_bn_statistics(
         .map(|b| b * batch..((b + 1) * batch).min(n))
         .collect();
     tch::no_grad(|| -> anyhow::Result<()> {
-        let batches = loader.start_plan(0, Arc::new((0..n).collect()), plan, false);
+        let batches = loader.start_plan(0, Arc::new(records), plan, false);
         for (k, b) in (1..).zip(batches) {
             let _ = net.forward(&b?.to_device(device).0, Pass::PreciseStats { batch: k });
         }

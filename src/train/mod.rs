@@ -27,7 +27,8 @@ pub use eval::{EvalCounts, class_similarity, evaluate, recompute_bn_statistics};
 
 use crate::config::{BnStats, Precision, RunConfig};
 use crate::data::loader::LoaderSpec;
-use crate::data::{batches, epoch_order};
+use crate::data::selection::{self, Selection};
+use crate::data::{batches, epoch_samples};
 use crate::dist::Communicator;
 use crate::network::{Network, l2_of};
 use crate::optim::Sgd;
@@ -40,9 +41,10 @@ use crate::runtime::fault::Fault;
 use crate::runtime::signals::{self, Stopped};
 use data_parallel::{DataParallel, share};
 use progress::{Display, Eta, Position};
-use step::{StepAt, StepSettings, train_step};
+use step::{BnGroups, StepAt, StepSettings, train_step};
 
-/// Best and last test accuracy of a finished run.
+/// Best and last test accuracy of a finished run: `best_top1` is the test top-1 of the epoch
+/// selected on validation when the run has a validation split, else the highest.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunSummary {
     pub best_top1: f64,
@@ -78,6 +80,10 @@ struct RunData {
     manifest_hash: String,
     train: LoaderSpec,
     test: LoaderSpec,
+    /// The training records used and held out for validation (`--per-class`, `--val-per-class`).
+    selection: Selection,
+    /// Passes over `selection.train` per epoch.
+    repeats: usize,
     /// Class similarities for the hierarchical accuracy (`--hierarchy`).
     similarity: Option<Vec<f64>>,
 }
@@ -107,18 +113,45 @@ impl RunData {
             .as_deref()
             .map(|path| class_similarity(path, config.hierarchy_is_a, &manifest.classes))
             .transpose()?;
+        let selection = select_training_records(&shards, config)?;
         Ok(RunData {
             manifest_hash: checkpoint::manifest_hash(&config.data)?,
             train: loader(Split::Train),
             test: loader(Split::Test),
+            selection,
+            repeats: config.train_repeats.max(1),
             similarity,
             manifest,
         })
     }
 
+    /// Training samples per epoch (the selected records times the passes).
     fn train_images(&self) -> usize {
-        self.manifest.train.count as usize
+        self.selection.train.len() * self.repeats
     }
+
+    /// The records precise BatchNorm statistics are computed over: `None` for the whole split.
+    fn bn_records(&self) -> Option<&[usize]> {
+        let all = self.selection.train.len() == self.manifest.train.count as usize;
+        (!all).then_some(self.selection.train.as_slice())
+    }
+}
+
+/// The training and validation records of the run's subset, from the records' labels.
+fn select_training_records(shards: &ShardDir, config: &RunConfig) -> anyhow::Result<Selection> {
+    let reader = shards.split(Split::Train);
+    let labels = (0..reader.len())
+        .map(|i| Ok(reader.record(i)?.label))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    let classes = shards.manifest().classes.len();
+    let chosen = selection::select(&labels, classes, &config.subset)?;
+    if chosen.train.is_empty() {
+        anyhow::bail!(
+            "--data {}: no training images are left to train on",
+            config.data.display()
+        );
+    }
+    Ok(chosen)
 }
 
 /// Refuses data that batches cannot be made of before anything trains: images of different
@@ -242,7 +275,12 @@ impl<'c> Trainer<'c> {
         let settings = StepSettings {
             device: opts.device,
             bf16: config.precision == Precision::Bf16,
-            sync_bn: config.sync_bn,
+            bn: BnGroups::for_run(
+                config.bn_batch,
+                config.sync_bn,
+                config.batch_size,
+                dp.world(),
+            )?,
         };
         let mut trainer = Trainer {
             fault: Fault::from_env()?,
@@ -294,6 +332,33 @@ impl<'c> Trainer<'c> {
         for warning in warnings {
             w.log(&format!("warning: {warning}"))?;
         }
+        let chosen = &self.data.selection;
+        if let (Some(k), false) = (config.subset.per_class, chosen.short.is_empty()) {
+            let named: Vec<String> = chosen
+                .short
+                .iter()
+                .take(10)
+                .map(|&(c, n)| format!("{} ({n})", m.classes[c].id))
+                .collect();
+            w.log(&format!(
+                "warning: --per-class {k}: {} of the classes have fewer training images and \
+                 keep all they have: {}{}",
+                chosen.short.len(),
+                named.join(", "),
+                if chosen.short.len() > 10 { ", ..." } else { "" }
+            ))?;
+        }
+        if !config.subset.is_all() || self.data.repeats > 1 {
+            w.log(&format!(
+                "training on {} of the {} packed training images (subset seed {}), {} held out \
+                 for validation, {} per epoch",
+                chosen.train.len(),
+                m.train.count,
+                config.subset.seed,
+                chosen.val.len(),
+                plural(self.data.repeats, "pass", "passes"),
+            ))?;
+        }
         if let Some(l) = loaded {
             w.log(&format!(
                 "resumed from {} at epoch {} step {} (world size {} then, {} now)",
@@ -309,10 +374,10 @@ impl<'c> Trainer<'c> {
             _ => "cpu".to_string(),
         };
         w.log(&format!(
-            "train {} ({}, {} train / {} test images) {} {} on {device} x {} ({}): {} parameters, {} x {} of global batch {}",
+            "train {} ({}, {} train / {} test images) {} {} on {device} x {} ({}): {} parameters, {} x {} of global batch {}, BatchNorm statistics {} in evaluation",
             m.dataset,
             plural(m.classes.len(), "class", "classes"),
-            m.train.count,
+            self.data.train_images(),
             m.test.count,
             config.arch,
             config.objective.loss,
@@ -325,7 +390,8 @@ impl<'c> Trainer<'c> {
                 "step",
                 "steps"
             ),
-            config.batch_size
+            config.batch_size,
+            config.bn_stats,
         ))?;
         Ok(w)
     }
@@ -382,7 +448,16 @@ impl<'c> Trainer<'c> {
     /// as in a one-rank run; each rank takes a contiguous share of every batch.
     fn train_epoch(&mut self, epoch: usize) -> anyhow::Result<EpochTraining> {
         let start = Instant::now();
-        let n = self.data.train_images();
+        let records = &self.data.selection.train;
+        let split_len = self.data.manifest.train.count as usize;
+        let order = epoch_samples(
+            self.config.seed,
+            epoch as u64,
+            records,
+            self.data.repeats,
+            split_len,
+        );
+        let n = order.len();
         let batch = self.config.batch_size;
         let steps = batches(n, batch);
         let first = self.at.step;
@@ -396,7 +471,7 @@ impl<'c> Trainer<'c> {
                 g.start + mine.start..g.start + mine.end
             })
             .collect();
-        let order = Arc::new(epoch_order(self.config.seed, epoch as u64, n));
+        let order = Arc::new(order);
         let schedule = self.config.schedule;
         let lr_at = |step| schedule.lr_at(epoch, step, steps, self.config.epochs);
         let mut lr = lr_at(first);
@@ -469,6 +544,7 @@ impl<'c> Trainer<'c> {
             BnStats::Precise => recompute_bn_statistics(
                 &self.net,
                 &self.data.train,
+                self.data.bn_records(),
                 batch,
                 self.opts.device,
                 &self.dp,
@@ -477,17 +553,39 @@ impl<'c> Trainer<'c> {
         }
         let when = format!("after epoch {}", metrics.epoch);
         let checksum = self.dp.check_same_model(&self.net.vs, &when, true)?;
+        let classes = self.data.manifest.classes.len();
+        let val = &self.data.selection.val;
+        let val_top1 = if val.is_empty() {
+            None
+        } else {
+            // The held-out training images, preprocessed as test images are.
+            let counts = evaluate(
+                &self.net,
+                &self.data.train,
+                Some(val),
+                batch,
+                classes,
+                self.opts.device,
+                None,
+                false,
+                &self.dp,
+            )?;
+            metrics.val_balanced = Some(counts.balanced());
+            Some(counts.top1())
+        };
+        metrics.val_top1 = val_top1;
         let counts = evaluate(
             &self.net,
             &self.data.test,
+            None,
             batch,
-            self.data.manifest.classes.len(),
+            classes,
             self.opts.device,
             self.data.similarity.as_deref(),
             false,
             &self.dp,
         )?;
-        self.at.evaluated(counts.top1());
+        self.at.evaluated(counts.top1(), val_top1);
         metrics.test_top1 = Some(counts.top1());
         metrics.test_balanced = Some(counts.balanced());
         metrics.test_hierarchical = counts.hierarchical();
@@ -508,15 +606,20 @@ impl<'c> Trainer<'c> {
         writer.metric(&MetricsLine::Epoch(Box::new(metrics.clone())))?;
         let pct = |v: f64| format!("{:.2}%", 100.0 * v);
         let mut line = format!(
-            "epoch {:>4}/{} lr {:.3e} loss {:.4} test top-1 {}",
-            metrics.epoch,
-            self.config.epochs,
-            metrics.lr,
-            metrics.train_loss,
-            metrics.test_top1.map_or("-".into(), pct),
+            "epoch {:>4}/{} lr {:.3e} loss {:.4}",
+            metrics.epoch, self.config.epochs, metrics.lr, metrics.train_loss,
         );
+        if let Some(v) = metrics.val_top1 {
+            line += &format!(" val top-1 {}", pct(v));
+        }
+        line += &format!(" test top-1 {}", metrics.test_top1.map_or("-".into(), pct));
         if !self.at.best.is_nan() {
-            line += &format!(" (best {} @{})", pct(self.at.best), self.at.best_epoch);
+            let on = if self.at.best_val.is_nan() {
+                String::new()
+            } else {
+                format!(", selected on val {}", pct(self.at.best_val))
+            };
+            line += &format!(" (best {} @{}{on})", pct(self.at.best), self.at.best_epoch);
         }
         line += &format!(
             " | train {:.0} img/s {:.1}s",
@@ -550,6 +653,8 @@ impl<'c> Trainer<'c> {
             best_top1: (!at.best.is_nan()).then_some(at.best),
             best_epoch: at.best_epoch,
             last_top1: (!at.last.is_nan()).then_some(at.last),
+            best_val_top1: (!at.best_val.is_nan()).then_some(at.best_val),
+            max_test_top1: (!at.max_test.is_nan()).then_some(at.max_test),
             metrics_bytes: self.writer.as_ref().map_or(0, RunWriter::metrics_len),
             files: Default::default(),
         };
@@ -606,13 +711,28 @@ impl<'c> Trainer<'c> {
                 last_top1: finite(at.last),
                 epochs: self.config.epochs,
                 world_size: self.dp.world(),
+                selected_on: if at.best_val.is_nan() { "test" } else { "val" }.to_string(),
+                best_val_top1: finite(at.best_val),
+                max_test_top1: (!at.best_val.is_nan()).then_some(at.max_test),
             }))?;
-            let line = format!(
-                "done: best test top-1 {:.2}% (epoch {}), last {:.2}%",
-                100.0 * at.best,
-                at.best_epoch,
-                100.0 * at.last
-            );
+            let line = if at.best_val.is_nan() {
+                format!(
+                    "done: best test top-1 {:.2}% (epoch {}), last {:.2}%",
+                    100.0 * at.best,
+                    at.best_epoch,
+                    100.0 * at.last
+                )
+            } else {
+                format!(
+                    "done: test top-1 {:.2}% at epoch {} selected on validation ({:.2}%); \
+                     best test top-1 of any epoch {:.2}%, last {:.2}%",
+                    100.0 * at.best,
+                    at.best_epoch,
+                    100.0 * at.best_val,
+                    100.0 * at.max_test,
+                    100.0 * at.last
+                )
+            };
             w.log(&line)?;
             if self.display.terminal {
                 eprintln!("{line}");

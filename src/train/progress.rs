@@ -15,10 +15,16 @@ pub struct Position {
     /// The epoch's training loss so far (sum over samples) and its sample count.
     pub loss_sum: f64,
     pub seen: usize,
-    /// Best and last test top-1 (NaN before the first evaluation), and the best's epoch.
+    /// The selected epoch's test top-1 (NaN before the first evaluation) and that epoch: the
+    /// best on validation when the run holds some out, else the best on test (the paper's
+    /// protocol); and the last test top-1.
     pub best: f64,
     pub best_epoch: usize,
     pub last: f64,
+    /// The selected epoch's validation top-1 (NaN without a validation split).
+    pub best_val: f64,
+    /// The highest test top-1 of any epoch (the test-selected figure).
+    pub max_test: f64,
 }
 
 impl Position {
@@ -32,6 +38,8 @@ impl Position {
             best: f64::NAN,
             best_epoch: 0,
             last: f64::NAN,
+            best_val: f64::NAN,
+            max_test: f64::NAN,
         }
     }
 
@@ -46,6 +54,8 @@ impl Position {
             best: st.best_top1.unwrap_or(f64::NAN),
             best_epoch: st.best_epoch,
             last: st.last_top1.unwrap_or(f64::NAN),
+            best_val: st.best_val_top1.unwrap_or(f64::NAN),
+            max_test: st.max_test_top1.or(st.best_top1).unwrap_or(f64::NAN),
         }
     }
 
@@ -62,12 +72,23 @@ impl Position {
         self.loss_sum / self.seen.max(1) as f64
     }
 
-    /// Records an evaluation of the current epoch.
-    pub fn evaluated(&mut self, top1: f64) {
-        self.last = top1;
-        if self.best.is_nan() || top1 > self.best {
-            self.best = top1;
+    /// Records an evaluation of the current epoch: its test top-1 and, with a validation
+    /// split, its validation top-1, on which the epoch is then selected (the first of ties).
+    pub fn evaluated(&mut self, test: f64, val: Option<f64>) {
+        self.last = test;
+        if self.max_test.is_nan() || test > self.max_test {
+            self.max_test = test;
+        }
+        let better = match val {
+            Some(v) => self.best_val.is_nan() || v > self.best_val,
+            None => self.best.is_nan() || test > self.best,
+        };
+        if better {
+            self.best = test;
             self.best_epoch = self.epoch + 1;
+            if let Some(v) = val {
+                self.best_val = v;
+            }
         }
     }
 

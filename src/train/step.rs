@@ -5,7 +5,7 @@
 use anyhow::bail;
 use tch::{Device, Tensor};
 
-use super::data_parallel::DataParallel;
+use super::data_parallel::{DataParallel, GroupedStats};
 use super::grad_sync::StepTotals;
 use crate::data::loader::Batch;
 use crate::model::layers::Pass;
@@ -19,8 +19,68 @@ pub struct StepSettings {
     pub device: Device,
     /// bfloat16 autocast in forward and backward.
     pub bf16: bool,
-    /// BatchNorm statistics over the whole job's batch (has no effect on one rank).
-    pub sync_bn: bool,
+    /// What training BatchNorm statistics are computed over.
+    pub bn: BnGroups,
+}
+
+/// What the training statistics of every BatchNorm are computed over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BnGroups {
+    /// This rank's share of the batch.
+    PerRank,
+    /// `groups` parts of this rank's share (`--bn-batch` smaller than the share).
+    Ghost { groups: usize },
+    /// The shares of `ranks` consecutive ranks together (`--sync-bn`: all of them; `--bn-batch`
+    /// larger than a share: as many as make the group).
+    Synced { ranks: usize },
+}
+
+impl BnGroups {
+    /// The grouping of a run with global batch `batch` on `world` ranks: `bn_batch` images per
+    /// group, or the whole global batch with `sync_bn`. A group size that does not divide the
+    /// shares evenly is refused (the statistics would silently be over another size).
+    pub fn for_run(
+        bn_batch: Option<usize>,
+        sync_bn: bool,
+        batch: usize,
+        world: usize,
+    ) -> anyhow::Result<BnGroups> {
+        let world = world.max(1);
+        if sync_bn {
+            return Ok(if world > 1 {
+                BnGroups::Synced { ranks: world }
+            } else {
+                BnGroups::PerRank
+            });
+        }
+        let Some(n) = bn_batch else {
+            return Ok(BnGroups::PerRank);
+        };
+        let share = batch / world;
+        let even = batch.is_multiple_of(world);
+        if even && share >= n && share.is_multiple_of(n) {
+            let groups = share / n;
+            return Ok(if groups > 1 {
+                BnGroups::Ghost { groups }
+            } else {
+                BnGroups::PerRank
+            });
+        }
+        if even
+            && share > 0
+            && share < n
+            && n.is_multiple_of(share)
+            && world.is_multiple_of(n / share)
+        {
+            return Ok(BnGroups::Synced { ranks: n / share });
+        }
+        anyhow::bail!(
+            "--bn-batch {n}: the global batch of {batch} on {world} rank(s) gives {} images per \
+             rank, which groups of {n} do not divide (or {n} / that must divide the ranks); \
+             choose a batch, rank count or --bn-batch that fit, or --bn-batch 0",
+            batch as f64 / world as f64
+        )
+    }
 }
 
 /// Where a step is in the run (0-based), for messages.
@@ -72,17 +132,25 @@ pub fn forward_backward(
     global_size: usize,
     settings: &StepSettings,
 ) -> Option<Tensor> {
-    let sync_bn = settings.sync_bn && dp.world() > 1;
+    let synced = match settings.bn {
+        BnGroups::Synced { ranks } if dp.world() > 1 => Some(ranks),
+        _ => None,
+    };
     // An empty share still runs the forward pass when the BatchNorms are synchronised (every
     // rank joins their all-reduces), but has no loss.
-    if batch.is_empty() && !sync_bn {
+    if batch.is_empty() && synced.is_none() {
         return None;
     }
     let (images, labels) = batch.to_device(settings.device);
-    let pass = if sync_bn {
-        Pass::TrainSynced(dp)
-    } else {
-        Pass::Train
+    let grouped = GroupedStats {
+        dp,
+        ranks_per_group: synced.unwrap_or(1),
+    };
+    let pass = match (settings.bn, synced) {
+        (_, Some(ranks)) if ranks >= dp.world() => Pass::TrainSynced(dp),
+        (_, Some(_)) => Pass::TrainSynced(&grouped),
+        (BnGroups::Ghost { groups }, None) => Pass::TrainGhost { groups },
+        _ => Pass::Train,
     };
     let loss = autocast::bf16(settings.bf16, settings.device, || {
         let out = net.forward(&images, pass);
@@ -95,4 +163,33 @@ pub fn forward_backward(
     };
     loss.backward();
     Some(loss.detach())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BnGroups;
+
+    #[test]
+    fn bn_groups_reproduce_four_by_24_on_any_rank_count() {
+        let g = |world| BnGroups::for_run(Some(24), false, 96, world).unwrap();
+        assert_eq!(g(1), BnGroups::Ghost { groups: 4 });
+        assert_eq!(g(2), BnGroups::Ghost { groups: 2 });
+        assert_eq!(g(4), BnGroups::PerRank);
+        assert_eq!(g(8), BnGroups::Synced { ranks: 2 });
+        let err = BnGroups::for_run(Some(24), false, 96, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--bn-batch 24") && err.contains("32 images per rank"),
+            "{err}"
+        );
+        assert_eq!(
+            BnGroups::for_run(None, true, 96, 4).unwrap(),
+            BnGroups::Synced { ranks: 4 }
+        );
+        assert_eq!(
+            BnGroups::for_run(None, false, 96, 4).unwrap(),
+            BnGroups::PerRank
+        );
+    }
 }

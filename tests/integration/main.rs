@@ -15,5 +15,6 @@ mod predict;
 mod report;
 mod resume;
 mod setup;
+mod subsets;
 mod training;
 mod util;

@@ -1,6 +1,6 @@
 //! Architectures, objectives, optimiser and schedule against values derived by hand.
 
-use cosine_train::model::{Arch, Backbone};
+use cosine_train::model::{Arch, Backbone, ConvPadding};
 use cosine_train::objective::{
     Head, HeadOutput, LossKind, ObjectiveConfig, l2_normalize, smoothed_ce,
 };
@@ -38,7 +38,7 @@ fn resnet50_has_torchvisions_parameter_count() {
     // torchvision's resnet50 with its 1000-class fc has 25,557,032 parameters.
     assert_eq!(expected + 2048 * 1000 + 1000, 25_557_032);
     let vs = nn::VarStore::new(Device::Cpu);
-    let backbone = Backbone::new(Arch::ResNet50, &vs.root(), 3);
+    let backbone = Backbone::new(Arch::ResNet50, &vs.root(), 3, ConvPadding::Same);
     assert_eq!(trainable(&vs), expected);
     assert_eq!(backbone.out_dim(), 2048);
     // Any input size gives pooled features; 448 is the fine-grained crop, 224 MIT-67's.
@@ -78,6 +78,7 @@ fn resnet110_wfc_parameter_count_and_shapes() {
         },
         &vs.root(),
         3,
+        ConvPadding::Same,
     );
     assert_eq!(trainable(&vs), expected);
     assert_eq!(expected, 6_892_192, "6.89 M parameters before the head");
@@ -425,10 +426,20 @@ fn channels_last_gives_the_same_outputs_and_gradients() {
     // Both networks get the first one's weights (the global generator is shared with tests
     // running in parallel, so seeding twice would not give the same initialisation).
     let reference = nn::VarStore::new(Device::Cpu);
-    let _ = Backbone::new("resnet20".parse().unwrap(), &reference.root(), 3);
+    let _ = Backbone::new(
+        "resnet20".parse().unwrap(),
+        &reference.root(),
+        3,
+        ConvPadding::Same,
+    );
     let build = |channels_last: bool| {
         let mut vs = nn::VarStore::new(Device::Cpu);
-        let net = Backbone::new("resnet20".parse().unwrap(), &vs.root(), 3);
+        let net = Backbone::new(
+            "resnet20".parse().unwrap(),
+            &vs.root(),
+            3,
+            ConvPadding::Same,
+        );
         vs.copy(&reference).unwrap();
         if channels_last {
             cosine_train::model::to_channels_last(&vs);
