@@ -94,12 +94,19 @@ impl Network {
     }
 }
 
-/// The L2 coefficient of every trainable tensor (reference-spec 4.6).
+/// The L2 coefficient of every trainable tensor (reference-spec 4.6), plus half the
+/// `--weight-decay` on every tensor: an L2 coefficient l adds 2 l w to the gradient, PyTorch's
+/// coupled weight decay wd adds wd w.
 pub fn l2_of(config: &RunConfig) -> impl Fn(&str, &Tensor) -> f64 + '_ {
-    move |name, tensor| match Head::l2_of(name) {
-        Some(l2) => l2,
-        // Kernels (convs, dense) have two or more dimensions; biases and BN parameters one.
-        None if tensor.dim() >= 2 => config.arch.kernel_l2(),
-        None => 0.0,
+    let decay = config.weight_decay / 2.0;
+    move |name, tensor| {
+        decay
+            + match Head::l2_of(name) {
+                Some(l2) => l2,
+                // Kernels (convs, dense) have two or more dimensions; biases and BN parameters
+                // one.
+                None if tensor.dim() >= 2 => config.arch.kernel_l2(),
+                None => 0.0,
+            }
     }
 }

@@ -139,3 +139,51 @@ impl CifarResNet {
         h.mean_dim([2i64, 3].as_slice(), false, tch::Kind::Float)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn same_padding_splits_the_odd_pixel_after() {
+        assert_eq!(ConvPadding::Same.split(32, 3, 2), (0, 1));
+        assert_eq!(ConvPadding::Same.split(16, 3, 2), (0, 1));
+        assert_eq!(ConvPadding::Same.split(7, 3, 2), (1, 1));
+        assert_eq!(ConvPadding::Same.split(8, 3, 1), (1, 1));
+        assert_eq!(ConvPadding::Symmetric.split(32, 3, 2), (1, 1));
+    }
+
+    /// The strided block's forward pass equals the block computed by hand with the input padded
+    /// 0 before and 1 after, and differs from padding 1 on both sides.
+    #[test]
+    fn a_strided_block_pads_as_keras_same() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let block = BasicBlock::new(vs.root() / "b", 4, 8, 2, ConvPadding::Same);
+        let x = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+        // Fresh BatchNorms in evaluation: x / sqrt(1 + eps).
+        let bn = |t: Tensor| t / (1.0 + super::super::layers::BN_EPS).sqrt();
+        let by_hand = |pad: [i64; 4], conv_pad: i64| {
+            let h = x.constant_pad_nd(pad).conv2d(
+                &block.conv1.ws,
+                None::<&Tensor>,
+                [2, 2],
+                [conv_pad, conv_pad],
+                [1, 1],
+                1,
+            );
+            let h = bn(h).relu();
+            let h = bn(h.conv2d(&block.conv2.ws, None::<&Tensor>, [1, 1], [1, 1], [1, 1], 1));
+            let shortcut = x
+                .avg_pool2d([2, 2], [2, 2], [0, 0], true, true, None)
+                .constant_pad_nd([0, 0, 0, 0, 2, 2]);
+            (h + shortcut).relu()
+        };
+        let ours = tch::no_grad(|| block.forward(&x, Pass::Eval));
+        let same = tch::no_grad(|| by_hand([0, 1, 0, 1], 0));
+        let symmetric = tch::no_grad(|| by_hand([0, 0, 0, 0], 1));
+        assert_eq!(ours.size(), [2, 8, 4, 4]);
+        assert!(ours.allclose(&same, 1e-5, 1e-5, false));
+        assert!(!ours.allclose(&symmetric, 1e-3, 1e-3, false));
+    }
+}
