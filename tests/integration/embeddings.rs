@@ -268,3 +268,34 @@ fn training_with_the_cifar100_hierarchy_embedding_end_to_end() {
     assert!(stderr(&o).contains("missing ids [\"0\""), "{}", show(&o));
     assert!(stderr(&o).contains("extra ids [\"100\""), "{}", show(&o));
 }
+
+/// The reference trains with `cifar100.glove` rows as stored (norms 3.4 to 7.2): loading keeps
+/// every row's values, norm included, in the data's class order.
+#[test]
+fn non_unit_embeddings_load_as_stored() {
+    let (ids, dim, values) = reference_embedding("cifar100.glove.pickle");
+    let classes: Vec<ClassInfo> = ids
+        .iter()
+        .rev()
+        .map(|id| ClassInfo {
+            id: id.to_string(),
+            name: format!("class {id}"),
+        })
+        .collect();
+    let path = reference().join("embeddings/cifar100.glove.pickle");
+    let loaded = cosine_train::embedding::load(&EmbeddingSpec::File(path), &classes).unwrap();
+    assert_eq!(loaded.size(), [classes.len() as i64, dim as i64]);
+    let loaded = Vec::<f32>::try_from(loaded.reshape([-1])).unwrap();
+    let n = ids.len();
+    for (row, _) in ids.iter().rev().enumerate() {
+        // Row `row` of the data is row n - 1 - row of the file.
+        let stored = &values[(n - 1 - row) * dim..(n - row) * dim];
+        let got = &loaded[row * dim..(row + 1) * dim];
+        for (a, b) in stored.iter().zip(got) {
+            assert!((*a as f32 - b).abs() <= 1e-6 * (a.abs() as f32).max(1.0), "row {row}");
+        }
+    }
+    let norm = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>().sqrt();
+    let norms: Vec<f32> = loaded.chunks(dim).map(norm).collect();
+    assert!(norms.iter().all(|&v| v > 3.0), "rows were rescaled: {norms:?}");
+}
