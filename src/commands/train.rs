@@ -59,7 +59,7 @@ pub struct TrainArgs {
     /// reference pickle (embedding + ind2label).
     #[arg(long, default_value = "onehot")]
     pub embedding: EmbeddingSpec,
-    /// Maximum learning rate [default: 0.1].
+    /// Maximum learning rate [default: 0.1; 0.5 for cosine-ce].
     #[arg(long, visible_alias = "lr")]
     pub lr_max: Option<f64>,
     /// Minimum learning rate of the schedule.

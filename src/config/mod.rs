@@ -437,7 +437,7 @@ impl RunConfig {
         let lr_max = given
             .lr_max
             .or(preset.map(|p| p.lr_max))
-            .unwrap_or(defaults::LR_MAX);
+            .unwrap_or_else(|| defaults::lr_max_for(loss));
         let lr_min = given.lr_min.unwrap_or(defaults::LR_MIN);
         if !(lr_max > 0.0 && lr_max.is_finite() && lr_min >= 0.0 && lr_min <= lr_max) {
             return Err(ConfigError::LearningRates {
