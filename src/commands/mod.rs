@@ -9,6 +9,7 @@ pub mod embed;
 pub mod eval;
 pub mod predict;
 pub mod report;
+pub mod sweep;
 pub mod train;
 
 use std::process::ExitCode;
@@ -72,6 +73,9 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Compute the unit-sphere class embedding of a class hierarchy (rows = leaves by id).
     Embed(embed::EmbedArgs),
+    /// Train a grid of runs (every combination of --axis values) as one job: one run directory
+    /// per cell and OUT/sweep.json; the same command again continues an interrupted grid.
+    Sweep(Box<sweep::SweepArgs>),
 }
 
 /// Runs the parsed command line.
@@ -92,6 +96,7 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
         Command::BenchLoader(args) => bench_loader::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Embed(args) => embed::run(&args),
+        Command::Sweep(args) => sweep::run(&args),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::run_dir::{self, records};
 use crate::runtime::device::DeviceChoice;
 use crate::runtime::signals::Stopped;
 use crate::schedule::ScheduleKind;
-use crate::train::{RunOptions, Trainer};
+use crate::train::{RunOptions, RunSummary, Trainer};
 
 /// `train` options. Every option left out comes from `--preset`, then from the data's source,
 /// then from the defaults shown.
@@ -323,18 +323,7 @@ pub fn run(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<Exi
     let config = resolve_config(args, given)?;
     config.device.ensure_available()?;
     let job = Job::join(&args.job.options(), config.device, args.threads)?;
-    let opts = RunOptions {
-        out: args.out.clone(),
-        device: job.device,
-        workers: args.workers,
-        force: args.force,
-        bucket_mb: args.bucket_mb as usize,
-        checkpoint_every: args.checkpoint_every,
-        keep_checkpoints: args.keep_checkpoints as usize,
-        resume: args.resume.clone(),
-        channels_last: args.channels_last.resolve(job.device),
-    };
-    let result = Trainer::new(config, opts, &job.comm).and_then(Trainer::fit);
+    let result = train_in(&job, args, config);
     match job.finish(result) {
         Ok(_) => Ok(ExitCode::SUCCESS),
         Err(e) => match e.downcast_ref::<Stopped>() {
@@ -349,10 +338,27 @@ pub fn run(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<Exi
     }
 }
 
+/// Trains the run of `args` (resolved into `config`) on this rank of `job`: what `train` does
+/// once the job is joined, and what `sweep` does for each cell.
+pub fn train_in(job: &Job, args: &TrainArgs, config: RunConfig) -> anyhow::Result<RunSummary> {
+    let opts = RunOptions {
+        out: args.out.clone(),
+        device: job.device,
+        workers: args.workers,
+        force: args.force,
+        bucket_mb: args.bucket_mb as usize,
+        checkpoint_every: args.checkpoint_every,
+        keep_checkpoints: args.keep_checkpoints as usize,
+        resume: args.resume.clone(),
+        channels_last: args.channels_last.resolve(job.device),
+    };
+    Trainer::new(config, opts, &job.comm).and_then(Trainer::fit)
+}
+
 /// The run's configuration: the flags over the resumed run's settings (with `--resume` on a run
 /// directory that has them) or over the preset, the data's source and the defaults. Paths are
 /// made absolute, so that the run can be evaluated or resumed from any directory.
-fn resolve_config(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<RunConfig> {
+pub fn resolve_config(args: &TrainArgs, given: &dyn Fn(&str) -> bool) -> anyhow::Result<RunConfig> {
     let mut flags = args.overrides(given);
     let stored = match args.resume {
         Some(_) if args.out.join(run_dir::CONFIG).exists() => {

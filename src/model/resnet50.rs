@@ -95,11 +95,17 @@ impl ResNet50 {
 }
 
 impl ResNet50 {
+    /// The stem's feature map: conv 7x7/2, BatchNorm, ReLU, then the padded 3x3/2 max-pool (a
+    /// 448x448 input gives 112x112). Public so that tests can check the stem on its own.
+    pub fn stem(&self, x: &Tensor, pass: Pass) -> Tensor {
+        let h = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
+        // Zero padding after a ReLU equals -inf padding: keras' pool1_pad + valid max-pool.
+        h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
+    }
+
     /// Pooled features of `x`.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Tensor {
-        let mut h = self.bn1.forward(&x.apply(&self.conv1), pass).relu();
-        // Zero padding after a ReLU equals -inf padding: keras' pool1_pad + valid max-pool.
-        h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        let mut h = self.stem(x, pass);
         for block in &self.blocks {
             h = block.forward(&h, pass);
         }

@@ -292,10 +292,16 @@ fn non_unit_embeddings_load_as_stored() {
         let stored = &values[(n - 1 - row) * dim..(n - row) * dim];
         let got = &loaded[row * dim..(row + 1) * dim];
         for (a, b) in stored.iter().zip(got) {
-            assert!((*a as f32 - b).abs() <= 1e-6 * (a.abs() as f32).max(1.0), "row {row}");
+            assert!(
+                (*a as f32 - b).abs() <= 1e-6 * (a.abs() as f32).max(1.0),
+                "row {row}"
+            );
         }
     }
     let norm = |r: &[f32]| r.iter().map(|v| v * v).sum::<f32>().sqrt();
     let norms: Vec<f32> = loaded.chunks(dim).map(norm).collect();
-    assert!(norms.iter().all(|&v| v > 3.0), "rows were rescaled: {norms:?}");
+    assert!(
+        norms.iter().all(|&v| v > 3.0),
+        "rows were rescaled: {norms:?}"
+    );
 }

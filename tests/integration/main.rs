@@ -1,6 +1,7 @@
 //! Integration tests: the real binaries, real libtorch, real `mpirun`. One test crate (every
 //! test binary links libtorch, which is slow to link and large), one module per theme.
 
+mod architecture;
 mod cli;
 mod cluster;
 mod compat;
