@@ -372,11 +372,11 @@ mod tests {
             parse_axis("loss=ce,cosine").unwrap(),
             parse_axis("--seed=0,1,2").unwrap(),
         ];
-        let cells = cells(&axes);
-        assert_eq!(cells.len(), 6);
-        assert_eq!(cells[0].name, "loss-ce_seed-0");
-        assert_eq!(cells[5].name, "loss-cosine_seed-2");
-        assert_eq!(cells[4].args, ["--loss", "cosine", "--seed", "1"]);
+        let grid = cells(&axes);
+        assert_eq!(grid.len(), 6);
+        assert_eq!(grid[0].name, "loss-ce_seed-0");
+        assert_eq!(grid[5].name, "loss-cosine_seed-2");
+        assert_eq!(grid[4].args, ["--loss", "cosine", "--seed", "1"]);
         assert_eq!(parse_axis("lr-max=paper").unwrap().values.len(), 8);
         assert_eq!(parse_axis("per-class=1,all").unwrap().values, ["1", "0"]);
         assert!(parse_axis("out=a,b").is_err());
