@@ -6,9 +6,7 @@
 pub mod defaults;
 pub mod presets;
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use datasets_prep::sources::Source;
 use serde::{Deserialize, Serialize};
@@ -17,6 +15,7 @@ pub use presets::{Preset, UnknownPreset, preset_names};
 
 use crate::choice::Choice;
 use crate::data::augment::AugmentConfig;
+pub use crate::data::selection::{TrainSubset, ValSplit};
 pub use crate::embedding::EmbeddingSpec;
 use crate::model::Arch;
 pub use crate::model::ConvPadding;
@@ -70,69 +69,6 @@ crate::choice_traits!(Precision);
 /// What a `config.json` without `conv_padding` was trained with.
 fn padding_before_the_option() -> ConvPadding {
     ConvPadding::Symmetric
-}
-
-/// `--val-per-class`: training images held out of training for validation, per class.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ValSplit {
-    /// This many images of every class.
-    PerClass(usize),
-    /// This fraction (0 < f < 1) of every class, rounded, at least one image.
-    Fraction(f64),
-}
-
-impl FromStr for ValSplit {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "'{text}': expected a count of images per class (e.g. 2) or a fraction (e.g. 0.1)"
-            )
-        };
-        if text.contains('.') {
-            let f: f64 = text.parse().map_err(|_| bad())?;
-            if f > 0.0 && f < 1.0 {
-                return Ok(ValSplit::Fraction(f));
-            }
-            return Err(bad());
-        }
-        match text.parse::<usize>() {
-            Ok(k) if k >= 1 => Ok(ValSplit::PerClass(k)),
-            _ => Err(bad()),
-        }
-    }
-}
-
-impl fmt::Display for ValSplit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ValSplit::PerClass(k) => write!(f, "{k}"),
-            ValSplit::Fraction(x) => write!(f, "{x}"),
-        }
-    }
-}
-
-/// Which of the packed training images a run trains on and which it holds out for validation:
-/// a pure function of the packed training split and `seed` (see `data::selection`).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct TrainSubset {
-    /// Training images per class (`--per-class`); `None`: all that are not held out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub per_class: Option<usize>,
-    /// Held out for validation (`--val-per-class`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub val: Option<ValSplit>,
-    /// `--subset-seed`.
-    #[serde(default)]
-    pub seed: u64,
-}
-
-impl TrainSubset {
-    /// Every packed training image trains (and nothing is held out).
-    pub fn is_all(&self) -> bool {
-        self.per_class.is_none() && self.val.is_none() && self.seed == 0
-    }
 }
 
 fn is_one(n: &usize) -> bool {

@@ -189,16 +189,7 @@ impl BatchNorm {
             // e.g. a last batch of 1): the batch variance is undefined, and libtorch would write
             // NaN into the running variance. Normalise with the batch statistics (the output is
             // the bias), and leave running statistics and step count alone.
-            return xs.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.0,
-                BN_EPS,
-                true,
-            );
+            return self.batch_statistics_only(xs);
         }
         let momentum = match pass {
             // The k-th batch of a precise pass enters the average with weight 1 / k.
@@ -218,6 +209,20 @@ impl BatchNorm {
         )
     }
 
+    /// Normalises with the batch's own statistics, leaving running statistics alone.
+    fn batch_statistics_only(&self, xs: &Tensor) -> Tensor {
+        xs.batch_norm(
+            Some(&self.weight),
+            Some(&self.bias),
+            None::<&Tensor>,
+            None::<&Tensor>,
+            true,
+            0.0,
+            BN_EPS,
+            true,
+        )
+    }
+
     /// Training-mode normalisation of each of `groups` parts of the batch with its own
     /// statistics; one running-statistics update with their mean.
     fn forward_ghost(&self, xs: &Tensor, groups: usize) -> Tensor {
@@ -232,16 +237,7 @@ impl BatchNorm {
         let mut stats: Option<(Tensor, Tensor)> = None;
         let mut counted = 0usize;
         for part in xs.split_with_sizes(sizes.as_slice(), 0) {
-            outputs.push(part.batch_norm(
-                Some(&self.weight),
-                Some(&self.bias),
-                None::<&Tensor>,
-                None::<&Tensor>,
-                true,
-                0.0,
-                BN_EPS,
-                true,
-            ));
+            outputs.push(self.batch_statistics_only(&part));
             // A part of one value per channel has no variance (as in `forward`).
             if part.numel() as i64 / channels <= 1 {
                 continue;
