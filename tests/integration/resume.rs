@@ -336,7 +336,7 @@ fn resuming_with_changed_settings_is_refused_with_the_differences() {
     assert!(
         err.contains("settings differ from the checkpoint's")
             && err.contains("objective.loss: \"cosine-ce\" -> \"cosine\"")
-            && err.contains("schedule.max_lr: 0.1 -> 0.3"),
+            && err.contains("schedule.max_lr: 0.5 -> 0.3"),
         "{err}"
     );
     let o = Command::new(cosine_train_path())
