@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::watchdog::Watched;
-use super::{Backend, Communicator};
+use super::{Backend, Communicator, Grouping};
 use crate::runtime::device::DeviceChoice;
 
 /// How a process joins its job.
@@ -21,6 +21,14 @@ pub struct Job {
     pub device: tch::Device,
 }
 
+/// A process's place among the groups of a job split by [`Grouping`] (`sweep`).
+pub struct Team {
+    /// Every rank of the job; `None` when the job is one group (the [`Job`]'s communicator).
+    pub world: Option<Box<dyn Communicator>>,
+    pub group: usize,
+    pub groups: usize,
+}
+
 impl Job {
     /// Connects to the job (`--dist`), picks the local rank's device and sets libtorch's thread
     /// count (`threads`, else [`default_threads`]).
@@ -29,21 +37,44 @@ impl Job {
         device: DeviceChoice,
         threads: Option<i32>,
     ) -> anyhow::Result<Job> {
-        let (comm, device) = super::connect(options.backend, device)?;
-        let threads = threads.unwrap_or_else(|| default_threads(comm.local_size()));
+        Ok(Self::join_grouped(options, device, threads, Grouping::WHOLE)?.0)
+    }
+
+    /// [`Job::join`] for one group of a job split by `grouping`: the job's communicator is the
+    /// group's, and the thread count shares the node's CPUs among all its ranks.
+    pub fn join_grouped(
+        options: &JobOptions,
+        device: DeviceChoice,
+        threads: Option<i32>,
+        grouping: Grouping,
+    ) -> anyhow::Result<(Job, Team)> {
+        let c = super::connect_grouped(options.backend, device, grouping)?;
+        let node = c.world.as_deref().unwrap_or(c.comm.as_ref());
+        let threads = threads.unwrap_or_else(|| default_threads(node.local_size()));
         tch::set_num_threads(threads.max(1));
-        if comm.size() > 1 {
+        if node.size() > 1 {
             // A panic is a bug, but on one rank of many it must still end the job at once
             // instead of leaving the others waiting in a collective.
-            let abort = comm.abort_handle();
+            let abort = node.abort_handle();
             let report = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
                 report(info);
                 abort.abort(&format!("cosine-train: internal error: {info}"), 1);
             }));
         }
-        let comm = Watched::new(comm, options.collective_timeout);
-        Ok(Job { comm, device })
+        let comm = Watched::new(c.comm, options.collective_timeout);
+        let team = Team {
+            world: c.world,
+            group: c.group,
+            groups: c.groups,
+        };
+        Ok((
+            Job {
+                comm,
+                device: c.device,
+            },
+            team,
+        ))
     }
 
     /// Passes `result` through; in a job of several ranks an error ends the whole job at once

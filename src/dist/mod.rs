@@ -128,6 +128,83 @@ pub fn resolve_backend(backend: Backend, device: crate::runtime::device::DeviceC
     }
 }
 
+/// How the ranks of a job split into groups that each train their own runs (`sweep`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grouping {
+    /// Ranks per group (`--ranks-per-run`); 0: one group of every rank.
+    pub ranks_per_run: usize,
+    /// Processes sharing each GPU (`--runs-per-gpu`), from different groups.
+    pub runs_per_gpu: usize,
+}
+
+impl Grouping {
+    /// One group of every rank, one rank per GPU: what `train` uses.
+    pub const WHOLE: Grouping = Grouping {
+        ranks_per_run: 0,
+        runs_per_gpu: 1,
+    };
+
+    /// Ranks per group in a job of `size` ranks, checked to divide it.
+    pub fn group_size(self, size: usize) -> anyhow::Result<usize> {
+        let g = if self.ranks_per_run == 0 {
+            size
+        } else {
+            self.ranks_per_run
+        };
+        if g > size || !size.is_multiple_of(g) {
+            anyhow::bail!(
+                "--ranks-per-run {g}: the job's {size} rank(s) do not split into groups of {g} \
+                 (launch a multiple of {g} ranks)"
+            );
+        }
+        Ok(g)
+    }
+
+    /// The GPU slot (index among the node's visible GPUs) of the rank with `local_rank` of
+    /// `local_size` on its node, for groups of `group_size`. One process per GPU: the local
+    /// rank. With R runs per GPU the node's ranks cycle over its `local_size / R` GPUs, so the
+    /// consecutive ranks of one group land on different GPUs (NCCL refuses two ranks of one
+    /// communicator on the same GPU).
+    pub fn gpu_slot(
+        self,
+        local_rank: usize,
+        local_size: usize,
+        group_size: usize,
+    ) -> anyhow::Result<usize> {
+        let r = self.runs_per_gpu.max(1);
+        if r == 1 {
+            return Ok(local_rank);
+        }
+        if !local_size.is_multiple_of(r) {
+            anyhow::bail!(
+                "--runs-per-gpu {r}: the {local_size} rank(s) on this node do not share GPUs \
+                 {r} to a GPU (start a multiple of {r} ranks per node)"
+            );
+        }
+        let gpus = local_size / r;
+        if group_size > gpus {
+            anyhow::bail!(
+                "--runs-per-gpu {r} with --ranks-per-run {group_size}: the node's {local_size} \
+                 ranks use {gpus} GPU(s), fewer than a run's ranks, so two ranks of one run \
+                 would share a GPU"
+            );
+        }
+        Ok(local_rank % gpus)
+    }
+}
+
+/// This process's connection to its job, and to its group of a grouped job.
+pub struct Connection {
+    /// The group's communicator (every rank when not grouped): what training reduces over.
+    pub comm: Box<dyn Communicator>,
+    pub device: tch::Device,
+    /// Every rank of the job, when the job is split into several groups.
+    pub world: Option<Box<dyn Communicator>>,
+    /// This process's group and the number of groups.
+    pub group: usize,
+    pub groups: usize,
+}
+
 /// Connects this process to its job and picks its device: MPI first (rank, size, local rank),
 /// then the device of the local rank (`--device cuda` = GPU `local_rank`), then NCCL on that
 /// GPU when the backend is NCCL. Works the same under `mpirun`, `srun` and as a plain process
@@ -136,7 +213,17 @@ pub fn connect(
     backend: Backend,
     device: crate::runtime::device::DeviceChoice,
 ) -> anyhow::Result<(Box<dyn Communicator>, tch::Device)> {
-    use anyhow::Context;
+    let c = connect_grouped(backend, device, Grouping::WHOLE)?;
+    Ok((c.comm, c.device))
+}
+
+/// [`connect`], with the job's ranks split into groups by `grouping`: consecutive ranks form a
+/// group, and each group gets its own communicator (MPI, and NCCL on GPUs).
+pub fn connect_grouped(
+    backend: Backend,
+    device: crate::runtime::device::DeviceChoice,
+    grouping: Grouping,
+) -> anyhow::Result<Connection> {
     device.ensure_available()?;
     match resolve_backend(backend, device) {
         Backend::Single => {
@@ -146,14 +233,22 @@ pub fn connect(
                      train alone and write the same run directory; use --dist auto (or mpi/nccl)"
                 );
             }
-            Ok((Box::new(single::SingleProcess), device.resolve(0)?))
+            grouping.group_size(1)?;
+            Ok(Connection {
+                comm: Box::new(single::SingleProcess),
+                device: device.resolve(0)?,
+                world: None,
+                group: 0,
+                groups: 1,
+            })
         }
         Backend::Mpi => {
-            let mpi = mpi::MpiCommunicator::init()?;
-            let resolved = device
-                .resolve(mpi.local_rank())
-                .with_context(|| format!("rank {}", mpi.rank()))?;
-            Ok((Box::new(mpi), resolved))
+            let world = mpi::MpiCommunicator::init()?;
+            let (group, groups, slot) = fail_job(&world, place(&world, grouping))?;
+            let resolved = fail_job(&world, device.resolve(slot))?;
+            Ok(split_off(world, group, groups, resolved, |comm| {
+                Ok(Box::new(comm))
+            })?)
         }
         Backend::Nccl => {
             if let Some(reason) = nccl::unavailable_reason() {
@@ -162,37 +257,110 @@ pub fn connect(
                     let mpi = mpi::MpiCommunicator::init()?;
                     if mpi.size() == 1 {
                         let resolved = device.resolve(0)?;
-                        return Ok((Box::new(mpi), resolved));
+                        return Ok(Connection {
+                            comm: Box::new(mpi),
+                            device: resolved,
+                            world: None,
+                            group: 0,
+                            groups: 1,
+                        });
                     }
                 }
                 return Err(DistError::NcclUnavailable(reason).into());
             }
-            let resolved = match device {
-                crate::runtime::device::DeviceChoice::Cpu => {
-                    anyhow::bail!("--dist nccl needs --device cuda (NCCL reduces GPU tensors)")
-                }
-                crate::runtime::device::DeviceChoice::Cuda(_) => device,
+            if device == crate::runtime::device::DeviceChoice::Cpu {
+                anyhow::bail!("--dist nccl needs --device cuda (NCCL reduces GPU tensors)");
+            }
+            let over_nccl = |host: Box<dyn Communicator>, tch_device: tch::Device| {
+                let gpu = match tch_device {
+                    tch::Device::Cuda(i) => i,
+                    _ => unreachable!("a CUDA choice resolves to a CUDA device"),
+                };
+                let rank = host.rank();
+                nccl::NcclCommunicator::over(host, gpu)
+                    .map(|c| Box::new(c) as Box<dyn Communicator>)
+                    .map_err(|e| anyhow::anyhow!("rank {rank}: NCCL on GPU {gpu}: {e}"))
             };
             // A lone process makes its one-rank NCCL communicator without MPI.
-            let host: Box<dyn Communicator> = if launched_ranks().is_none() {
-                Box::new(single::SingleProcess)
-            } else {
-                Box::new(mpi::MpiCommunicator::init()?)
-            };
-            let rank = host.rank();
-            let tch_device = resolved
-                .resolve(host.local_rank())
-                .with_context(|| format!("rank {rank}"))?;
-            let gpu = match tch_device {
-                tch::Device::Cuda(i) => i,
-                _ => unreachable!("a CUDA choice resolves to a CUDA device"),
-            };
-            let comm = nccl::NcclCommunicator::over(host, gpu)
-                .with_context(|| format!("rank {rank}: NCCL on GPU {gpu}"))?;
-            Ok((Box::new(comm), tch_device))
+            if launched_ranks().is_none() {
+                grouping.group_size(1)?;
+                let tch_device = device.resolve(0)?;
+                return Ok(Connection {
+                    comm: over_nccl(Box::new(single::SingleProcess), tch_device)?,
+                    device: tch_device,
+                    world: None,
+                    group: 0,
+                    groups: 1,
+                });
+            }
+            let world = mpi::MpiCommunicator::init()?;
+            let (group, groups, slot) = fail_job(&world, place(&world, grouping))?;
+            let tch_device = fail_job(&world, device.resolve(slot))?;
+            split_off(world, group, groups, tch_device, |comm| {
+                over_nccl(Box::new(comm), tch_device)
+            })
         }
         Backend::Auto => unreachable!("auto was resolved above"),
     }
+}
+
+/// This rank's group, the number of groups and its GPU slot. The checks give the same answer
+/// on every rank, so an error ends each rank alike.
+fn place(
+    world: &mpi::MpiCommunicator,
+    grouping: Grouping,
+) -> anyhow::Result<(usize, usize, usize)> {
+    let g = grouping.group_size(world.size())?;
+    let slot = grouping.gpu_slot(world.local_rank(), world.local_size(), g)?;
+    Ok((world.rank() / g, world.size() / g, slot))
+}
+
+/// The group's communicator made by `make` from the group's MPI ranks (the world itself when
+/// there is one group); a failure on one rank ends the whole job, as the others would wait.
+fn split_off(
+    world: mpi::MpiCommunicator,
+    group: usize,
+    groups: usize,
+    device: tch::Device,
+    make: impl FnOnce(mpi::MpiCommunicator) -> anyhow::Result<Box<dyn Communicator>>,
+) -> anyhow::Result<Connection> {
+    if groups == 1 {
+        let abort = world.abort_handle();
+        let size = world.size();
+        let comm = make(world).map_err(|e| abort_if_many(&abort, size, e))?;
+        return Ok(Connection {
+            comm,
+            device,
+            world: None,
+            group,
+            groups,
+        });
+    }
+    let part = fail_job(&world, world.split(group).map_err(anyhow::Error::from))?;
+    let comm = fail_job(&world, make(part))?;
+    Ok(Connection {
+        comm,
+        device,
+        world: Some(Box::new(world)),
+        group,
+        groups,
+    })
+}
+
+/// Passes `result` through; with several ranks an error ends the job at once (the other ranks
+/// would otherwise wait in their next collective).
+fn fail_job<T>(world: &dyn Communicator, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    match result {
+        Err(e) if world.size() > 1 => world.abort(&format!("cosine-train: {e:#}"), 1),
+        other => other,
+    }
+}
+
+fn abort_if_many(abort: &AbortHandle, size: usize, e: anyhow::Error) -> anyhow::Error {
+    if size > 1 {
+        abort.abort(&format!("cosine-train: {e:#}"), 1)
+    }
+    e
 }
 
 /// The launcher's rank count when this process was started as one of several ranks: the

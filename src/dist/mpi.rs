@@ -7,11 +7,12 @@
 //! a failed collective never leaves the other ranks waiting.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 use mpi::raw::AsRaw;
-use mpi::topology::{Communicator as _, SimpleCommunicator};
+use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use tch::Tensor;
 
 use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducible};
@@ -19,9 +20,12 @@ use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducib
 /// MPI counts are C ints; larger buffers go in pieces of this many elements.
 const MAX_ELEMENTS_PER_CALL: usize = 1 << 30;
 
-/// A job's ranks connected through MPI.
+/// A job's ranks connected through MPI (all of them, or one group of a [`split`]).
+///
+/// [`split`]: MpiCommunicator::split
 pub struct MpiCommunicator {
-    // Field order matters: communicators are freed on drop, before the universe finalises MPI.
+    // Field order matters: communicators are freed on drop, before the universe finalises MPI
+    // (when the last communicator sharing it goes).
     world: SimpleCommunicator,
     local: SimpleCommunicator,
     /// `MPI_IN_PLACE` of the MPI library in use, when known (see [`in_place_sentinel`]).
@@ -29,7 +33,7 @@ pub struct MpiCommunicator {
     /// Receive buffer for all-reduces where `MPI_IN_PLACE` is unknown; grows to the largest
     /// buffer reduced and is then reused, so steady-state training allocates nothing here.
     scratch: RefCell<Vec<f32>>,
-    _universe: Universe,
+    _universe: Rc<Universe>,
 }
 
 impl MpiCommunicator {
@@ -46,7 +50,29 @@ impl MpiCommunicator {
             local,
             in_place: in_place_sentinel(&library_version()),
             scratch: RefCell::new(Vec::new()),
-            _universe: universe,
+            _universe: Rc::new(universe),
+        })
+    }
+
+    /// The ranks with the same `color` as this one, as a communicator of their own (ranked in
+    /// the order of their ranks here). Every rank must call it, in the same order.
+    pub fn split(&self, color: usize) -> Result<Self> {
+        let failed = |detail: String| DistError::Failed {
+            op: "MPI_Comm_split",
+            detail,
+        };
+        let color = i32::try_from(color).map_err(|_| failed(format!("color {color} too large")))?;
+        let group = self
+            .world
+            .split_by_color_with_key(Color::with_value(color), self.world.rank())
+            .ok_or_else(|| failed("no communicator came back".into()))?;
+        let local = group.split_shared(group.rank());
+        Ok(Self {
+            world: group,
+            local,
+            in_place: self.in_place,
+            scratch: RefCell::new(Vec::new()),
+            _universe: Rc::clone(&self._universe),
         })
     }
 }

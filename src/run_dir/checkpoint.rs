@@ -101,7 +101,7 @@ pub struct State {
     pub files: BTreeMap<String, FileSum>,
 }
 
-fn hash_hex(bytes: &[u8]) -> String {
+pub fn hash_hex(bytes: &[u8]) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes))
 }
 

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod ownership;
 pub mod records;
+pub mod sweep;
 pub mod tensorboard;
 pub mod weights;
 pub mod writer;

@@ -52,14 +52,16 @@ impl TryFrom<String> for DeviceChoice {
 
 impl DeviceChoice {
     /// Resolves the choice for a rank, checking that the device exists. A bare `cuda` picks the
-    /// GPU numbered by the rank's local rank.
+    /// GPU numbered by the rank's local rank (GPU slot), or the only GPU when one is visible.
     pub fn resolve(self, local_rank: usize) -> anyhow::Result<tch::Device> {
         match self {
             Self::Cpu => Ok(tch::Device::Cpu),
             Self::Cuda(index) => {
                 self.ensure_available()?;
-                let gpu = index.unwrap_or(local_rank);
                 let count = tch::Cuda::device_count() as usize;
+                // One visible GPU under a launcher that binds a GPU to each task (srun
+                // --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank): it is this rank's.
+                let gpu = index.unwrap_or(if count == 1 { 0 } else { local_rank });
                 if gpu >= count {
                     anyhow::bail!(
                         "--device {self} resolves to GPU {gpu}, but only {count} GPU(s) are visible \

@@ -176,13 +176,21 @@ const MAY_CHANGE: [&str; 2] = ["data", "device"];
 
 /// The settings of `now` that differ from the checkpoint's, as `key: old -> new`.
 pub fn config_differences(saved: &RunConfig, now: &RunConfig) -> anyhow::Result<Vec<String>> {
+    Ok(all_differences(saved, now)?
+        .into_iter()
+        .filter(|d| !MAY_CHANGE.contains(&d.split([':', '.']).next().unwrap_or("")))
+        .collect())
+}
+
+/// Every setting of `now` that differs from `saved`, as `key: old -> new` (nested keys joined
+/// with dots).
+pub fn all_differences(saved: &RunConfig, now: &RunConfig) -> anyhow::Result<Vec<String>> {
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten("", &serde_json::to_value(saved)?, &mut a);
     flatten("", &serde_json::to_value(now)?, &mut b);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
     Ok(keys
         .into_iter()
-        .filter(|k| !MAY_CHANGE.contains(&k.split('.').next().unwrap_or("")))
         .filter_map(|k| {
             let (old, new) = (a.get(k), b.get(k));
             (old != new).then(|| {

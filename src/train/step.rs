@@ -2,7 +2,6 @@
 //! the global batch, the gradient all-reduce (with the step's loss and stop flag), the update.
 //! `train` runs [`train_step`] for every step and `bench-step` times the same functions.
 
-use anyhow::bail;
 use tch::{Device, Tensor};
 
 use super::data_parallel::{DataParallel, GroupedStats};
@@ -90,6 +89,20 @@ pub struct StepAt {
     pub step: usize,
 }
 
+/// The loss of a step was not finite. Every rank sees the same all-reduced loss, so every rank
+/// of the run fails alike (a sweep records the cell as failed and goes on).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the loss became {loss} at epoch {epoch} step {step} (lr {lr}); stopping (metrics so far are \
+     kept)"
+)]
+pub struct Diverged {
+    pub loss: f64,
+    pub epoch: usize,
+    pub step: usize,
+    pub lr: f64,
+}
+
 /// Runs one step: `batch` is this rank's share of a global batch of `global_size` images,
 /// `lr` the step's learning rate, `stop` whether this rank was asked to stop. Returns the
 /// totals over all ranks (the global-batch loss, whether any rank asked to stop). A
@@ -111,12 +124,13 @@ pub fn train_step(
     dp.note_step(at.epoch, at.step);
     let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), stop)?;
     if !totals.loss.is_finite() {
-        bail!(
-            "the loss became {} at epoch {} step {} (lr {lr}); stopping (metrics so far are kept)",
-            totals.loss,
-            at.epoch + 1,
-            at.step + 1
-        );
+        return Err(Diverged {
+            loss: totals.loss,
+            epoch: at.epoch + 1,
+            step: at.step + 1,
+            lr,
+        }
+        .into());
     }
     opt.step_with(lr, grads);
     Ok(totals)

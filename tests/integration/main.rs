@@ -17,5 +17,6 @@ mod report;
 mod resume;
 mod setup;
 mod subsets;
+mod sweep;
 mod training;
 mod util;

@@ -1,0 +1,359 @@
+//! `cosine-train sweep`: a grid of training runs (losses x learning rates x seeds x subsets ...)
+//! as one job. The job's ranks split into groups of `--ranks-per-run` (one group of all ranks by
+//! default); each group trains one cell at a time, data-parallel, exactly as `cosine-train train`
+//! would on that many ranks, and claims the next cell when it is done (longest expected first).
+//! Every cell is an ordinary run directory `OUT/<cell>/`; `OUT/sweep.json` records the grid and
+//! each cell's state. Running the same command again continues: finished cells whose
+//! configuration still matches are kept, unfinished ones resume from their checkpoints, and a
+//! cell whose configuration changed is refused with the difference (or trained anew with
+//! `--rerun-changed`).
+
+pub mod grid;
+pub mod handout;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use self::grid::{cells, parse_axis, parse_cell};
+use self::handout::{Claim, Start, claim, expected_cost, order, start_of};
+use super::UsageError;
+use super::train::{TrainArgs, resolve_config, train_in};
+use crate::config::RunConfig;
+use crate::dist::job::Job;
+use crate::dist::{Communicator, Grouping};
+use crate::run_dir::checkpoint::ResumeMode;
+use crate::run_dir::sweep::{self, Axis, CellState, SweepRecord};
+use crate::runtime::signals::{self, Stopped};
+use crate::train::step::Diverged;
+
+pub use self::grid::PAPER_RATES;
+
+/// `sweep` options.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Directory of the sweep: sweep.json and one run directory per cell.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A grid axis: a `train` option and its values, e.g. loss=ce,cosine or seed=0,1,2;
+    /// lr-max=paper is the paper's 8 rates, per-class=all the whole split. Repeat for more
+    /// axes: the grid is every combination.
+    #[arg(long = "axis", value_name = "OPTION=V1,V2,...", required = true)]
+    pub axes: Vec<String>,
+    /// Ranks that train one cell together (data-parallel); the job's ranks split into groups of
+    /// this many, each training its own cells [default: all ranks, one group].
+    #[arg(long, value_name = "G")]
+    pub ranks_per_run: Option<usize>,
+    /// Processes sharing each GPU (from different groups): small models cannot fill a GPU.
+    /// Start R times as many ranks per node as GPUs.
+    #[arg(long, value_name = "R", default_value_t = 1)]
+    pub runs_per_gpu: usize,
+    /// Train a cell anew when its stored configuration differs from the grid's (default:
+    /// refuse, naming the difference).
+    #[arg(long)]
+    pub rerun_changed: bool,
+    /// Train again the cells that failed in an earlier launch (default: keep them failed).
+    #[arg(long)]
+    pub retry_failed: bool,
+    /// Options every cell gets, after `--` (as for `train`; not --out).
+    #[arg(last = true, value_name = "TRAIN OPTIONS")]
+    pub train: Vec<String>,
+}
+
+/// A cell's parsed `train` arguments and the ids of the options given on its command line.
+type Parsed = (TrainArgs, Vec<String>);
+
+/// Runs the sweep; exit status 0 when every cell finished, 1 when some failed, 75 when stopped.
+pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let axes = args
+        .axes
+        .iter()
+        .map(|a| parse_axis(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args
+        .train
+        .iter()
+        .any(|a| a == "--out" || a.starts_with("--out="))
+    {
+        return Err(UsageError(
+            "sweep: --out goes before --, the cells' directories are made inside it".into(),
+        )
+        .into());
+    }
+    if let Some(axis) = axes.iter().find(|axis| {
+        let flag = format!("--{}", axis.option);
+        args.train
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+    }) {
+        return Err(UsageError(format!(
+            "sweep: --{0} is an axis (--axis {0}=...) and also among the options after --; \
+             give it once",
+            axis.option
+        ))
+        .into());
+    }
+    if args.ranks_per_run == Some(0) || args.runs_per_gpu == 0 {
+        return Err(UsageError(
+            "sweep: --ranks-per-run and --runs-per-gpu must be 1 or more".into(),
+        )
+        .into());
+    }
+    let grid = cells(&axes);
+    let names: Vec<String> = grid.iter().map(|c| c.name.clone()).collect();
+    let mut parsed: Vec<Parsed> = grid
+        .iter()
+        .map(|cell| parse_cell(&args.out, &args.train, cell))
+        .collect::<anyhow::Result<_>>()?;
+    let configs: Vec<Result<RunConfig, String>> = parsed
+        .iter()
+        .map(|(train, given)| {
+            resolve_config(train, &|id| given.iter().any(|g| g == id)).map_err(|e| format!("{e:#}"))
+        })
+        .collect();
+    let (first, _) = &parsed[0];
+    let device = match configs.iter().find_map(|c| c.as_ref().ok()) {
+        Some(config) => config.device,
+        None => {
+            return Err(UsageError(format!(
+                "sweep: no cell can run: {}",
+                configs[0].clone().err().unwrap_or_default()
+            ))
+            .into());
+        }
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("--out {}: cannot create", args.out.display()))?;
+    let grouping = Grouping {
+        ranks_per_run: args.ranks_per_run.unwrap_or(0),
+        runs_per_gpu: args.runs_per_gpu,
+    };
+    let (job, team) = Job::join_grouped(&first.job.options(), device, first.threads, grouping)?;
+    signals::install();
+
+    // The first rank of the job plans the grid from the run directories; the others wait for
+    // its word (empty: go), so that no group claims a cell before the record is written.
+    let world: &dyn Communicator = team.world.as_deref().unwrap_or(&job.comm);
+    let mut verdict = Vec::new();
+    let mut nothing_to_train = None;
+    if world.rank() == 0 {
+        let planned = plan(args, &axes, grid, &configs, job.comm.size(), team.groups)
+            .and_then(|record| sweep::write(&args.out, &record).map(|()| record));
+        match planned {
+            Ok(record) => {
+                eprintln!(
+                    "sweep: {} cells for {} group(s) of {} rank(s): {} to train, {} finished, {} \
+                 failed ({})",
+                    record.cells.len(),
+                    team.groups,
+                    job.comm.size(),
+                    record.count(CellState::Pending),
+                    record.count(CellState::Finished),
+                    record.count(CellState::Failed),
+                    args.out.join(sweep::SWEEP).display()
+                );
+                nothing_to_train = record.complete().then_some(record);
+            }
+            Err(e) => verdict = format!("{e:#}").into_bytes(),
+        }
+    }
+    world.broadcast_bytes(&mut verdict, 0)?;
+    if !verdict.is_empty() {
+        if world.rank() == 0 {
+            return Err(UsageError(String::from_utf8_lossy(&verdict).into_owned()).into());
+        }
+        return Ok(ExitCode::from(2));
+    }
+
+    // Every rank of a group leaves the loop together, on the claim that finds no cell left.
+    let mut exit =
+        nothing_to_train.map_or(ExitCode::SUCCESS, |record| report_done(&args.out, &record));
+
+    let costs: Vec<f64> = configs
+        .iter()
+        .map(|c| c.as_ref().map_or(0.0, expected_cost))
+        .collect();
+    let order = order(&costs);
+    let lead = job.comm.rank() == 0;
+    loop {
+        let mut message = Vec::new();
+        if lead {
+            let next = match signals::requested() {
+                Some(signal) => Ok(Claim::Stop(signal)),
+                None => claim(&args.out, team.group, &order, &|k| match &configs[k] {
+                    Ok(config) => start_of(&parsed[k].0.out, config, args.rerun_changed),
+                    Err(e) => Ok(Start::Changed(e.clone())),
+                })
+                .map(|c| c.map_or(Claim::Done, |(cell, start)| Claim::Train { cell, start })),
+            };
+            message = job.finish(next)?.encode();
+        }
+        job.comm.broadcast_bytes(&mut message, 0)?;
+        let (k, start) = match Claim::decode(&message)? {
+            Claim::Done => return Ok(exit),
+            Claim::Stop(signal) => return Ok(ExitCode::from(stop_code(signal))),
+            Claim::Train { cell, start } => (cell, start),
+        };
+        let name = &names[k];
+        let config = configs[k].clone().map_err(anyhow::Error::msg)?;
+        let train = &mut parsed[k].0;
+        match start {
+            Start::Resume => train.resume = Some(ResumeMode::Auto),
+            Start::Anew => train.force = true,
+            _ => {}
+        }
+        if lead {
+            eprintln!("sweep: group {} trains {name} ({start:?})", team.group);
+        }
+        let result = train_in(&job, train, config);
+        let stopped = match &result {
+            Err(e) => e.downcast_ref::<Stopped>().map(Stopped::exit_code),
+            Ok(_) => None,
+        };
+        let outcome = match result {
+            Ok(summary) => Ok(Some(summary.best_top1).filter(|v| !v.is_nan())),
+            Err(_) if stopped.is_some() => Ok(None),
+            // A failure every rank of the group shares (or a group of one) is the cell's: it
+            // is recorded and the sweep goes on. Any other may be this rank's alone, with the
+            // group's other ranks waiting in a collective: it ends the job.
+            Err(e) if e.is::<Diverged>() || job.comm.size() == 1 => Err(format!("{e:#}")),
+            Err(e) => return job.finish(Err(e)),
+        };
+        if lead {
+            let ended = job.finish(sweep::update(&args.out, |record| {
+                let cell = &mut record.cells[k];
+                cell.ended_at = Some(sweep::now());
+                match (&outcome, stopped) {
+                    (_, Some(_)) => cell.state = CellState::Pending,
+                    (Ok(best), None) => {
+                        cell.state = CellState::Finished;
+                        cell.best_top1 = *best;
+                    }
+                    (Err(e), None) => {
+                        cell.state = CellState::Failed;
+                        cell.error = Some(e.clone());
+                    }
+                }
+                record.complete().then(|| record.clone())
+            }))?;
+            if let Err(e) = &outcome {
+                eprintln!("sweep: cell {name} failed: {e}");
+            }
+            if let Some(record) = ended {
+                exit = report_done(&args.out, &record);
+            }
+        }
+        if let Some(code) = stopped {
+            if lead {
+                eprintln!("cosine-train: stopped; the same sweep command continues the grid");
+            }
+            return Ok(ExitCode::from(code));
+        }
+    }
+}
+
+/// Says that the grid is done; the exit status: failure when a cell failed.
+fn report_done(out: &std::path::Path, record: &SweepRecord) -> ExitCode {
+    let failed = record.count(CellState::Failed);
+    eprintln!(
+        "sweep: done: {} cells, {} finished, {failed} failed ({}{})",
+        record.cells.len(),
+        record.count(CellState::Finished),
+        out.join(sweep::SWEEP).display(),
+        if failed > 0 {
+            "; --retry-failed trains the failed ones again"
+        } else {
+            ""
+        }
+    );
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The exit status after stop signal `signal`, as `train` gives it.
+fn stop_code(signal: i32) -> u8 {
+    Stopped {
+        signal: "",
+        signal_number: Some(signal),
+        step: 0,
+        checkpoint: String::new(),
+    }
+    .exit_code()
+}
+
+/// The record a launch starts from: each cell's state from its run directory. A cell run with
+/// other settings refuses the whole sweep (unless `--rerun-changed`); a cell that failed in an
+/// earlier launch stays failed (unless `--retry-failed`).
+fn plan(
+    args: &SweepArgs,
+    axes: &[Axis],
+    mut cells: Vec<sweep::Cell>,
+    configs: &[Result<RunConfig, String>],
+    ranks_per_run: usize,
+    groups: usize,
+) -> anyhow::Result<SweepRecord> {
+    let earlier = sweep::is_sweep(&args.out)
+        .then(|| sweep::read(&args.out))
+        .transpose()?;
+    let failed_before = |name: &str, hash: &str| {
+        earlier.as_ref().and_then(|r| {
+            r.cells
+                .iter()
+                .find(|c| {
+                    c.name == name
+                        && c.state == CellState::Failed
+                        && c.config_xxh3.as_deref() == Some(hash)
+                })
+                .and_then(|c| c.error.clone())
+        })
+    };
+    let mut changed = Vec::new();
+    for (cell, config) in cells.iter_mut().zip(configs) {
+        let config = match config {
+            Ok(config) => config,
+            Err(e) => {
+                cell.state = CellState::Failed;
+                cell.error = Some(e.clone());
+                continue;
+            }
+        };
+        let hash = sweep::config_hash(config);
+        match start_of(&args.out.join(&cell.name), config, args.rerun_changed)? {
+            Start::Keep(best) => {
+                cell.state = CellState::Finished;
+                cell.best_top1 = best;
+            }
+            Start::Changed(difference) => changed.push(format!("{} ({difference})", cell.name)),
+            Start::Fresh | Start::Resume if !args.retry_failed => {
+                if let Some(error) = failed_before(&cell.name, &hash) {
+                    cell.state = CellState::Failed;
+                    cell.error = Some(error);
+                }
+            }
+            _ => {}
+        }
+        cell.config_xxh3 = Some(hash);
+    }
+    if !changed.is_empty() {
+        return Err(UsageError(format!(
+            "sweep: {} cell(s) in {} were run with other settings: {}; rerun with \
+             --rerun-changed to train them anew, or use another --out",
+            changed.len(),
+            args.out.display(),
+            changed.join("; ")
+        ))
+        .into());
+    }
+    Ok(SweepRecord {
+        axes: axes.to_vec(),
+        common: args.train.clone(),
+        ranks_per_run,
+        groups,
+        cells,
+    })
+}

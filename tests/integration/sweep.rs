@@ -1,0 +1,259 @@
+//! `cosine-train sweep` through the real binary and a real `mpirun`: cells equal standalone
+//! runs bit for bit, on groups of one rank and on one group of two; a killed sweep continues to
+//! the uninterrupted result; changed settings are refused; failing cells are recorded while the
+//! others finish.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::distributed::{fashion_with_test_images, train_ranks};
+use crate::training::{deterministic, metrics};
+use crate::util::{cosine_train, cosine_train_path, mpirun, run, show, stderr};
+
+const LIMIT: Duration = Duration::from_secs(400);
+
+/// Options of every cell: a small model, 2 epochs of 8 steps.
+const COMMON: [&str; 6] = ["--arch", "tiny-cnn", "--epochs", "2", "--batch-size", "25"];
+
+fn data() -> PathBuf {
+    fashion_with_test_images(301)
+}
+
+/// `cosine-train sweep` on `np` ranks (0: a plain process) with `env` set.
+fn sweep(
+    np: usize,
+    out: &Path,
+    sweep_options: &[&str],
+    train: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut cmd = if np == 0 {
+        cosine_train()
+    } else {
+        let mut c = mpirun(np);
+        for (k, _) in env {
+            c.args(["-x", k]);
+        }
+        c.arg(cosine_train_path());
+        c
+    };
+    cmd.envs(env.iter().copied())
+        .arg("sweep")
+        .arg("--out")
+        .arg(out)
+        .args(sweep_options)
+        .arg("--")
+        .arg("--data")
+        .arg(data())
+        .args(["--threads", "1", "--workers", "1"])
+        .args(train);
+    run(&mut cmd, LIMIT)
+}
+
+fn record(out: &Path) -> Value {
+    let text = std::fs::read_to_string(out.join("sweep.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn cells(out: &Path) -> Vec<Value> {
+    record(out)["cells"].as_array().unwrap().clone()
+}
+
+fn states(out: &Path) -> Vec<String> {
+    cells(out)
+        .iter()
+        .map(|c| c["state"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The cell's own options, from sweep.json.
+fn cell_args(cell: &Value) -> Vec<String> {
+    cell["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Two run directories hold the same weights, byte for byte, and the same metrics but for
+/// wall-clock times.
+fn assert_same_run(a: &Path, b: &Path) {
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(
+        weights(a) == weights(b),
+        "{} and {} hold different weights",
+        a.display(),
+        b.display()
+    );
+    assert_eq!(deterministic(&metrics(a)), deterministic(&metrics(b)));
+}
+
+#[test]
+fn two_groups_train_a_grid_exactly_as_standalone_runs_and_a_rerun_keeps_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let axes = [
+        "--axis",
+        "loss=ce,cosine",
+        "--axis",
+        "lr-max=0.05,0.1",
+        "--ranks-per-run",
+        "1",
+    ];
+    let o = sweep(2, &out, &axes, &COMMON, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(states(&out), ["finished"; 4]);
+    let groups: std::collections::BTreeSet<u64> = cells(&out)
+        .iter()
+        .map(|c| c["group"].as_u64().unwrap())
+        .collect();
+    assert_eq!(groups.len(), 2, "both groups trained cells: {groups:?}");
+    assert_eq!(record(&out)["groups"], 2);
+
+    for cell in cells(&out) {
+        let name = cell["name"].as_str().unwrap();
+        let alone = tmp.path().join("alone").join(name);
+        let own = cell_args(&cell);
+        let own: Vec<&str> = own.iter().map(String::as_str).collect();
+        let o = train_ranks(0, &data(), &alone, &[&COMMON[..], &own].concat());
+        assert!(o.status.success(), "{}", show(&o));
+        assert_same_run(&out.join(name), &alone);
+    }
+
+    let o = sweep(2, &out, &axes, &COMMON, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(err.contains("0 to train, 4 finished"), "{err}");
+    assert!(
+        !err.contains("trains"),
+        "a finished cell was trained again: {err}"
+    );
+}
+
+#[test]
+fn one_group_of_two_ranks_trains_each_cell_as_a_two_rank_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let train = ["--arch", "resnet8", "--epochs", "1", "--batch-size", "25"];
+    let o = sweep(
+        2,
+        &out,
+        &["--axis", "seed=0,1", "--ranks-per-run", "2"],
+        &train,
+        &[],
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(record(&out)["groups"], 1);
+    let alone = tmp.path().join("alone");
+    let o = train_ranks(2, &data(), &alone, &[&train[..], &["--seed", "1"]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out.join("seed-1"), &alone);
+}
+
+#[test]
+fn a_killed_sweep_continues_to_the_uninterrupted_result_and_refuses_changed_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let train = [
+        "--arch",
+        "resnet8",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "25",
+        "--checkpoint-every",
+        "5",
+    ];
+    let axes = ["--axis", "loss=ce,cosine-ce"];
+    let whole = tmp.path().join("whole");
+    let o = sweep(0, &whole, &axes, &train, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+
+    let killed = tmp.path().join("killed");
+    let o = sweep(
+        0,
+        &killed,
+        &axes,
+        &train,
+        &[("COSINE_FAULT", "rank=0,step=6,kind=kill")],
+    );
+    assert!(!o.status.success(), "{}", show(&o));
+    assert_eq!(states(&killed), ["running", "pending"]);
+    let o = sweep(0, &killed, &axes, &train, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(stderr(&o).contains("(Resume)"), "{}", show(&o));
+    assert_eq!(states(&killed), ["finished", "finished"]);
+    for cell in ["loss-ce", "loss-cosine-ce"] {
+        assert_same_run(&whole.join(cell), &killed.join(cell));
+    }
+
+    let mut changed = train.to_vec();
+    changed[3] = "3";
+    let o = sweep(0, &killed, &axes, &changed, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("2 cell(s)") && err.contains("loss-ce (epochs: 2 -> 3"),
+        "{err}"
+    );
+    assert_eq!(
+        states(&killed),
+        ["finished", "finished"],
+        "the record is kept"
+    );
+}
+
+#[test]
+fn failing_cells_are_recorded_while_the_others_finish() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let axes = [
+        "--axis",
+        "val-per-class=2,20",
+        "--axis",
+        "lr-max=0.05,1e30",
+        "--ranks-per-run",
+        "1",
+    ];
+    // Cross-entropy overflows at lr 1e30 (the cosine loss is bounded and would not).
+    let train = [&COMMON[..], &["--loss", "ce"]].concat();
+    let o = sweep(2, &out, &axes, &train, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let cells = cells(&out);
+    let by_name = |n: &str| cells.iter().find(|c| c["name"] == n).unwrap().clone();
+    assert_eq!(by_name("val-per-class-2_lr-max-0.05")["state"], "finished");
+    let diverged = by_name("val-per-class-2_lr-max-1e30");
+    assert_eq!(diverged["state"], "failed");
+    assert!(
+        diverged["error"]
+            .as_str()
+            .unwrap()
+            .contains("the loss became"),
+        "{diverged}"
+    );
+    // All 20 images of each class held out: none left to train on.
+    for name in [
+        "val-per-class-20_lr-max-0.05",
+        "val-per-class-20_lr-max-1e30",
+    ] {
+        let cell = by_name(name);
+        assert_eq!(cell["state"], "failed");
+        assert!(
+            cell["error"]
+                .as_str()
+                .unwrap()
+                .contains("--val-per-class 20"),
+            "{cell}"
+        );
+    }
+    let o = sweep(2, &out, &axes, &train, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        stderr(&o).contains("0 to train, 1 finished, 3 failed"),
+        "{}",
+        show(&o)
+    );
+}
