@@ -4,6 +4,7 @@
 //! reported as such, never fatal.
 
 pub mod plot;
+pub mod sweep;
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,8 @@ pub struct RunInfo {
     pub objective: String,
     pub arch: String,
     pub data: String,
+    /// The shard directory's dataset name (datasets-prep's source name, e.g. cub).
+    pub dataset: String,
     pub world_size: Option<u64>,
     pub epochs_planned: Option<u64>,
     pub points: Vec<EpochPoint>,
@@ -51,6 +54,9 @@ pub struct RunInfo {
     pub best_epoch: Option<u64>,
     pub last_top1: Option<f64>,
     pub finished: bool,
+    /// Best validation top-1 and what the best epoch was chosen on (finished runs).
+    pub best_val_top1: Option<f64>,
+    pub selected_on: String,
     /// Problems found (missing or unreadable files, damaged lines); empty for a clean run.
     pub notes: Vec<String>,
 }
@@ -157,6 +163,7 @@ pub fn read_run(dir: &Path) -> RunInfo {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
+                info.dataset = r.dataset.clone();
                 info.data = match (r.dataset.is_empty(), data_name.is_empty()) {
                     (false, false) => format!("{} ({data_name})", r.dataset),
                     (false, true) => r.dataset,
@@ -181,6 +188,8 @@ pub fn read_run(dir: &Path) -> RunInfo {
                 info.best_top1 = s.best_top1;
                 info.best_epoch = Some(s.best_epoch as u64);
                 info.last_top1 = s.last_top1;
+                info.best_val_top1 = s.best_val_top1;
+                info.selected_on = s.selected_on.clone();
             }
         }
     }

@@ -214,12 +214,105 @@ pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
         }
         root.present().context("drawing the plot")?;
     }
+    write_png(path, &rgb, (width, height))
+}
+
+/// One line of a [`curves`] chart: its label and its (x, y) points.
+pub type Curve = (String, Vec<(f64, f64)>);
+
+/// A chart of `curves` (y in %, markers at every point) into a PNG at `path` (1000x700); with
+/// `log_x` the x axis is logarithmic (learning rates), labelled with the values themselves.
+pub fn curves(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    log_x: bool,
+    curves: &[Curve],
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    register_font()?;
+    let to_x = |x: f64| if log_x { x.max(1e-300).log10() } else { x };
+    let xs: Vec<f64> = curves
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|&(x, _)| to_x(x)))
+        .collect();
+    if xs.is_empty() {
+        bail!("nothing to plot for {title}");
+    }
+    let (lo, hi) = xs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let pad = ((hi - lo) * 0.05).max(0.1);
+    let size = (1000u32, 700u32);
+    let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d((lo - pad)..(hi + pad), 0f64..100f64)?;
+        let format_x = |x: &f64| three_digits(if log_x { 10f64.powf(*x) } else { *x });
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc("test top-1 (%)")
+            .x_label_formatter(&format_x)
+            .light_line_style(TRANSPARENT)
+            .label_style(("sans-serif", 14))
+            .draw()?;
+        for (i, (label, points)) in curves.iter().enumerate() {
+            let (r, g, b) = PALETTE[i % PALETTE.len()];
+            let c = RGBColor(r, g, b);
+            let points: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (to_x(x), y)).collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))?
+                .label(label.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
+            chart.draw_series(
+                points
+                    .iter()
+                    .map(|&(x, y)| Circle::new((x, y), 4, c.filled())),
+            )?;
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()?;
+        root.present().context("drawing the plot")?;
+    }
+    write_png(path, &rgb, size)
+}
+
+/// `v` to three significant digits, without trailing zeros (axis labels).
+fn three_digits(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let decimals = (2 - v.abs().log10().floor() as i32).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Encodes an RGB buffer of `size` as PNG and writes it to `path` atomically.
+fn write_png(path: &Path, rgb: &[u8], size: (u32, u32)) -> anyhow::Result<()> {
     let mut png = Vec::new();
     image::ImageEncoder::write_image(
         image::codecs::png::PngEncoder::new(&mut png),
-        &rgb,
-        width,
-        height,
+        rgb,
+        size.0,
+        size.1,
         image::ExtendedColorType::Rgb8,
     )
     .context("encoding the plot as PNG")?;

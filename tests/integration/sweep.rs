@@ -257,3 +257,101 @@ fn failing_cells_are_recorded_while_the_others_finish() {
         show(&o)
     );
 }
+
+/// The last line of a run's metrics: its summary.
+fn summary(run: &Path) -> Value {
+    metrics(run).pop().unwrap()
+}
+
+#[test]
+fn the_sweep_report_chooses_rates_on_validation_and_gives_intervals_over_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let axes = [
+        "--axis",
+        "per-class=5,10",
+        "--axis",
+        "lr-max=0.05,0.1",
+        "--axis",
+        "seed=0,1",
+    ];
+    let train = [&COMMON[..], &["--val-per-class", "2"]].concat();
+    let o = sweep(0, &out, &axes, &train, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+
+    let (csv, png) = (tmp.path().join("r.csv"), tmp.path().join("r.png"));
+    let o = run(
+        cosine_train()
+            .arg("report")
+            .arg(&out)
+            .arg("--csv")
+            .arg(&csv)
+            .arg("--plot")
+            .arg(&png),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let table = crate::util::stdout(&o);
+    assert!(
+        table.contains("| loss | idx per-class=5 | idx per-class=10 |"),
+        "{table}"
+    );
+    assert!(table.contains("on the validation split"), "{table}");
+
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 8);
+    for k in ["5", "10"] {
+        // By hand: per rate, the seeds' test and validation top-1 from the runs' summaries.
+        let mut best: Option<(f64, &str)> = None;
+        for rate in ["0.05", "0.1"] {
+            let (tests, vals): (Vec<f64>, Vec<f64>) = ["0", "1"]
+                .iter()
+                .map(|seed| {
+                    let s = summary(&out.join(format!("per-class-{k}_lr-max-{rate}_seed-{seed}")));
+                    (
+                        100.0 * s["best_top1"].as_f64().unwrap(),
+                        100.0 * s["best_val_top1"].as_f64().unwrap(),
+                    )
+                })
+                .unzip();
+            let mean = (tests[0] + tests[1]) / 2.0;
+            let sd = ((tests[0] - mean).powi(2) + (tests[1] - mean).powi(2)).sqrt();
+            let half = 12.706 * sd / 2f64.sqrt();
+            let row = rows
+                .iter()
+                .find(|r| r[0] == format!("per-class-{k}_lr-max-{rate}_seed-0"))
+                .unwrap();
+            let number = |i: usize| row[i].parse::<f64>().unwrap();
+            assert!((number(10) - mean).abs() < 1e-3, "{row:?}: mean {mean}");
+            assert!(
+                (number(11) - half).abs() < 1e-3,
+                "{row:?}: half-width {half}"
+            );
+            let val = (vals[0] + vals[1]) / 2.0;
+            if best.is_none_or(|(b, _)| val > b) {
+                best = Some((val, rate));
+            }
+        }
+        let chosen = best.unwrap().1;
+        for row in rows
+            .iter()
+            .filter(|r| r[0].starts_with(&format!("per-class-{k}_")))
+        {
+            assert_eq!(row[8], chosen, "{row:?}");
+            assert_eq!(row[9], "val");
+        }
+    }
+    for plot in [png, tmp.path().join("r-per-class.png")] {
+        let bytes = std::fs::read(&plot).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+            "{}",
+            plot.display()
+        );
+    }
+}
