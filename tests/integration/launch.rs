@@ -120,30 +120,31 @@ fn sweep(data: &Path, out: &Path) -> std::process::Output {
 }
 
 #[test]
-fn lr_sweep_trains_each_rate_once_and_tabulates_best_and_last() {
+fn lr_sweep_is_a_sweep_over_the_rates_that_reports_the_best_and_continues() {
     let data = fashion(10);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sweep");
     let o = sweep(&data, &out);
     assert!(o.status.success(), "{}", show(&o));
     let table = stdout(&o);
-    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| 0.0")).collect();
-    assert_eq!(rows.len(), 2, "{table}");
-    for (row, rate) in rows.iter().zip(["0.05", "0.01"]) {
-        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
-        assert_eq!(cells[1], rate, "{row}");
-        assert!(cells[2].ends_with('%') && cells[4].ends_with('%'), "{row}");
-        let metrics =
-            std::fs::read_to_string(out.join(format!("lr-{rate}/metrics.jsonl"))).unwrap();
+    let mut best = (f64::MIN, "");
+    for rate in ["0.05", "0.01"] {
+        let run = out.join(format!("lr-max-{rate}"));
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
         let summary: Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-        let best = summary["best_top1"].as_f64().unwrap();
-        assert_eq!(cells[2], format!("{:.2}%", 100.0 * best), "{row}");
-        let config: Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join(format!("lr-{rate}/config.json"))).unwrap(),
-        )
-        .unwrap();
+        let top1 = summary["best_top1"].as_f64().unwrap();
+        if top1 > best.0 {
+            best = (top1, rate);
+        }
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(config["world_size"], 2);
     }
+    // No validation split: the rate is chosen on test, as the paper did, and said so.
+    assert!(table.contains("on the test split"), "{table}");
+    let entry = format!("{:.1} (lr {}, n=1)", 100.0 * best.0, best.1);
+    assert!(table.contains(&entry), "{entry} not in {table}");
     assert_eq!(
         std::fs::read_to_string(out.join("sweep.md")).unwrap(),
         table
@@ -152,9 +153,8 @@ fn lr_sweep_trains_each_rate_once_and_tabulates_best_and_last() {
     // A second call finds both runs finished and trains nothing.
     let o = sweep(&data, &out);
     assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(
-        stderr(&o).matches("already done").count(),
-        2,
+    assert!(
+        stderr(&o).contains("0 to train, 2 finished"),
         "{}",
         show(&o)
     );
