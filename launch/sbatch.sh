@@ -4,6 +4,8 @@
 #   sbatch launch/sbatch.sh train --data data/cub --out runs/cub-cosine --preset paper-cub-cosine --device cuda
 #   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 launch/sbatch.sh train ...
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 launch/sbatch.sh train ... --device cpu   # CPU nodes
+#   sbatch --nodes=2 launch/sbatch.sh sweep --out runs/t2-cub --ranks-per-run 4 \
+#     --axis loss=ce,cosine --axis lr-max=paper -- --data data/cub --preset paper-cub-ce --device cuda
 #
 # Submit from the checkout (the job finds the binary and launch/env.sh through
 # SLURM_SUBMIT_DIR), or set COSINE_REPO / COSINE_TRAIN. Edit the #SBATCH lines below for your
@@ -16,7 +18,8 @@
 # on `scancel --signal=USR1 --batch`; TERM on preemption); this script passes it to every rank
 # as USR1, cosine-train finishes its step, writes a checkpoint and exits with 75, and the job
 # requeues itself. Pass `--resume auto` in the arguments so that the requeued job continues the
-# run (it starts fresh when there is no checkpoint yet).
+# run (it starts fresh when there is no checkpoint yet). A requeued sweep continues its grid by
+# itself: every running cell checkpointed, and the same command resumes them.
 #
 #SBATCH --job-name=cosine-train
 #SBATCH --nodes=1

@@ -20,7 +20,7 @@ const REPLICATE_AXES: [&str; 2] = ["seed", "subset-seed"];
 /// The axis tuned per condition.
 const RATE_AXES: [&str; 2] = ["lr-max", "lr"];
 /// Axes the row and column name from the run's own configuration instead.
-const NAMED_AXES: [&str; 3] = ["loss", "data", "preset"];
+const NAMED_AXES: [&str; 2] = ["loss", "data"];
 
 /// One cell of the sweep with its run.
 #[derive(Clone, Debug)]
@@ -373,13 +373,14 @@ pub fn per_class_curves(report: &SweepReport) -> Vec<super::plot::Curve> {
     let mut curves: Vec<super::plot::Curve> = Vec::new();
     for c in &report.conditions {
         let mut words: Vec<&str> = c.column.split(' ').collect();
-        let Some(at) = words.iter().position(|w| w.starts_with("per-class=")) else {
+        let Some((at, k)) = words
+            .iter()
+            .enumerate()
+            .find_map(|(i, w)| Some((i, images_per_class(w)?)))
+        else {
             continue;
         };
-        let k: f64 = match words.remove(at).trim_start_matches("per-class=").parse() {
-            Ok(k) if k > 0.0 => k,
-            _ => continue,
-        };
+        words.remove(at);
         let Some((mean, _, _)) = c.result() else {
             continue;
         };
@@ -395,9 +396,34 @@ pub fn per_class_curves(report: &SweepReport) -> Vec<super::plot::Curve> {
     curves
 }
 
+/// The images per class an axis value stands for: `per-class=K`, or a CUB-subX preset
+/// (`preset=paper-cub-subX-LOSS`).
+fn images_per_class(word: &str) -> Option<f64> {
+    let k = match word.strip_prefix("per-class=") {
+        Some(k) => k,
+        None => word
+            .strip_prefix("preset=paper-cub-sub")?
+            .split('-')
+            .next()?,
+    };
+    k.parse().ok().filter(|&k: &f64| k > 0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_per_class_come_from_the_axis_or_the_cub_sub_preset() {
+        assert_eq!(images_per_class("per-class=5"), Some(5.0));
+        assert_eq!(images_per_class("per-class=0"), None);
+        assert_eq!(
+            images_per_class("preset=paper-cub-sub10-cosine"),
+            Some(10.0)
+        );
+        assert_eq!(images_per_class("preset=paper-cub-ce"), None);
+        assert_eq!(images_per_class("seed=1"), None);
+    }
 
     #[test]
     fn confidence_interval_is_students_t_over_the_sample_deviation() {
