@@ -58,6 +58,11 @@ fi
 # the one numbered by its local rank, so no per-task GPU binding is wanted here; where the
 # cluster binds tasks to their --cpus-per-task CPUs, cosine-train sizes its threads to them.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+# Since Slurm 22.05 srun no longer inherits the batch job's --cpus-per-task: without this each
+# task of a CPU-binding cluster gets one CPU, and its loader threads and libtorch share it.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+  export SRUN_CPUS_PER_TASK="${SRUN_CPUS_PER_TASK:-$SLURM_CPUS_PER_TASK}"
+fi
 echo "sbatch.sh: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: ${SLURM_NTASKS:-?} ranks: $bin $*"
 # --kill-on-bad-exit: a rank that exits non-zero ends the step (cosine-train also aborts the
 # whole job itself on any rank's error, and bounds every collective by --collective-timeout).

@@ -244,6 +244,7 @@ pub fn connect_grouped(
         }
         Backend::Mpi => {
             let world = mpi::MpiCommunicator::init()?;
+            fail_job(&world, joining_fault(&world))?;
             let (group, groups, slot) = fail_job(&world, place(&world, grouping))?;
             let resolved = fail_job(&world, device.resolve(slot))?;
             Ok(split_off(world, group, groups, resolved, |comm| {
@@ -294,6 +295,7 @@ pub fn connect_grouped(
                 });
             }
             let world = mpi::MpiCommunicator::init()?;
+            fail_job(&world, joining_fault(&world))?;
             let (group, groups, slot) = fail_job(&world, place(&world, grouping))?;
             let tch_device = fail_job(&world, device.resolve(slot))?;
             split_off(world, group, groups, tch_device, |comm| {
@@ -302,6 +304,11 @@ pub fn connect_grouped(
         }
         Backend::Auto => unreachable!("auto was resolved above"),
     }
+}
+
+/// The failure-path tests' fault for a rank joining the job (`COSINE_FAULT` with `step=0`).
+fn joining_fault(world: &mpi::MpiCommunicator) -> anyhow::Result<()> {
+    crate::runtime::fault::Fault::from_env()?.before_step(world.rank(), 0, None)
 }
 
 /// This rank's group, the number of groups and its GPU slot. The checks give the same answer
@@ -404,4 +411,42 @@ pub(crate) fn check_reducible(op: &'static str, tensor: &Tensor, want_cuda: bool
         });
     }
     Ok(tensor.numel())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Grouping;
+
+    fn grouping(ranks_per_run: usize, runs_per_gpu: usize) -> Grouping {
+        Grouping {
+            ranks_per_run,
+            runs_per_gpu,
+        }
+    }
+
+    #[test]
+    fn groups_divide_the_job_and_share_gpus_without_two_ranks_of_a_run_on_one() {
+        assert_eq!(Grouping::WHOLE.group_size(4).unwrap(), 4);
+        assert_eq!(grouping(2, 1).group_size(4).unwrap(), 2);
+        assert!(grouping(3, 1).group_size(4).is_err());
+        assert!(grouping(8, 1).group_size(4).is_err());
+        // One process per GPU: the local rank.
+        assert_eq!(grouping(1, 1).gpu_slot(3, 4, 1).unwrap(), 3);
+        // 4 ranks, 2 per GPU, runs of 1: ranks cycle over the 2 GPUs.
+        let slots: Vec<usize> = (0..4)
+            .map(|l| grouping(1, 2).gpu_slot(l, 4, 1).unwrap())
+            .collect();
+        assert_eq!(slots, [0, 1, 0, 1]);
+        // Runs of 2 ranks (consecutive ranks) land on different GPUs.
+        let slots: Vec<usize> = (0..8)
+            .map(|l| grouping(2, 2).gpu_slot(l, 8, 2).unwrap())
+            .collect();
+        assert_eq!(slots, [0, 1, 2, 3, 0, 1, 2, 3]);
+        assert!(
+            grouping(1, 2).gpu_slot(0, 3, 1).is_err(),
+            "3 ranks do not pair up"
+        );
+        let err = grouping(4, 2).gpu_slot(0, 4, 4).unwrap_err().to_string();
+        assert!(err.contains("would share a GPU"), "{err}");
+    }
 }

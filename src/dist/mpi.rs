@@ -212,14 +212,14 @@ impl Communicator for MpiCommunicator {
     }
 
     fn abort(&self, message: &str, code: i32) -> ! {
-        eprintln!("rank {}: {message}", self.rank());
+        say_before_abort(self.rank(), message);
         self.world.abort(code)
     }
 
     fn abort_handle(&self) -> AbortHandle {
         let rank = self.rank();
         AbortHandle::new(move |message, code| {
-            eprintln!("rank {rank}: {message}");
+            say_before_abort(rank, message);
             // SAFETY: MPI_Abort on the world communicator, which lives until MPI_Finalize. Called
             // from the watchdog thread under MPI_THREAD_FUNNELED, which the MPI standard leaves
             // undefined but Open MPI and MPICH implement as a plain job abort (it is what every
@@ -229,6 +229,18 @@ impl Communicator for MpiCommunicator {
             }
         })
     }
+}
+
+/// Prints `rank R: message` as one write, then gives the launcher's output forwarding a moment
+/// before MPI_Abort kills it: printed piecewise, or aborted at once, the message can be cut
+/// short (seen: only "rank " arriving from a rank that failed while joining).
+fn say_before_abort(rank: usize, message: &str) {
+    use std::io::Write;
+    let line = format!("rank {rank}: {message}\n");
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(line.as_bytes());
+    let _ = err.flush();
+    std::thread::sleep(std::time::Duration::from_millis(300));
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! run through it would silently train in fp16 without loss scaling. libtorch has per-device
 //! switches and dtypes (`at::autocast::set_autocast_enabled/set_autocast_dtype`) that torch-sys
 //! does not wrap, so they are declared here by their C++ symbols in libtorch_cpu, which every
-//! binary links. Both enums are `int8_t` underneath, passed like C integers.
+//! binary links. Both enums are `int8_t` underneath, passed like C integers; the nesting
+//! counters return a C `int` (declaring them wider would read garbage into the upper half).
 
 use tch::{Device, Kind};
 
@@ -19,9 +20,9 @@ mod ffi {
         #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
         pub fn is_autocast_enabled(device: i8) -> bool;
         #[link_name = "_ZN2at8autocast17increment_nestingEv"]
-        pub fn increment_nesting() -> i64;
+        pub fn increment_nesting() -> std::ffi::c_int;
         #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
-        pub fn decrement_nesting() -> i64;
+        pub fn decrement_nesting() -> std::ffi::c_int;
         #[link_name = "_ZN2at8autocast11clear_cacheEv"]
         pub fn clear_cache();
     }

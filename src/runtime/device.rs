@@ -59,16 +59,9 @@ impl DeviceChoice {
             Self::Cuda(index) => {
                 self.ensure_available()?;
                 let count = tch::Cuda::device_count() as usize;
-                // One visible GPU under a launcher that binds a GPU to each task (srun
-                // --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank): it is this rank's.
-                let gpu = index.unwrap_or(if count == 1 { 0 } else { local_rank });
-                if gpu >= count {
-                    anyhow::bail!(
-                        "--device {self} resolves to GPU {gpu}, but only {count} GPU(s) are visible \
-                         (one rank per GPU; check CUDA_VISIBLE_DEVICES)"
-                    );
-                }
-                Ok(tch::Device::Cuda(gpu))
+                Ok(tch::Device::Cuda(gpu_index(
+                    self, index, local_rank, count,
+                )?))
             }
         }
     }
@@ -84,6 +77,29 @@ impl DeviceChoice {
         }
         Ok(())
     }
+}
+
+/// The GPU a rank with GPU slot `local_rank` uses among `count` visible ones: `cuda:N` names it;
+/// a bare `cuda` takes the only GPU when one is visible (a launcher that binds a GPU to each
+/// task: srun --gpus-per-task=1 or --gpu-bind, or CUDA_VISIBLE_DEVICES set per rank), else the
+/// one numbered by the slot.
+fn gpu_index(
+    choice: DeviceChoice,
+    index: Option<usize>,
+    local_rank: usize,
+    count: usize,
+) -> anyhow::Result<usize> {
+    let gpu = index.unwrap_or(if count == 1 { 0 } else { local_rank });
+    if gpu >= count {
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+            .map_or_else(|_| "unset".to_string(), |v| format!("{v:?}"));
+        anyhow::bail!(
+            "--device {choice} on local rank {local_rank} resolves to GPU {gpu}, but {count} \
+             GPU(s) are visible (CUDA_VISIBLE_DEVICES {visible}); start one rank per visible GPU, \
+             or bind one GPU to each task"
+        );
+    }
+    Ok(gpu)
 }
 
 /// Whether this binary force-links libtorch_cuda (feature `cuda`).
@@ -129,5 +145,26 @@ mod tests {
     #[test]
     fn cpu_always_resolves() {
         assert_eq!(DeviceChoice::Cpu.resolve(5).unwrap(), tch::Device::Cpu);
+    }
+
+    #[test]
+    fn gpu_follows_the_binding() {
+        let cuda = DeviceChoice::Cuda(None);
+        // Per-task binding: each rank sees its own GPU as the only one.
+        assert_eq!(gpu_index(cuda, None, 3, 1).unwrap(), 0);
+        // A node's GPUs all visible: the local rank's.
+        assert_eq!(gpu_index(cuda, None, 3, 4).unwrap(), 3);
+        // Named explicitly.
+        assert_eq!(
+            gpu_index(DeviceChoice::Cuda(Some(1)), Some(1), 0, 2).unwrap(),
+            1
+        );
+        // More ranks than visible GPUs.
+        let err = gpu_index(cuda, None, 2, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("local rank 2") && err.contains("CUDA_VISIBLE_DEVICES"),
+            "{err}"
+        );
+        assert!(gpu_index(DeviceChoice::Cuda(Some(4)), Some(4), 0, 2).is_err());
     }
 }

@@ -3,8 +3,9 @@
 //! (`kind=hang`), exit at once without a word (`kind=exit`), die by SIGKILL (`kind=kill`),
 //! receive SIGTERM as from a scheduler (`kind=signal`), panic like a bug (`kind=panic`) or
 //! silently change its copy of the model
-//! (`kind=perturb`, like a bit flip; the replica checksums must catch it). Not for users; a malformed value is refused so that a typo cannot silently disable
-//! a test.
+//! (`kind=perturb`, like a bit flip; the replica checksums must catch it). `step=0` acts while
+//! the rank joins the job, after MPI has started and before the first collective. Not for
+//! users; a malformed value is refused so that a typo cannot silently disable a test.
 
 use anyhow::bail;
 

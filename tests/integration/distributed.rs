@@ -318,6 +318,23 @@ fn a_failing_rank_ends_the_whole_job_with_its_message() {
         show(&o)
     );
 
+    // The same while joining the job, after MPI started and before any watchdog exists: the
+    // other rank would wait in its first collective forever.
+    let (o, secs) = with_fault(
+        2,
+        &data,
+        &tmp.path().join("joining"),
+        "rank=1,step=0,kind=error",
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(secs < 30.0, "took {secs} s");
+    assert!(
+        stderr(&o).contains("rank 1: cosine-train: injected fault (COSINE_FAULT) at step 0"),
+        "{}",
+        show(&o)
+    );
+
     let (o, secs) = with_fault(
         2,
         &data,

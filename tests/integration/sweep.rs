@@ -355,3 +355,72 @@ fn the_sweep_report_chooses_rates_on_validation_and_gives_intervals_over_seeds()
         );
     }
 }
+
+/// SIGUSR1 to `mpirun` (what sbatch.sh sends the ranks before a time limit) reaches every rank: each
+/// group checkpoints its cell and the job exits 75; the same command finishes the grid, and a
+/// resumed cell ends bit-identical to the same run trained alone.
+#[test]
+fn a_preempted_sweep_exits_75_and_the_same_command_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let train = [
+        "--arch",
+        "resnet8",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "25",
+        "--checkpoint-every",
+        "5",
+    ];
+    let axes = ["--axis", "loss=ce,cosine", "--ranks-per-run", "1"];
+    let mut cmd = mpirun(2);
+    cmd.arg(cosine_train_path())
+        .arg("sweep")
+        .arg("--out")
+        .arg(&out)
+        .args(axes)
+        .arg("--")
+        .arg("--data")
+        .arg(data())
+        .args(["--threads", "1", "--workers", "1"])
+        .args(train)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let start = std::time::Instant::now();
+    let checkpointed = |cell: &str| {
+        out.join(cell)
+            .join("checkpoints/step-000000000005")
+            .exists()
+    };
+    while !(checkpointed("loss-ce") && checkpointed("loss-cosine")) {
+        assert!(start.elapsed() < LIMIT, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    let now = states(&out);
+    assert!(!now.iter().any(|s| s == "running"), "{now:?}");
+
+    let o = sweep(2, &out, &axes, &train, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(states(&out), ["finished", "finished"]);
+    let resumed: Vec<&str> = ["loss-ce", "loss-cosine"]
+        .into_iter()
+        .filter(|c| stderr(&o).contains(&format!("{c} (Resume)")))
+        .collect();
+    assert!(!resumed.is_empty(), "{}", show(&o));
+    let alone = tmp.path().join("alone");
+    let loss = resumed[0].trim_start_matches("loss-");
+    let o = train_ranks(
+        0,
+        &data(),
+        &alone,
+        &[&train[..], &["--loss", loss]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out.join(resumed[0]), &alone);
+}

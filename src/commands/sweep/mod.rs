@@ -22,7 +22,7 @@ use self::handout::{Claim, Start, claim, expected_cost, order, start_of};
 use super::UsageError;
 use super::train::{TrainArgs, resolve_config, train_in};
 use crate::config::RunConfig;
-use crate::dist::job::Job;
+use crate::dist::job::{Job, Team};
 use crate::dist::{Communicator, Grouping};
 use crate::run_dir::checkpoint::ResumeMode;
 use crate::run_dir::sweep::{self, Axis, CellState, SweepRecord};
@@ -67,40 +67,7 @@ type Parsed = (TrainArgs, Vec<String>);
 
 /// Runs the sweep; exit status 0 when every cell finished, 1 when some failed, 75 when stopped.
 pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let axes = args
-        .axes
-        .iter()
-        .map(|a| parse_axis(a))
-        .collect::<Result<Vec<_>, _>>()?;
-    if args
-        .train
-        .iter()
-        .any(|a| a == "--out" || a.starts_with("--out="))
-    {
-        return Err(UsageError(
-            "sweep: --out goes before --, the cells' directories are made inside it".into(),
-        )
-        .into());
-    }
-    if let Some(axis) = axes.iter().find(|axis| {
-        let flag = format!("--{}", axis.option);
-        args.train
-            .iter()
-            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
-    }) {
-        return Err(UsageError(format!(
-            "sweep: --{0} is an axis (--axis {0}=...) and also among the options after --; \
-             give it once",
-            axis.option
-        ))
-        .into());
-    }
-    if args.ranks_per_run == Some(0) || args.runs_per_gpu == 0 {
-        return Err(UsageError(
-            "sweep: --ranks-per-run and --runs-per-gpu must be 1 or more".into(),
-        )
-        .into());
-    }
+    let axes = parse_axes(args)?;
     let grid = cells(&axes);
     let names: Vec<String> = grid.iter().map(|c| c.name.clone()).collect();
     let mut parsed: Vec<Parsed> = grid
@@ -113,16 +80,15 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
             resolve_config(train, &|id| given.iter().any(|g| g == id)).map_err(|e| format!("{e:#}"))
         })
         .collect();
-    let (first, _) = &parsed[0];
-    let device = match configs.iter().find_map(|c| c.as_ref().ok()) {
-        Some(config) => config.device,
-        None => {
-            return Err(UsageError(format!(
-                "sweep: no cell can run: {}",
-                configs[0].clone().err().unwrap_or_default()
-            ))
-            .into());
-        }
+    let Some(device) = configs
+        .iter()
+        .find_map(|c| c.as_ref().ok().map(|c| c.device))
+    else {
+        return Err(UsageError(format!(
+            "sweep: no cell can run: {}",
+            configs[0].clone().err().unwrap_or_default()
+        ))
+        .into());
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("--out {}: cannot create", args.out.display()))?;
@@ -130,53 +96,21 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
         ranks_per_run: args.ranks_per_run.unwrap_or(0),
         runs_per_gpu: args.runs_per_gpu,
     };
+    let (first, _) = &parsed[0];
     let (job, team) = Job::join_grouped(&first.job.options(), device, first.threads, grouping)?;
     signals::install();
 
-    // The first rank of the job plans the grid from the run directories; the others wait for
-    // its word (empty: go), so that no group claims a cell before the record is written.
-    let world: &dyn Communicator = team.world.as_deref().unwrap_or(&job.comm);
-    let mut verdict = Vec::new();
-    let mut nothing_to_train = None;
-    if world.rank() == 0 {
-        let planned = plan(args, &axes, grid, &configs, job.comm.size(), team.groups)
-            .and_then(|record| sweep::write(&args.out, &record).map(|()| record));
-        match planned {
-            Ok(record) => {
-                eprintln!(
-                    "sweep: {} cells for {} group(s) of {} rank(s): {} to train, {} finished, {} \
-                 failed ({})",
-                    record.cells.len(),
-                    team.groups,
-                    job.comm.size(),
-                    record.count(CellState::Pending),
-                    record.count(CellState::Finished),
-                    record.count(CellState::Failed),
-                    args.out.join(sweep::SWEEP).display()
-                );
-                nothing_to_train = record.complete().then_some(record);
-            }
-            Err(e) => verdict = format!("{e:#}").into_bytes(),
-        }
-    }
-    world.broadcast_bytes(&mut verdict, 0)?;
-    if !verdict.is_empty() {
-        if world.rank() == 0 {
-            return Err(UsageError(String::from_utf8_lossy(&verdict).into_owned()).into());
-        }
-        return Ok(ExitCode::from(2));
-    }
-
-    // Every rank of a group leaves the loop together, on the claim that finds no cell left.
-    let mut exit =
-        nothing_to_train.map_or(ExitCode::SUCCESS, |record| report_done(&args.out, &record));
-
+    let mut exit = match plan_on_first_rank(args, &axes, grid, &configs, &job, &team)? {
+        Planned::Refused(code) => return Ok(code),
+        Planned::Go(code) => code,
+    };
     let costs: Vec<f64> = configs
         .iter()
         .map(|c| c.as_ref().map_or(0.0, expected_cost))
         .collect();
     let order = order(&costs);
     let lead = job.comm.rank() == 0;
+    // Every rank of a group leaves the loop together, on the claim that finds no cell left.
     loop {
         let mut message = Vec::new();
         if lead {
@@ -196,62 +130,186 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
             Claim::Stop(signal) => return Ok(ExitCode::from(stop_code(signal))),
             Claim::Train { cell, start } => (cell, start),
         };
-        let name = &names[k];
+        if lead {
+            eprintln!(
+                "sweep: group {} trains {} ({start:?})",
+                team.group, names[k]
+            );
+        }
         let config = configs[k].clone().map_err(anyhow::Error::msg)?;
-        let train = &mut parsed[k].0;
-        match start {
-            Start::Resume => train.resume = Some(ResumeMode::Auto),
-            Start::Anew => train.force = true,
-            _ => {}
+        let end = train_cell(&job, &mut parsed[k].0, config, &start)?;
+        if lead && let Some(done) = record_end(&args.out, k, &names[k], &end, &job)? {
+            exit = done;
         }
-        if lead {
-            eprintln!("sweep: group {} trains {name} ({start:?})", team.group);
-        }
-        let result = train_in(&job, train, config);
-        let stopped = match &result {
-            Err(e) => e.downcast_ref::<Stopped>().map(Stopped::exit_code),
-            Ok(_) => None,
-        };
-        let outcome = match result {
-            Ok(summary) => Ok(Some(summary.best_top1).filter(|v| !v.is_nan())),
-            Err(_) if stopped.is_some() => Ok(None),
-            // A failure every rank of the group shares (or a group of one) is the cell's: it
-            // is recorded and the sweep goes on. Any other may be this rank's alone, with the
-            // group's other ranks waiting in a collective: it ends the job.
-            Err(e) if e.is::<Diverged>() || job.comm.size() == 1 => Err(format!("{e:#}")),
-            Err(e) => return job.finish(Err(e)),
-        };
-        if lead {
-            let ended = job.finish(sweep::update(&args.out, |record| {
-                let cell = &mut record.cells[k];
-                cell.ended_at = Some(sweep::now());
-                match (&outcome, stopped) {
-                    (_, Some(_)) => cell.state = CellState::Pending,
-                    (Ok(best), None) => {
-                        cell.state = CellState::Finished;
-                        cell.best_top1 = *best;
-                    }
-                    (Err(e), None) => {
-                        cell.state = CellState::Failed;
-                        cell.error = Some(e.clone());
-                    }
-                }
-                record.complete().then(|| record.clone())
-            }))?;
-            if let Err(e) = &outcome {
-                eprintln!("sweep: cell {name} failed: {e}");
-            }
-            if let Some(record) = ended {
-                exit = report_done(&args.out, &record);
-            }
-        }
-        if let Some(code) = stopped {
+        if let CellEnd::Stopped(code) = end {
             if lead {
                 eprintln!("cosine-train: stopped; the same sweep command continues the grid");
             }
             return Ok(ExitCode::from(code));
         }
     }
+}
+
+/// The axes of `--axis`, checked against the options after `--`.
+fn parse_axes(args: &SweepArgs) -> anyhow::Result<Vec<Axis>> {
+    let axes = args
+        .axes
+        .iter()
+        .map(|a| parse_axis(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let given = |flag: &str| {
+        args.train
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    if given("--out") {
+        return Err(UsageError(
+            "sweep: --out goes before --, the cells' directories are made inside it".into(),
+        )
+        .into());
+    }
+    if let Some(axis) = axes
+        .iter()
+        .find(|axis| given(&format!("--{}", axis.option)))
+    {
+        return Err(UsageError(format!(
+            "sweep: --{0} is an axis (--axis {0}=...) and also among the options after --; \
+             give it once",
+            axis.option
+        ))
+        .into());
+    }
+    if args.ranks_per_run == Some(0) || args.runs_per_gpu == 0 {
+        return Err(UsageError(
+            "sweep: --ranks-per-run and --runs-per-gpu must be 1 or more".into(),
+        )
+        .into());
+    }
+    Ok(axes)
+}
+
+/// What the plan says to every rank.
+enum Planned {
+    /// Train; the exit status so far (failure when the record is complete with failed cells).
+    Go(ExitCode),
+    /// The grid was refused (by the first rank, which returns the error itself on that rank).
+    Refused(ExitCode),
+}
+
+/// The first rank of the job plans the grid from the run directories and writes the record;
+/// the others wait for its word (empty: go), so that no group claims a cell before the record
+/// is written.
+fn plan_on_first_rank(
+    args: &SweepArgs,
+    axes: &[Axis],
+    grid: Vec<sweep::Cell>,
+    configs: &[Result<RunConfig, String>],
+    job: &Job,
+    team: &Team,
+) -> anyhow::Result<Planned> {
+    let world: &dyn Communicator = team.world.as_deref().unwrap_or(&job.comm);
+    let mut verdict = Vec::new();
+    let mut exit = ExitCode::SUCCESS;
+    if world.rank() == 0 {
+        let planned = plan(args, axes, grid, configs, job.comm.size(), team.groups)
+            .and_then(|record| sweep::write(&args.out, &record).map(|()| record));
+        match planned {
+            Ok(record) => {
+                eprintln!(
+                    "sweep: {} cells for {} group(s) of {} rank(s): {} to train, {} finished, {} \
+                     failed ({})",
+                    record.cells.len(),
+                    team.groups,
+                    job.comm.size(),
+                    record.count(CellState::Pending),
+                    record.count(CellState::Finished),
+                    record.count(CellState::Failed),
+                    args.out.join(sweep::SWEEP).display()
+                );
+                if record.complete() {
+                    exit = report_done(&args.out, &record);
+                }
+            }
+            Err(e) => verdict = format!("{e:#}").into_bytes(),
+        }
+    }
+    world.broadcast_bytes(&mut verdict, 0)?;
+    if verdict.is_empty() {
+        return Ok(Planned::Go(exit));
+    }
+    if world.rank() == 0 {
+        return Err(UsageError(String::from_utf8_lossy(&verdict).into_owned()).into());
+    }
+    Ok(Planned::Refused(ExitCode::from(2)))
+}
+
+/// How a cell's training ended on this rank.
+enum CellEnd {
+    /// Finished, with its best test top-1.
+    Finished(Option<f64>),
+    /// Failed alike on every rank of the group: the error.
+    Failed(String),
+    /// Stopped by a signal after its checkpoint: the exit status.
+    Stopped(u8),
+}
+
+/// Trains one cell on this rank, starting as `start`. A failure every rank of the group
+/// shares (or any failure of a group of one) is the cell's; any other may be this rank's
+/// alone, with the group's other ranks waiting in a collective, and ends the job.
+fn train_cell(
+    job: &Job,
+    train: &mut TrainArgs,
+    config: RunConfig,
+    start: &Start,
+) -> anyhow::Result<CellEnd> {
+    match start {
+        Start::Resume => train.resume = Some(ResumeMode::Auto),
+        Start::Anew => train.force = true,
+        _ => {}
+    }
+    match train_in(job, train, config) {
+        Ok(summary) => Ok(CellEnd::Finished(
+            Some(summary.best_top1).filter(|v| !v.is_nan()),
+        )),
+        Err(e) => match e.downcast_ref::<Stopped>() {
+            Some(stopped) => Ok(CellEnd::Stopped(stopped.exit_code())),
+            None if e.is::<Diverged>() || job.comm.size() == 1 => {
+                Ok(CellEnd::Failed(format!("{e:#}")))
+            }
+            None => job.finish(Err(e)),
+        },
+    }
+}
+
+/// Writes how cell `k` ended into the record (on a group's first rank); when that completes the
+/// grid, says so and returns the sweep's exit status.
+fn record_end(
+    out: &std::path::Path,
+    k: usize,
+    name: &str,
+    end: &CellEnd,
+    job: &Job,
+) -> anyhow::Result<Option<ExitCode>> {
+    let complete = job.finish(sweep::update(out, |record| {
+        let cell = &mut record.cells[k];
+        cell.ended_at = Some(sweep::now());
+        match end {
+            CellEnd::Stopped(_) => cell.state = CellState::Pending,
+            CellEnd::Finished(best) => {
+                cell.state = CellState::Finished;
+                cell.best_top1 = *best;
+            }
+            CellEnd::Failed(e) => {
+                cell.state = CellState::Failed;
+                cell.error = Some(e.clone());
+            }
+        }
+        record.complete().then(|| record.clone())
+    }))?;
+    if let CellEnd::Failed(e) = end {
+        eprintln!("sweep: cell {name} failed: {e}");
+    }
+    Ok(complete.map(|record| report_done(out, &record)))
 }
 
 /// Says that the grid is done; the exit status: failure when a cell failed.
