@@ -247,9 +247,7 @@ pub fn connect_grouped(
             fail_job(&world, joining_fault(&world))?;
             let (group, groups, slot) = fail_job(&world, place(&world, grouping))?;
             let resolved = fail_job(&world, device.resolve(slot))?;
-            Ok(split_off(world, group, groups, resolved, |comm| {
-                Ok(Box::new(comm))
-            })?)
+            split_off(world, group, groups, resolved, |comm| Ok(Box::new(comm)))
         }
         Backend::Nccl => {
             if let Some(reason) = nccl::unavailable_reason() {
@@ -357,12 +355,10 @@ fn split_off(
 /// Passes `result` through; with several ranks an error ends the job at once (the other ranks
 /// would otherwise wait in their next collective).
 fn fail_job<T>(world: &dyn Communicator, result: anyhow::Result<T>) -> anyhow::Result<T> {
-    match result {
-        Err(e) if world.size() > 1 => world.abort(&format!("cosine-train: {e:#}"), 1),
-        other => other,
-    }
+    result.map_err(|e| abort_if_many(&world.abort_handle(), world.size(), e))
 }
 
+/// [`fail_job`] where the communicator has been handed on: its abort handle and size.
 fn abort_if_many(abort: &AbortHandle, size: usize, e: anyhow::Error) -> anyhow::Error {
     if size > 1 {
         abort.abort(&format!("cosine-train: {e:#}"), 1)

@@ -203,13 +203,7 @@ pub fn plot(runs: &[RunInfo], path: &Path) -> anyhow::Result<()> {
             // panel, above where they start and left of where they end); the other panels use
             // the same colours.
             if title == "test top-1" {
-                chart
-                    .configure_series_labels()
-                    .label_font(("sans-serif", 14))
-                    .background_style(WHITE.mix(0.85))
-                    .border_style(BLACK)
-                    .position(SeriesLabelPosition::UpperLeft)
-                    .draw()?;
+                draw_legend(&mut chart)?;
             }
         }
         root.present().context("drawing the plot")?;
@@ -279,13 +273,7 @@ pub fn curves(
                     .map(|&(x, y)| Circle::new((x, y), 4, c.filled())),
             )?;
         }
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+        draw_legend(&mut chart)?;
         root.present().context("drawing the plot")?;
     }
     write_png(path, &rgb, size)
@@ -318,4 +306,26 @@ fn write_png(path: &Path, rgb: &[u8], size: (u32, u32)) -> anyhow::Result<()> {
     .context("encoding the plot as PNG")?;
     datasets_prep::atomic::write_file(path, &png)
         .with_context(|| format!("{}: cannot write the plot", path.display()))
+}
+
+/// The legend of a chart's labelled series, upper left on a translucent white box.
+fn draw_legend<'a, 'b: 'a>(
+    chart: &mut plotters::chart::ChartContext<
+        'a,
+        plotters::backend::BitMapBackend<'b>,
+        plotters::coord::cartesian::Cartesian2d<
+            plotters::coord::types::RangedCoordf64,
+            plotters::coord::types::RangedCoordf64,
+        >,
+    >,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    chart
+        .configure_series_labels()
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    Ok(())
 }

@@ -30,10 +30,16 @@ pub struct Stopped {
 impl Stopped {
     /// The exit status: 130 (128 + SIGINT) after Ctrl-C, else [`EXIT_PREEMPTED`].
     pub fn exit_code(&self) -> u8 {
-        match self.signal_number {
-            Some(libc::SIGINT) => 130,
-            _ => EXIT_PREEMPTED as u8,
-        }
+        exit_code_after(self.signal_number)
+    }
+}
+
+/// The exit status after a stop asked for by `signal` (`None`: another rank's): 130 after
+/// Ctrl-C, else [`EXIT_PREEMPTED`].
+pub fn exit_code_after(signal: Option<i32>) -> u8 {
+    match signal {
+        Some(libc::SIGINT) => 130,
+        _ => EXIT_PREEMPTED as u8,
     }
 }
 

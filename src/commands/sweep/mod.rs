@@ -127,7 +127,9 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
         job.comm.broadcast_bytes(&mut message, 0)?;
         let (k, start) = match Claim::decode(&message)? {
             Claim::Done => return Ok(exit),
-            Claim::Stop(signal) => return Ok(ExitCode::from(stop_code(signal))),
+            Claim::Stop(signal) => {
+                return Ok(ExitCode::from(signals::exit_code_after(Some(signal))));
+            }
             Claim::Train { cell, start } => (cell, start),
         };
         if lead {
@@ -331,17 +333,6 @@ fn report_done(out: &std::path::Path, record: &SweepRecord) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// The exit status after stop signal `signal`, as `train` gives it.
-fn stop_code(signal: i32) -> u8 {
-    Stopped {
-        signal: "",
-        signal_number: Some(signal),
-        step: 0,
-        checkpoint: String::new(),
-    }
-    .exit_code()
 }
 
 /// The record a launch starts from: each cell's state from its run directory. A cell run with
