@@ -6,6 +6,8 @@
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 launch/sbatch.sh train ... --device cpu   # CPU nodes
 #   sbatch --nodes=2 launch/sbatch.sh sweep --out runs/t2-cub --ranks-per-run 4 \
 #     --axis loss=ce,cosine --axis lr-max=paper -- --data data/cub --preset paper-cub-ce --device cuda
+#   sbatch --nodes=4 launch/sbatch.sh sweep --out runs/table2 --grid paper-table2 --data-root data \
+#     --ranks-per-run 4 -- --device cuda          # the paper's whole Table 2 (192 cells)
 #
 # Submit from the checkout (the job finds the binary and launch/env.sh through
 # SLURM_SUBMIT_DIR), or set COSINE_REPO / COSINE_TRAIN. Edit the #SBATCH lines below for your

@@ -73,8 +73,9 @@ pub enum Command {
     Report(report::ReportArgs),
     /// Compute the unit-sphere class embedding of a class hierarchy (rows = leaves by id).
     Embed(embed::EmbedArgs),
-    /// Train a grid of runs (every combination of --axis values) as one job: one run directory
-    /// per cell and OUT/sweep.json; the same command again continues an interrupted grid.
+    /// Train a grid of runs (every combination of --axis values, a --grid file, or the paper's
+    /// Table 2) as one job: one run directory per cell and OUT/sweep.json; the same command
+    /// again continues an interrupted grid.
     Sweep(Box<sweep::SweepArgs>),
 }
 

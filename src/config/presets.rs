@@ -104,6 +104,16 @@ pub fn published_top1(dataset: &str, loss: LossKind) -> Option<f64> {
     Some(d.top1[column])
 }
 
+/// The paper's Table 2 datasets in its order, as preset names (`paper-NAME-LOSS`).
+pub fn paper_datasets() -> impl Iterator<Item = &'static str> {
+    PAPER.iter().map(|d| d.name)
+}
+
+/// The Table 2 dataset whose data is packed from `source` (CUB-subX is not one of them).
+pub fn paper_dataset_of(source: &Source) -> Option<&'static str> {
+    PAPER.iter().find(|d| &d.source == source).map(|d| d.name)
+}
+
 /// The CUB-subX sizes of the reference's sub-sampling curve (reference-spec 3.5: the split
 /// files were never published; these are the likely values). Any X of 1..=30 is accepted.
 pub const CUB_SUB_SIZES: [usize; 6] = [1, 5, 10, 15, 20, 25];

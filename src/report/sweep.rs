@@ -123,23 +123,12 @@ pub fn read(dir: &Path) -> anyhow::Result<SweepReport> {
                 .iter()
                 .find(|(o, _)| RATE_AXES.contains(o))
                 .map_or_else(String::new, |(_, v)| v.to_string());
-            let others: Vec<&str> = values
-                .iter()
-                .map(|(o, _)| *o)
-                .filter(|o| {
-                    !REPLICATE_AXES.contains(o) && !RATE_AXES.contains(o) && !NAMED_AXES.contains(o)
-                })
-                .collect();
             let dataset = if run.dataset.is_empty() {
                 run.data.clone()
             } else {
                 run.dataset.clone()
             };
-            let column = [dataset, pick(&others)]
-                .into_iter()
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ");
+            let column = column_of(&dataset, &values);
             CellRun {
                 name: cell.name.clone(),
                 state: cell.state,
@@ -157,6 +146,31 @@ pub fn read(dir: &Path) -> anyhow::Result<SweepReport> {
         .collect();
     let conditions = conditions(&cells);
     Ok(SweepReport { cells, conditions })
+}
+
+/// A cell's column: its dataset and the values of the axes that are neither replicates, rates
+/// nor named by the row and the dataset. The dataset's own paper preset (`paper-D-LOSS`, as in
+/// a Table 2 grid) says nothing more: its loss is the row's (or set over it), so it is left out.
+fn column_of(dataset: &str, values: &[(&str, &str)]) -> String {
+    let own_paper_preset = |v: &str| {
+        v.strip_prefix(&format!("paper-{dataset}-"))
+            .is_some_and(|loss| LossKind::parse_name(loss).is_ok())
+    };
+    let others = values
+        .iter()
+        .filter(|(o, v)| {
+            let left_out = REPLICATE_AXES.contains(o)
+                || RATE_AXES.contains(o)
+                || NAMED_AXES.contains(o)
+                || (*o == "preset" && own_paper_preset(v));
+            !left_out
+        })
+        .map(|(o, v)| format!("{o}={v}"));
+    std::iter::once(dataset.to_string())
+        .chain(others)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Groups the cells into conditions and chooses each one's learning rate.
@@ -412,6 +426,32 @@ fn images_per_class(word: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_datasets_own_paper_preset_is_left_out_of_its_column() {
+        let values = [
+            ("data", "/d/cub"),
+            ("preset", "paper-cub-cosine"),
+            ("lr-max", "0.5"),
+            ("seed", "1"),
+        ];
+        assert_eq!(column_of("cub", &values), "cub");
+        let sub = [("preset", "paper-cub-sub5-cosine"), ("per-class", "5")];
+        assert_eq!(
+            column_of("cub", &sub),
+            "cub preset=paper-cub-sub5-cosine per-class=5"
+        );
+        // Another dataset's preset, or another family's, stays visible.
+        let other = [("preset", "paper-nab-ce"), ("arch", "resnet20")];
+        assert_eq!(
+            column_of("cub", &other),
+            "cub preset=paper-nab-ce arch=resnet20"
+        );
+        assert_eq!(
+            column_of("cub", &[("preset", "gem-cub-ce")]),
+            "cub preset=gem-cub-ce"
+        );
+    }
 
     #[test]
     fn images_per_class_come_from_the_axis_or_the_cub_sub_preset() {

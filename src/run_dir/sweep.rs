@@ -13,11 +13,39 @@ pub const SWEEP: &str = "sweep.json";
 /// The lock file beside it.
 const LOCK: &str = ".sweep.lock";
 
-/// One grid axis: a `train` option and its values.
+/// One grid axis: a `train` option and its values, and any options that vary with it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Axis {
     pub option: String,
     pub values: Vec<String>,
+    /// Options linked to this one: value i of each goes with value i of this axis (e.g. a
+    /// dataset and its preset), instead of being combined with every value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub linked: Vec<Axis>,
+}
+
+impl Axis {
+    /// An axis of one option.
+    pub fn new(option: impl Into<String>, values: Vec<String>) -> Axis {
+        Axis {
+            option: option.into(),
+            values,
+            linked: Vec::new(),
+        }
+    }
+
+    /// This axis's option and those linked to it.
+    pub fn options(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.option.as_str()).chain(self.linked.iter().map(|a| a.option.as_str()))
+    }
+
+    /// The options and values of its `i`-th step.
+    pub fn step(&self, i: usize) -> Vec<(String, String)> {
+        std::iter::once(self)
+            .chain(&self.linked)
+            .map(|a| (a.option.clone(), a.values[i].clone()))
+            .collect()
+    }
 }
 
 /// Where a cell stands.

@@ -424,3 +424,129 @@ fn a_preempted_sweep_exits_75_and_the_same_command_finishes_it() {
     assert!(o.status.success(), "{}", show(&o));
     assert_same_run(&out.join(resumed[0]), &alone);
 }
+
+/// A copy of the test data whose manifest says it was packed from `source` (what
+/// `--grid paper-table2` looks for; no cell of it is trained).
+fn relabelled_copy(to: &Path, source: &str) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(data()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+    let manifest = to.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let relabelled = text.replacen(
+        "\"source\": \"idx\"",
+        &format!("\"source\": \"{source}\""),
+        1,
+    );
+    assert_ne!(text, relabelled, "the manifest names its source");
+    std::fs::write(&manifest, relabelled).unwrap();
+}
+
+/// `--dry-run` through the real binary: lines of `name \t what \t options`.
+fn dry_run(out: &Path, sweep_options: &[&str]) -> (Output, Vec<Vec<String>>) {
+    let o = run(
+        cosine_train()
+            .arg("sweep")
+            .arg("--out")
+            .arg(out)
+            .args(sweep_options)
+            .arg("--dry-run"),
+        LIMIT,
+    );
+    let lines = crate::util::stdout(&o)
+        .lines()
+        .map(|l| l.split('\t').map(str::to_string).collect())
+        .collect();
+    (o, lines)
+}
+
+#[test]
+fn paper_table2_expands_over_the_datasets_found_and_grid_files_link_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("data");
+    relabelled_copy(&root.join("c100"), "cifar100");
+    relabelled_copy(&root.join("flw"), "flowers");
+    std::os::unix::fs::symlink(data(), root.join("fashion")).unwrap();
+    std::fs::create_dir_all(root.join("notes")).unwrap();
+    let out = tmp.path().join("table2");
+    let grid = ["--grid", "paper-table2", "--data-root"];
+    let (o, lines) = dry_run(&out, &[&grid[..], &[root.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", show(&o));
+    // Flowers before CIFAR-100 (the paper's order), 4 presets each, 8 rates each.
+    assert_eq!(lines.len(), 2 * 4 * 8, "{}", show(&o));
+    assert_eq!(lines[0][0], "data-flw_preset-paper-flowers-ce_lr-max-2.5");
+    assert_eq!(lines[0][1], "train");
+    assert_eq!(
+        lines[63][0],
+        "data-c100_preset-paper-cifar100-cosine-ce_lr-max-0.001"
+    );
+    let c100 = std::fs::canonicalize(root.join("c100")).unwrap();
+    assert!(
+        lines[63][2].starts_with(&format!("--data {}", root.join("c100").display()))
+            || lines[63][2].starts_with(&format!("--data {}", c100.display())),
+        "{:?}",
+        lines[63]
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("not in") && err.contains("cub, nab, cars, mit67"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a dry run writes nothing");
+
+    // Without --data-root, or with none of the paper's datasets there: usage errors.
+    let (o, _) = dry_run(&out, &grid[..2]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(stderr(&o).contains("needs --data-root"), "{}", show(&o));
+    let (o, _) = dry_run(
+        &out,
+        &[&grid[..], &[tmp.path().join("none").to_str().unwrap()]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+
+    // The grid file shipped in docs/ expands (3 datasets x 4 losses x 8 rates x 3 seeds).
+    let example = crate::util::repo_root().join("docs/sweep-grid.toml");
+    let (o, lines) = dry_run(&out, &["--grid", example.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(lines.len(), 288);
+    assert_eq!(
+        lines[0][0],
+        "data-cub_preset-paper-cub-ce_loss-ce_lr-max-2.5_seed-0"
+    );
+
+    // A grid file whose linked options train: value i of each axis key with value i of the
+    // others, each cell exactly the standalone run.
+    let file = tmp.path().join("grid.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[train]\ndata = \"{}\"\narch = \"tiny-cnn\"\nepochs = 2\nbatch-size = 25\n\
+             threads = 1\nworkers = 1\n\n[[axis]]\nseed = [0, 1]\nlr-max = [0.1, 0.05]\n",
+            data().display()
+        ),
+    )
+    .unwrap();
+    let grid_out = tmp.path().join("linked");
+    let o = run(
+        cosine_train()
+            .arg("sweep")
+            .arg("--out")
+            .arg(&grid_out)
+            .arg("--grid")
+            .arg(&file),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(states(&grid_out), ["finished"; 2]);
+    let alone = tmp.path().join("alone");
+    let o = train_ranks(
+        0,
+        &data(),
+        &alone,
+        &[&COMMON[..], &["--seed", "1", "--lr-max", "0.05"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&grid_out.join("seed-1_lr-max-0.05"), &alone);
+}

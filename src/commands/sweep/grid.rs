@@ -15,19 +15,26 @@ pub const PAPER_RATES: [&str; 8] = ["2.5", "1.0", "0.5", "0.1", "0.05", "0.01", 
 
 /// Parses `OPTION=V1,V2`.
 pub fn parse_axis(text: &str) -> Result<Axis, UsageError> {
-    let bad = |why: &str| UsageError(format!("--axis {text}: {why}"));
-    let (option, values) = text
-        .split_once('=')
-        .ok_or_else(|| bad("expected OPTION=V1,V2,... (e.g. loss=ce,cosine)"))?;
-    let option = option.trim().trim_start_matches("--").to_string();
-    if option.is_empty() || option == "out" || option == "resume" || option == "force" {
-        return Err(bad("not an option a grid can vary"));
-    }
-    let mut values: Vec<String> = values
+    let (option, values) = text.split_once('=').ok_or_else(|| {
+        UsageError(format!(
+            "--axis {text}: expected OPTION=V1,V2,... (e.g. loss=ce,cosine)"
+        ))
+    })?;
+    let values = values
         .split(',')
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
         .collect();
+    axis(option, values).map_err(|why| UsageError(format!("--axis {text}: {why}")))
+}
+
+/// An axis of `option` (with or without its `--`) over `values`, with the shorthands expanded:
+/// lr-max=paper is the paper's 8 rates, per-class=all the whole split.
+pub fn axis(option: &str, mut values: Vec<String>) -> Result<Axis, String> {
+    let option = option.trim().trim_start_matches("--").to_string();
+    if option.is_empty() || option == "out" || option == "resume" || option == "force" {
+        return Err("not an option a grid can vary".into());
+    }
     if option == "lr-max" && values == ["paper"] {
         values = PAPER_RATES.iter().map(|v| v.to_string()).collect();
     }
@@ -39,9 +46,58 @@ pub fn parse_axis(text: &str) -> Result<Axis, UsageError> {
         }
     }
     if values.is_empty() {
-        return Err(bad("no values"));
+        return Err("no values".into());
     }
-    Ok(Axis { option, values })
+    Ok(Axis::new(option, values))
+}
+
+/// Options that vary together: `first` and the rest, each with as many values.
+pub fn linked(first: Axis, rest: Vec<Axis>) -> Result<Axis, String> {
+    if let Some(other) = rest.iter().find(|a| a.values.len() != first.values.len()) {
+        return Err(format!(
+            "{} has {} values but {} has {}: options that vary together need as many values each",
+            first.option,
+            first.values.len(),
+            other.option,
+            other.values.len()
+        ));
+    }
+    Ok(Axis {
+        linked: rest,
+        ..first
+    })
+}
+
+/// Refuses a grid whose axes name an option twice, or name one of the common options
+/// (`common` as given to `train`), or that sets `--out` among the common options.
+pub fn check(axes: &[Axis], common: &[String]) -> Result<(), UsageError> {
+    let given = |flag: &str| {
+        common
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    if given("--out") {
+        return Err(UsageError(
+            "sweep: --out goes before --, the cells' directories are made inside it".into(),
+        ));
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for option in axes.iter().flat_map(Axis::options) {
+        if seen.contains(&option) {
+            return Err(UsageError(format!(
+                "sweep: --{option} is on two axes; give each option one axis (options that \
+                 vary together go in one [[axis]] table of a grid file)"
+            )));
+        }
+        if given(&format!("--{option}")) {
+            return Err(UsageError(format!(
+                "sweep: --{option} is an axis and also among the options every cell gets \
+                 (after -- or in the grid file's [train]); give it once"
+            )));
+        }
+        seen.push(option);
+    }
+    Ok(())
 }
 
 /// Every combination of the axes' values (the first axis varies slowest), with its name.
@@ -51,9 +107,9 @@ pub fn cells(axes: &[Axis]) -> Vec<Cell> {
         combos = combos
             .into_iter()
             .flat_map(|c| {
-                axis.values.iter().map(move |v| {
+                (0..axis.values.len()).map(move |i| {
                     let mut c = c.clone();
-                    c.push((axis.option.clone(), v.clone()));
+                    c.extend(axis.step(i));
                     c
                 })
             })
@@ -155,5 +211,41 @@ mod tests {
         assert!(parse_axis("loss").is_err());
         let data = parse_axis("data=/x/cub,/y/nab").unwrap();
         assert_eq!(cells(&[data])[1].name, "data-nab");
+    }
+
+    #[test]
+    fn linked_options_vary_together() {
+        let data = axis("data", vec!["/d/cub".into(), "/d/cars".into()]).unwrap();
+        let preset = axis(
+            "preset",
+            vec!["paper-cub-ce".into(), "paper-cars-ce".into()],
+        )
+        .unwrap();
+        let both = linked(data.clone(), vec![preset]).unwrap();
+        let grid = cells(&[both.clone(), parse_axis("seed=0,1").unwrap()]);
+        assert_eq!(grid.len(), 4);
+        assert_eq!(grid[2].name, "data-cars_preset-paper-cars-ce_seed-0");
+        assert_eq!(
+            grid[2].args,
+            [
+                "--data",
+                "/d/cars",
+                "--preset",
+                "paper-cars-ce",
+                "--seed",
+                "0"
+            ]
+        );
+        let short = axis("preset", vec!["paper-cub-ce".into()]).unwrap();
+        let err = linked(data, vec![short]).unwrap_err();
+        assert!(err.contains("data has 2 values but preset has 1"), "{err}");
+        let seed = parse_axis("seed=0,1").unwrap();
+        assert!(check(&[both.clone(), seed.clone()], &[]).is_ok());
+        let twice = check(&[seed.clone(), seed.clone()], &[]).unwrap_err().0;
+        assert!(twice.contains("--seed is on two axes"), "{twice}");
+        let common = ["--preset".to_string(), "paper-cub-ce".to_string()];
+        let clash = check(&[both], &common).unwrap_err().0;
+        assert!(clash.contains("--preset is an axis"), "{clash}");
+        assert!(check(&[seed], &["--out=x".into()]).is_err());
     }
 }

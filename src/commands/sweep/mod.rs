@@ -9,7 +9,9 @@
 //! `--rerun-changed`).
 
 pub mod grid;
+pub mod grid_file;
 pub mod handout;
+pub mod table2;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,9 +41,22 @@ pub struct SweepArgs {
     pub out: PathBuf,
     /// A grid axis: a `train` option and its values, e.g. loss=ce,cosine or seed=0,1,2;
     /// lr-max=paper is the paper's 8 rates, per-class=all the whole split. Repeat for more
-    /// axes: the grid is every combination.
-    #[arg(long = "axis", value_name = "OPTION=V1,V2,...", required = true)]
+    /// axes: the grid is every combination (with --grid's axes first).
+    #[arg(
+        long = "axis",
+        value_name = "OPTION=V1,V2,...",
+        required_unless_present = "grid"
+    )]
     pub axes: Vec<String>,
+    /// A grid file (TOML: a [train] table of common options, [[axis]] tables whose keys vary
+    /// together; see docs/sweep-grid.toml), or paper-table2: the paper's presets x 8 learning
+    /// rates over the datasets packed in --data-root.
+    #[arg(long, value_name = "FILE|paper-table2")]
+    pub grid: Option<PathBuf>,
+    /// With --grid paper-table2: the directory holding the packed datasets (cub, nab, cars,
+    /// flowers, mit67, cifar100; found by the source in their manifests).
+    #[arg(long, value_name = "DIR")]
+    pub data_root: Option<PathBuf>,
     /// Ranks that train one cell together (data-parallel); the job's ranks split into groups of
     /// this many, each training its own cells [default: all ranks, one group].
     #[arg(long, value_name = "G")]
@@ -57,6 +72,10 @@ pub struct SweepArgs {
     /// Train again the cells that failed in an earlier launch (default: keep them failed).
     #[arg(long)]
     pub retry_failed: bool,
+    /// Print the cells and what this launch would do with each (train, resume, keep, refuse),
+    /// then exit without training or writing anything. Run it as one process.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Options every cell gets, after `--` (as for `train`; not --out).
     #[arg(last = true, value_name = "TRAIN OPTIONS")]
     pub train: Vec<String>,
@@ -67,12 +86,12 @@ type Parsed = (TrainArgs, Vec<String>);
 
 /// Runs the sweep; exit status 0 when every cell finished, 1 when some failed, 75 when stopped.
 pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
-    let axes = parse_axes(args)?;
-    let grid = cells(&axes);
+    let spec = grid_of(args)?;
+    let grid = cells(&spec.axes);
     let names: Vec<String> = grid.iter().map(|c| c.name.clone()).collect();
     let mut parsed: Vec<Parsed> = grid
         .iter()
-        .map(|cell| parse_cell(&args.out, &args.train, cell))
+        .map(|cell| parse_cell(&args.out, &spec.common, cell))
         .collect::<anyhow::Result<_>>()?;
     let configs: Vec<Result<RunConfig, String>> = parsed
         .iter()
@@ -80,6 +99,9 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
             resolve_config(train, &|id| given.iter().any(|g| g == id)).map_err(|e| format!("{e:#}"))
         })
         .collect();
+    if args.dry_run {
+        return dry_run(args, &grid, &parsed, &configs);
+    }
     let Some(device) = configs
         .iter()
         .find_map(|c| c.as_ref().ok().map(|c| c.device))
@@ -100,7 +122,7 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
     let (job, team) = Job::join_grouped(&first.job.options(), device, first.threads, grouping)?;
     signals::install();
 
-    let mut exit = match plan_on_first_rank(args, &axes, grid, &configs, &job, &team)? {
+    let mut exit = match plan_on_first_rank(args, &spec, grid, &configs, &job, &team)? {
         Planned::Refused(code) => return Ok(code),
         Planned::Go(code) => code,
     };
@@ -152,42 +174,84 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The axes of `--axis`, checked against the options after `--`.
-fn parse_axes(args: &SweepArgs) -> anyhow::Result<Vec<Axis>> {
-    let axes = args
-        .axes
-        .iter()
-        .map(|a| parse_axis(a))
-        .collect::<Result<Vec<_>, _>>()?;
-    let given = |flag: &str| {
-        args.train
-            .iter()
-            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
-    };
-    if given("--out") {
-        return Err(UsageError(
-            "sweep: --out goes before --, the cells' directories are made inside it".into(),
-        )
-        .into());
+/// `--dry-run`: one line per cell, its name, what a launch would do with it and its options.
+fn dry_run(
+    args: &SweepArgs,
+    grid: &[sweep::Cell],
+    parsed: &[Parsed],
+    configs: &[Result<RunConfig, String>],
+) -> anyhow::Result<ExitCode> {
+    let mut refused = 0;
+    for ((cell, (train, _)), config) in grid.iter().zip(parsed).zip(configs) {
+        let what = match config {
+            Err(e) => format!("fails: {e}"),
+            Ok(config) => match start_of(&train.out, config, args.rerun_changed)? {
+                Start::Fresh => "train".into(),
+                Start::Resume => "resume".into(),
+                Start::Anew => "train anew (--rerun-changed)".into(),
+                Start::Keep(_) => "keep (finished)".into(),
+                Start::Changed(difference) => {
+                    refused += 1;
+                    format!("refused, run with other settings: {difference}")
+                }
+            },
+        };
+        println!("{}\t{what}\t{}", cell.name, cell.args.join(" "));
     }
-    if let Some(axis) = axes
-        .iter()
-        .find(|axis| given(&format!("--{}", axis.option)))
-    {
-        return Err(UsageError(format!(
-            "sweep: --{0} is an axis (--axis {0}=...) and also among the options after --; \
-             give it once",
-            axis.option
-        ))
-        .into());
-    }
+    eprintln!(
+        "sweep: {} cells in {}{}",
+        grid.len(),
+        args.out.display(),
+        if refused > 0 {
+            format!("; {refused} would refuse the launch (see --rerun-changed)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a sweep's cells are made of.
+struct GridSpec {
+    /// From --grid, then --axis.
+    axes: Vec<Axis>,
+    /// The options every cell gets: the grid file's [train], then those after `--`.
+    common: Vec<String>,
+}
+
+/// The grid of the command line, checked.
+fn grid_of(args: &SweepArgs) -> anyhow::Result<GridSpec> {
     if args.ranks_per_run == Some(0) || args.runs_per_gpu == 0 {
         return Err(UsageError(
             "sweep: --ranks-per-run and --runs-per-gpu must be 1 or more".into(),
         )
         .into());
     }
-    Ok(axes)
+    let (mut axes, mut common) = match (&args.grid, &args.data_root) {
+        (Some(g), Some(root)) if g.as_os_str() == table2::NAME => (table2::axes(root)?, vec![]),
+        (Some(g), None) if g.as_os_str() == table2::NAME => {
+            return Err(UsageError(format!(
+                "--grid {}: needs --data-root DIR, the directory of the packed datasets",
+                table2::NAME
+            ))
+            .into());
+        }
+        (Some(file), None) => grid_file::read(file)?,
+        (None, None) => (Vec::new(), Vec::new()),
+        (_, Some(_)) => {
+            return Err(UsageError(format!(
+                "--data-root goes with --grid {} only",
+                table2::NAME
+            ))
+            .into());
+        }
+    };
+    for a in &args.axes {
+        axes.push(parse_axis(a)?);
+    }
+    common.extend(args.train.iter().cloned());
+    grid::check(&axes, &common)?;
+    Ok(GridSpec { axes, common })
 }
 
 /// What the plan says to every rank.
@@ -203,7 +267,7 @@ enum Planned {
 /// is written.
 fn plan_on_first_rank(
     args: &SweepArgs,
-    axes: &[Axis],
+    spec: &GridSpec,
     grid: Vec<sweep::Cell>,
     configs: &[Result<RunConfig, String>],
     job: &Job,
@@ -213,7 +277,7 @@ fn plan_on_first_rank(
     let mut verdict = Vec::new();
     let mut exit = ExitCode::SUCCESS;
     if world.rank() == 0 {
-        let planned = plan(args, axes, grid, configs, job.comm.size(), team.groups)
+        let planned = plan(args, spec, grid, configs, job.comm.size(), team.groups)
             .and_then(|record| sweep::write(&args.out, &record).map(|()| record));
         match planned {
             Ok(record) => {
@@ -340,7 +404,7 @@ fn report_done(out: &std::path::Path, record: &SweepRecord) -> ExitCode {
 /// earlier launch stays failed (unless `--retry-failed`).
 fn plan(
     args: &SweepArgs,
-    axes: &[Axis],
+    spec: &GridSpec,
     mut cells: Vec<sweep::Cell>,
     configs: &[Result<RunConfig, String>],
     ranks_per_run: usize,
@@ -399,8 +463,8 @@ fn plan(
         .into());
     }
     Ok(SweepRecord {
-        axes: axes.to_vec(),
-        common: args.train.clone(),
+        axes: spec.axes.clone(),
+        common: spec.common.clone(),
         ranks_per_run,
         groups,
         cells,
