@@ -17,9 +17,16 @@
 #      and barrier (a lone process makes its NCCL communicator without MPI);
 #   3. ResNet-50 at 448 px, batch BATCH, STEPS timed steps: ours (`bench-step`) and the same step
 #      in PyTorch eager (bench/train_step_pytorch.py), bf16 autocast and fp32, each with
-#      channels-last and without; a table of images/s and the ratio ours / PyTorch.
+#      channels-last and without; a table of images/s and the ratio ours / PyTorch;
+#   4. sweep grid throughput on one GPU (needs `mpirun` on the machine; skipped without): the
+#      8-cell grid of bench/sweep.sh (resnet20, Fashion-MNIST 20/class packed into the bundle,
+#      2 losses x 4 rates, SWEEP_EPOCHS epochs) as 8 runs one after another, then as one
+#      `sweep --ranks-per-run 1 --runs-per-gpu R` on R ranks for R = 1, 2, 4: wall times and
+#      the ratio to one after another (small models cannot fill an H200; R > 1 is what should
+#      gain). `bash bench/gpu-check.sh sweep` runs this step alone (COSINE_TRAIN, GPU_CHECK_DEVICE).
 # The table also goes to $OUT/gpu-check.md when OUT is set (the device tool's output folder).
-# Settings: BATCH (32), STEPS (30), WARMUP (5), PYTHON (python3), GPU_CHECK_DEVICE (cuda; `cpu`
+# Settings: BATCH (32), STEPS (30), WARMUP (5), SWEEP_EPOCHS (6), PYTHON (python3),
+# GPU_CHECK_DEVICE (cuda; `cpu`
 # rehearses the run half on a machine without a GPU, with a small batch and image).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +44,7 @@ build() {
     rm -rf "$bundle.partial"
     mkdir -p "$bundle.partial/bin" "$bundle.partial/lib"
     cp target/cuda/release/cosine-train "$bundle.partial/bin/"
+    pack_sweep_data "$bundle.partial/data/fashion-k20"
     strip "$bundle.partial/bin/cosine-train"
     # Every library the binary loads except libtorch and CUDA (the GPU machine's torch package
     # has those) and glibc's own (never copied: they must match the machine's loader).
@@ -58,6 +66,57 @@ build() {
     mv "$bundle.partial" "$bundle"
   )
   echo "gpu-check: bundle in $bundle ($(du -sh "$bundle" | cut -f1)); needs glibc >= $(cat "$bundle/glibc")"
+}
+
+# The sweep step's data (Fashion-MNIST, 20 training images per class, the whole test split).
+pack_sweep_data() {
+  [ -f "$1/manifest.json" ] && return 0
+  cargo build --release -q -p datasets-prep
+  target/release/datasets-prep pack --source idx --root /usr/share/datasets/fashion-mnist \
+    --out "$1" --per-class 20 --seed 0 >/dev/null
+}
+
+# Step 4: `sweep_step BIN DEVICE DATA REPORT`.
+sweep_step() {
+  local bin="$1" device="$2" data="$3" report="$4" epochs="${SWEEP_EPOCHS:-6}"
+  local work mpi=(mpirun --oversubscribe --bind-to none)
+  say() { echo "$@" | tee -a "$report"; }
+  say
+  if ! command -v mpirun >/dev/null; then
+    say "Sweep on one GPU: skipped (no mpirun on this machine)"
+    return 0
+  fi
+  [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
+  work=$(mktemp -d)
+  local common=(--data "$data" --arch resnet20 --epochs "$epochs" --batch-size 50 --workers 2
+    --device "$device" --threads 2)
+  local axes=(--axis loss=ce,cosine --axis lr-max=0.5,0.1,0.05,0.01)
+  say "Sweep on one $device: 8 cells (resnet20, Fashion-MNIST 20/class, $epochs epochs)"
+  say
+  say "| schedule | wall time | grid throughput vs one after another |"
+  say "| --- | ---: | ---: |"
+  local start seq_s t
+  start=$(date +%s.%N)
+  for loss in ce cosine; do
+    for rate in 0.5 0.1 0.05 0.01; do
+      timeout 600 "$bin" train --out "$work/seq-$loss-$rate" "${common[@]}" --loss "$loss" \
+        --lr-max "$rate" >"$work/seq.log" 2>&1 || { say "FAILED: train $loss $rate: $(tail -n 3 "$work/seq.log")"; rm -rf "$work"; return 0; }
+    done
+  done
+  seq_s=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+  say "$(awk -v s="$seq_s" 'BEGIN { printf "| 8 runs one after another, 1 process each | %.1f s | 1.00x |", s }')"
+  for r in 1 2 4; do
+    start=$(date +%s.%N)
+    if timeout 600 "${mpi[@]}" -np "$r" "$bin" sweep --out "$work/grid-$r" --ranks-per-run 1 \
+      --runs-per-gpu "$r" "${axes[@]}" -- "${common[@]}" >"$work/grid-$r.log" 2>&1; then
+      t=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+      say "$(awk -v s="$seq_s" -v g="$t" -v r="$r" 'BEGIN {
+        printf "| sweep, %d group(s) of 1 rank, --runs-per-gpu %d | %.1f s | %.2fx |", r, r, g, s / g }')"
+    else
+      say "| sweep, --runs-per-gpu $r | failed: $(tail -n 2 "$work/grid-$r.log" | tr '\n|' ' /') | |"
+    fi
+  done
+  rm -rf "$work"
 }
 
 run() {
@@ -130,6 +189,7 @@ run() {
         tee -a "$report"
     done
   done
+  sweep_step "$bin" "$device" "$bundle/data/fashion-k20" "$report"
   if [ -n "${OUT:-}" ]; then
     cp "$report" "$OUT/gpu-check.md"
   fi
@@ -140,5 +200,11 @@ case "${1:-all}" in
   build) build ;;
   run) run ;;
   all) build && run ;;
-  *) echo "usage: bash bench/gpu-check.sh [build|run]" >&2; exit 2 ;;
+  sweep)
+    data=target/gpu-check-sweep/fashion-k20
+    pack_sweep_data "$data"
+    report=$(mktemp)
+    sweep_step "${COSINE_TRAIN:-$bundle/bin/cosine-train}" "${GPU_CHECK_DEVICE:-cuda}" "$data" "$report"
+    rm -f "$report" ;;
+  *) echo "usage: bash bench/gpu-check.sh [build|run|sweep]" >&2; exit 2 ;;
 esac
