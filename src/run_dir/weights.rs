@@ -20,7 +20,8 @@ pub const METADATA_FORMAT: &str = "cosine-train-weights/1";
 /// safetensors format requires. Keys: `format`, `arch`, `loss`, `classes` (`[{"id","name"}]`
 /// in output order), `channels`, `mean` and `std` (per channel, on 0-255 pixel values),
 /// `short_side` (the pack's resize, `null` if none), `crop` (centre crop at evaluation, `null`
-/// if none), `embedding` (and `embedding_xxh3` for a file), `cosine_train` and `git`.
+/// if none), `conv_padding` (how the CIFAR ResNets pad a stride-2 convolution: `same` or
+/// `symmetric`), `embedding` (and `embedding_xxh3` for a file), `cosine_train` and `git`.
 pub fn metadata(
     config: &RunConfig,
     manifest: &Manifest,
@@ -39,6 +40,7 @@ pub fn metadata(
         json(serde_json::json!(manifest.resize.short_side)),
     );
     m.insert("crop".into(), json(serde_json::json!(config.augment.crop)));
+    m.insert("conv_padding".into(), config.conv_padding.to_string());
     m.insert("embedding".into(), config.embedding.to_string());
     if let EmbeddingSpec::File(path) = &config.embedding {
         m.insert("embedding_xxh3".into(), super::checkpoint::file_hash(path)?);

@@ -155,3 +155,146 @@ fn predict_agrees_with_eval_on_every_test_image_and_weights_describe_themselves(
     let classes: Value = serde_json::from_str(meta["classes"].as_str().unwrap()).unwrap();
     assert_eq!(classes.as_array().unwrap().len(), 10);
 }
+
+/// A Python with torch, safetensors and numpy (`COSINE_TORCH_PYTHON`, else `python3`).
+fn python_with_torch() -> Option<String> {
+    let python = std::env::var("COSINE_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import torch, safetensors, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}
+
+/// Says that a test was skipped, here and in `target/skipped-tests.txt` (printed by make test).
+fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {why}");
+    let target = crate::util::repo_root().join("target");
+    if target.is_dir() {
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(target.join("skipped-tests.txt"))
+            .and_then(|mut f| writeln!(f, "{test}: {why}"));
+    }
+}
+
+/// `python/cosine_train_torch.py` rebuilds every kind of network we train (CIFAR ResNet with
+/// both paddings, ResNet-50 v1, tiny-cnn; ce, ce-ls, cosine, cosine-ce heads), loads its
+/// `model.safetensors` strictly from the file alone, and gives the scores `cosine-train
+/// predict` prints for the same images, within 1e-4 (float32, different convolution code).
+#[test]
+fn the_pytorch_module_loads_our_weights_and_gives_our_scores() {
+    let Some(python) = python_with_torch() else {
+        skip(
+            "predict::the_pytorch_module_loads_our_weights_and_gives_our_scores",
+            "no Python with torch, safetensors and numpy (set COSINE_TORCH_PYTHON)",
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fashion(10);
+    let shards = ShardDir::open(&data).unwrap();
+    let images = tmp.path().join("images");
+    write_pngs(&shards, Split::Test, 12, &images);
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for class in std::fs::read_dir(&images).unwrap() {
+        for f in std::fs::read_dir(class.unwrap().path()).unwrap() {
+            files.push(f.unwrap().path());
+        }
+    }
+    files.sort();
+    // The same pixels, raw (N, 28, 28, 1), for Python (which then needs no image decoder).
+    let mut raw = Vec::new();
+    for f in &files {
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(f).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        raw.extend_from_slice(&buf[..info.buffer_size()]);
+    }
+    let raw_path = tmp.path().join("pixels.u8");
+    std::fs::write(&raw_path, &raw).unwrap();
+
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("resnet8", "ce", &[]),
+        ("resnet8", "cosine-ce", &["--conv-padding", "symmetric"]),
+        ("tiny-cnn", "cosine", &[]),
+        ("resnet50", "ce-ls", &["--crop", "24"]),
+    ];
+    for (arch, loss, extra) in cases {
+        let out = tmp.path().join(format!("{arch}-{loss}"));
+        let o = run(
+            cosine_train()
+                .arg("train")
+                .arg("--data")
+                .arg(&data)
+                .arg("--out")
+                .arg(&out)
+                .args(["--arch", arch, "--loss", loss, "--epochs", "1"])
+                .args(["--threads", "2", "--batch-size", "25"])
+                .args(extra),
+            LIMIT,
+        );
+        assert!(o.status.success(), "{}", show(&o));
+        let o = run(
+            cosine_train()
+                .arg("predict")
+                .arg("--run")
+                .arg(&out)
+                .args(["--format", "json", "--top-k", "10"])
+                .args(&files),
+            LIMIT,
+        );
+        assert!(o.status.success(), "{}", show(&o));
+        let ours: Vec<Value> = crate::util::stdout(&o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(ours.len(), files.len());
+
+        let script = format!(
+            "import sys, json, numpy as np, torch\n\
+             torch.set_num_threads(2)\n\
+             sys.path.insert(0, {python_dir:?})\n\
+             from cosine_train_torch import load\n\
+             model, meta = load({weights:?})\n\
+             x = np.fromfile({raw:?}, np.uint8).reshape({n}, 28, 28, 1)\n\
+             with torch.no_grad():\n    s = model(model.preprocess(x))\n\
+             print(json.dumps({{'ids': [c['id'] for c in meta['classes']], 'scores': s.tolist()}}))\n",
+            python_dir = crate::util::repo_root()
+                .join("python")
+                .display()
+                .to_string(),
+            weights = out.join("model.safetensors").display().to_string(),
+            raw = raw_path.display().to_string(),
+            n = files.len(),
+        );
+        let o = std::process::Command::new(&python)
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{arch} {loss}: {}", show(&o));
+        let theirs: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let ids: Vec<&str> = theirs["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let mut worst = 0f64;
+        for (i, (prediction, file)) in ours.iter().zip(&files).enumerate() {
+            assert_eq!(prediction["image"], file.display().to_string());
+            let top = prediction["top"].as_array().unwrap();
+            assert_eq!(top.len(), ids.len());
+            for entry in top {
+                let c = ids.iter().position(|id| *id == entry["id"]).unwrap();
+                let theirs = theirs["scores"][i][c].as_f64().unwrap();
+                worst = worst.max((entry["score"].as_f64().unwrap() - theirs).abs());
+            }
+        }
+        eprintln!("{arch} {loss}: largest score difference {worst:.2e}");
+        assert!(worst < 1e-4, "{arch} {loss}: scores differ by {worst}");
+    }
+}
