@@ -10,19 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::distributed::train_ranks;
 use crate::training::{deterministic, fashion, metrics};
-use crate::util::{cosine_train_path, repo_root, run, show};
-
-/// Records a skipped test where `make test` reports it, and says so now.
-fn skip(test: &str, why: &str) {
-    eprintln!("SKIPPED {test}: {why}");
-    let path = repo_root().join("target/skipped-tests.txt");
-    let line = format!("{test}: {why}\n");
-    let _ = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
-}
+use crate::util::{cosine_train_path, repo_root, run, show, skip};
 
 fn is_root() -> bool {
     // SAFETY: getuid has no preconditions.

@@ -11,8 +11,9 @@ use datasets_prep::sources::Source;
 use datasets_prep::{ShardDir, Split};
 use serde_json::Value;
 
+use crate::distributed::train_ranks;
 use crate::training::fashion;
-use crate::util::{cosine_train, run, show};
+use crate::util::{cosine_train, run, show, skip};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -166,20 +167,6 @@ fn python_with_torch() -> Option<String> {
     ok.then_some(python)
 }
 
-/// Says that a test was skipped, here and in `target/skipped-tests.txt` (printed by make test).
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    eprintln!("skipped: {why}");
-    let target = crate::util::repo_root().join("target");
-    if target.is_dir() {
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(target.join("skipped-tests.txt"))
-            .and_then(|mut f| writeln!(f, "{test}: {why}"));
-    }
-}
-
 /// `python/cosine_train_torch.py` rebuilds every kind of network we train (CIFAR ResNet with
 /// both paddings, ResNet-50 v1, tiny-cnn; ce, ce-ls, cosine, cosine-ce heads), loads its
 /// `model.safetensors` strictly from the file alone, and gives the scores `cosine-train
@@ -225,17 +212,16 @@ fn the_pytorch_module_loads_our_weights_and_gives_our_scores() {
     ];
     for (arch, loss, extra) in cases {
         let out = tmp.path().join(format!("{arch}-{loss}"));
-        let o = run(
-            cosine_train()
-                .arg("train")
-                .arg("--data")
-                .arg(&data)
-                .arg("--out")
-                .arg(&out)
-                .args(["--arch", arch, "--loss", loss, "--epochs", "1"])
-                .args(["--threads", "2", "--batch-size", "25"])
-                .args(extra),
-            LIMIT,
+        let own = [
+            &["--arch", arch, "--loss", loss, "--epochs", "1"][..],
+            extra,
+        ]
+        .concat();
+        let o = train_ranks(
+            0,
+            &data,
+            &out,
+            &[&own[..], &["--batch-size", "25"]].concat(),
         );
         assert!(o.status.success(), "{}", show(&o));
         let o = run(

@@ -105,3 +105,15 @@ pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Records a skipped test where `make test` reports it, and says so now.
+pub fn skip(test: &str, why: &str) {
+    eprintln!("SKIPPED {test}: {why}");
+    let path = repo_root().join("target/skipped-tests.txt");
+    let line = format!("{test}: {why}\n");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+}

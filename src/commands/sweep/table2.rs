@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use datasets_prep::manifest::Manifest;
+use datasets_prep::ShardDir;
 use datasets_prep::sources::Source;
 
 use super::super::UsageError;
@@ -18,9 +18,6 @@ use crate::run_dir::sweep::Axis;
 
 /// The grid name of `--grid`.
 pub const NAME: &str = "paper-table2";
-
-/// The largest manifest read while looking for datasets.
-const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// The axes of Table 2 over the datasets in `root`, in the paper's order; says on stderr which
 /// of the paper's datasets are missing.
@@ -105,11 +102,8 @@ fn find(root: &Path) -> Result<Vec<(&'static str, PathBuf)>, UsageError> {
     Ok(found)
 }
 
-/// The source a shard directory was packed from.
+/// The source a shard directory was packed from (read and checked as training reads it).
 fn source_of(dir: &Path) -> Result<Source, String> {
-    let path = dir.join("manifest.json");
-    let bytes = datasets_prep::bounded::read_limited(&path, MAX_MANIFEST_BYTES)
-        .map_err(|e| e.to_string())?;
-    let manifest = Manifest::parse(&path, &bytes).map_err(|e| e.to_string())?;
-    manifest.source.parse()
+    let shards = ShardDir::open(dir).map_err(|e| e.to_string())?;
+    shards.manifest().source.parse()
 }
