@@ -137,14 +137,16 @@ run() {
   local torch_lib nccl_lib
   torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))') || {
     echo "gpu-check: $py cannot import torch (set PYTHON to a Python with torch 2.11)" >&2; exit 1; }
+  # The bundle links against torch 2.11's symbols: another version fails with undefined symbols.
+  local torch_version
+  torch_version=$("$py" -c 'import torch; print(torch.__version__)')
+  case "$torch_version" in
+    2.11.*) ;;
+    *) echo "gpu-check: $py has torch $torch_version; the bundle needs torch 2.11 (set PYTHON)" >&2; exit 1 ;;
+  esac
   nccl_lib=$("$py" -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null || true)
-  # cudarc opens NCCL as libnccl.so; the wheel ships libnccl.so.2 only.
-  links=$(mktemp -d) # global: the EXIT trap runs after this function's locals are gone
-  trap 'rm -rf "$links"' EXIT
-  if [ -n "$nccl_lib" ] && [ -e "$nccl_lib/libnccl.so.2" ]; then
-    ln -s "$nccl_lib/libnccl.so.2" "$links/libnccl.so"
-  fi
-  export LD_LIBRARY_PATH="$links:$PWD/$bundle/lib:$torch_lib${nccl_lib:+:$nccl_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # libnccl.so.2 is opened by name (libtorch_cuda has usually loaded it already).
+  export LD_LIBRARY_PATH="$PWD/$bundle/lib:$torch_lib${nccl_lib:+:$nccl_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local bin="$bundle/bin/cosine-train" report
   report=$(mktemp)
   field() { sed -n "s/.*\"$1\": *\([^,}]*\).*/\1/p"; }

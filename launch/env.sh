@@ -35,7 +35,7 @@ if [ -n "${LIBTORCH:-}" ]; then
   # The PyPI wheels are built with the C++11 ABI.
   export LIBTORCH_CXX11_ABI="${LIBTORCH_CXX11_ABI:-1}"
   _cosine_ld="$LIBTORCH/lib"
-  # NCCL from the same wheel set (cudarc loads it at run time by the name libnccl.so).
+  # NCCL from the same wheel set (the binaries also find it there without this).
   if [ -d "$LIBTORCH/../nvidia/nccl/lib" ]; then
     _cosine_ld="$_cosine_ld:$(cd "$LIBTORCH/../nvidia/nccl/lib" && pwd)"
   fi

@@ -68,10 +68,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     --break-system-packages --target "$tmp" "${PIP_PKGS[@]}" 2>/dev/null ||
     PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install -q --no-deps --no-compile \
       --target "$tmp" "${PIP_PKGS[@]}"
-  # cudarc dlopens "libnccl.so"; the wheel ships only "libnccl.so.2".
-  if [ -e "$tmp/nvidia/nccl/lib/libnccl.so.2" ]; then
-    ln -sfn libnccl.so.2 "$tmp/nvidia/nccl/lib/libnccl.so"
-  fi
   printf '%s' "$want" >"$tmp/.installed"
   rm -rf "$TORCH_DIR"
   mv "$tmp" "$TORCH_DIR"

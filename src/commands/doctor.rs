@@ -39,6 +39,8 @@ pub struct EnvReport {
     pub cudnn_version: Option<i64>,
     pub mpi_library: String,
     pub nccl_loadable: bool,
+    /// The name or path libnccl was opened under.
+    pub nccl_library: Option<String>,
     pub nccl_version: Option<String>,
     pub nccl_unavailable_reason: Option<String>,
     pub torch_threads: i32,
@@ -49,7 +51,7 @@ pub struct EnvReport {
 /// Collects the report.
 pub fn collect() -> EnvReport {
     let cuda_available = tch::Cuda::is_available();
-    let libtorch_dir = loaded_libtorch_dir();
+    let libtorch_dir = crate::runtime::libraries::loaded_libtorch_dir();
     EnvReport {
         cosine_train_version: env!("CARGO_PKG_VERSION"),
         git_revision: env!("COSINE_GIT_REVISION"),
@@ -66,7 +68,8 @@ pub fn collect() -> EnvReport {
         cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available())
             .then(tch::utils::version_cudnn),
         mpi_library: crate::dist::mpi::library_version(),
-        nccl_loadable: crate::dist::nccl::nccl_library_present(),
+        nccl_loadable: crate::dist::nccl::library_origin().is_some(),
+        nccl_library: crate::dist::nccl::library_origin(),
         nccl_version: crate::dist::nccl::library_version(),
         nccl_unavailable_reason: crate::dist::nccl::unavailable_reason(),
         torch_threads: tch::get_num_threads(),
@@ -126,9 +129,12 @@ impl EnvReport {
             self.mpi_library.lines().next().unwrap_or("")
         ));
         lines.push(format!(
-            "nccl loadable    {} ({})",
+            "nccl loadable    {} ({}{})",
             yes_no(self.nccl_loadable),
-            opt(&self.nccl_version)
+            opt(&self.nccl_version),
+            self.nccl_library
+                .as_ref()
+                .map_or(String::new(), |origin| format!(", {origin}"))
         ));
         if let Some(reason) = &self.nccl_unavailable_reason {
             lines.push(format!("  why not        {reason}"));
@@ -143,17 +149,6 @@ impl EnvReport {
 
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
-}
-
-/// The directory of the libtorch_cpu.so this process actually loaded (it can differ from the one
-/// the binary was built against when LD_LIBRARY_PATH points elsewhere).
-fn loaded_libtorch_dir() -> Option<PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|line| line.split_whitespace().nth(5))
-        .find(|path| path.ends_with("/libtorch_cpu.so"))
-        .and_then(|path| Path::new(path).parent().map(PathBuf::from))
-        .or_else(|| Some(PathBuf::from(env!("COSINE_LIBTORCH_LIB"))))
 }
 
 /// Reads the version of the libtorch whose `lib/` directory is `lib_dir`: the PyPI wheel has

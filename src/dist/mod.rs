@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod job;
 pub mod mpi;
 pub mod nccl;
+pub mod nccl_library;
 pub mod single;
 pub mod watchdog;
 

@@ -1,4 +1,4 @@
-//! The NCCL backend: CUDA tensors reduced by NCCL, which cudarc loads at run time.
+//! The NCCL backend: CUDA tensors reduced by NCCL, loaded at run time ([`super::nccl_library`]).
 //!
 //! The binary therefore builds and runs on machines without CUDA; there, [`NcclCommunicator::over`]
 //! returns [`DistError::NcclUnavailable`] saying what is missing instead of crashing. The NCCL
@@ -8,13 +8,15 @@
 //! Collectives are enqueued on the legacy default stream, the stream libtorch uses unless told
 //! otherwise, so they are ordered with the kernels that produced and will consume the tensors.
 
-use cudarc::nccl::{result as nccl, sys as ncclsys};
+use cudarc::nccl::sys as ncclsys;
 use tch::Tensor;
 
+use super::nccl_library::{self, NcclCallError, NcclLibrary};
 use super::{AbortHandle, Backend, Communicator, DistError, Result, check_reducible};
 
 /// A job's ranks connected through NCCL, one GPU per rank.
 pub struct NcclCommunicator {
+    nccl: &'static NcclLibrary,
     comm: ncclsys::ncclComm_t,
     gpu: usize,
     /// Ranks, host-memory collectives and aborts: MPI, or the lone process itself.
@@ -30,12 +32,8 @@ pub fn unavailable_reason() -> Option<String> {
             crate::runtime::device::cuda_unavailable_reason()
         ));
     }
-    if !nccl_library_present() {
-        reasons.push(
-            "libnccl: not found on the library path under the name libnccl.so \
-             (`COSINE_WITH_CUDA=1 make setup` installs it; `source launch/env.sh` puts it on LD_LIBRARY_PATH)"
-                .to_string(),
-        );
+    if let Err(why) = nccl_library::library() {
+        reasons.push(why);
     }
     if reasons.is_empty() {
         None
@@ -44,32 +42,20 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
-/// Whether cudarc can load libnccl (checked first: cudarc panics on a missing library).
-pub fn nccl_library_present() -> bool {
-    // SAFETY: only tries to dlopen the library by its candidate names.
-    unsafe { ncclsys::is_culib_present() }
+/// Where libnccl was opened from, if it opens.
+pub fn library_origin() -> Option<String> {
+    nccl_library::library().ok().map(|lib| lib.origin.clone())
 }
 
-/// NCCL's version as "major.minor.patch", if the library loads.
+/// NCCL's version as "major.minor.patch", if the library opens.
 pub fn library_version() -> Option<String> {
-    if !nccl_library_present() {
-        return None;
-    }
-    let code = nccl::get_nccl_version().ok()?;
-    // Since NCCL 2.9 the code is major*10000 + minor*100 + patch.
-    Some(format!(
-        "{}.{}.{}",
-        code / 10000,
-        (code / 100) % 100,
-        code % 100
-    ))
+    nccl_library::library().ok()?.version().ok()
 }
 
-fn nccl_error(op: &'static str, err: nccl::NcclError) -> DistError {
-    // NcclError's Debug prints only its name; the result code is the useful part.
+fn nccl_error(op: &'static str, err: NcclCallError) -> DistError {
     DistError::Failed {
         op,
-        detail: format!("NCCL returned {:?}", err.0),
+        detail: err.to_string(),
     }
 }
 
@@ -80,6 +66,7 @@ impl NcclCommunicator {
         if let Some(reason) = unavailable_reason() {
             return Err(DistError::NcclUnavailable(reason));
         }
+        let nccl = nccl_library::library().map_err(DistError::NcclUnavailable)?;
         let visible = tch::Cuda::device_count() as usize;
         if gpu >= visible {
             return Err(DistError::NcclUnavailable(format!(
@@ -95,7 +82,9 @@ impl NcclCommunicator {
 
         let mut id = vec![0u8; 128];
         if host.rank() == 0 {
-            let uid = nccl::get_uniqueid().map_err(|e| nccl_error("ncclGetUniqueId", e))?;
+            let uid = nccl
+                .unique_id()
+                .map_err(|e| nccl_error("ncclGetUniqueId", e))?;
             id = uid.internal.iter().map(|&c| c as u8).collect();
         }
         host.broadcast_bytes(&mut id, 0)?;
@@ -104,12 +93,16 @@ impl NcclCommunicator {
             *dst = *src as std::ffi::c_char;
         }
         let uid = ncclsys::ncclUniqueId { internal };
-        let mut comm: ncclsys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: `comm` is a valid out-pointer; size and rank come from the host communicator
-        // and agree on all ranks.
-        unsafe { nccl::comm_init_rank(&mut comm, host.size() as i32, uid, host.rank() as i32) }
+        // SAFETY: size and rank come from the host communicator and agree on all ranks, which
+        // all received rank 0's id.
+        let comm = unsafe { nccl.comm_init_rank(host.size() as i32, uid, host.rank() as i32) }
             .map_err(|e| nccl_error("ncclCommInitRank", e))?;
-        Ok(Self { comm, gpu, host })
+        Ok(Self {
+            nccl,
+            comm,
+            gpu,
+            host,
+        })
     }
 
     /// The GPU this rank's communicator is bound to.
@@ -121,7 +114,7 @@ impl NcclCommunicator {
 impl Drop for NcclCommunicator {
     fn drop(&mut self) {
         // SAFETY: `comm` was created by ncclCommInitRank and is destroyed exactly once.
-        let _ = unsafe { nccl::comm_destroy(self.comm) };
+        let _ = unsafe { self.nccl.comm_destroy(self.comm) };
     }
 }
 
@@ -160,7 +153,7 @@ impl Communicator for NcclCommunicator {
         // SAFETY: a contiguous CUDA f32 buffer of `n` elements, reduced in place on the default
         // stream, which orders it after the kernels that wrote it.
         unsafe {
-            nccl::all_reduce(
+            self.nccl.all_reduce(
                 ptr,
                 ptr,
                 n,
@@ -193,17 +186,18 @@ impl Communicator for NcclCommunicator {
 
     fn abort(&self, message: &str, code: i32) -> ! {
         // SAFETY: aborting a live communicator; the process ends right after.
-        let _ = unsafe { nccl::comm_abort(self.comm) };
+        let _ = unsafe { self.nccl.comm_abort(self.comm) };
         self.host.abort(message, code)
     }
 
     fn abort_handle(&self) -> AbortHandle {
         let comm = self.comm as usize;
+        let nccl = self.nccl;
         let host = self.host.abort_handle();
         AbortHandle::new(move |message, code| {
             // SAFETY: ncclCommAbort may be called from another thread while a collective is
             // pending on the communicator; that is its purpose. The process ends right after.
-            let _ = unsafe { nccl::comm_abort(comm as ncclsys::ncclComm_t) };
+            let _ = unsafe { nccl.comm_abort(comm as ncclsys::ncclComm_t) };
             host.abort(message, code)
         })
     }

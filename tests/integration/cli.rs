@@ -52,6 +52,105 @@ fn version_flag_describes_the_environment() {
     assert!(text.contains("Open MPI"), "{text}");
 }
 
+/// NCCL ships as `libnccl.so.2` (cudarc's loader never asks for that name): it is opened under
+/// that name, or from `COSINE_NCCL_LIBRARY`, and a missing one names what was tried. The stand-in
+/// library exports NCCL's entry points with NCCL's C signatures.
+#[test]
+fn libnccl_so_2_is_opened_by_its_own_name_or_the_override() {
+    let out = run(cosine_train().args(["doctor", "--json"]), LIMIT);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("doctor --json");
+    if report["nccl_loadable"] == serde_json::json!(false) {
+        let why = report["nccl_unavailable_reason"].as_str().unwrap();
+        assert!(why.contains("libnccl.so.2"), "{why}");
+        assert!(why.contains("COSINE_NCCL_LIBRARY"), "{why}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("nccl_stub.c");
+    std::fs::write(
+        &source,
+        r#"
+typedef struct { char internal[128]; } ncclUniqueId;
+int ncclGetVersion(int *v) { *v = 22809; return 0; }
+int ncclGetUniqueId(ncclUniqueId *id) { (void)id; return 0; }
+int ncclCommInitRank(void **c, int n, ncclUniqueId id, int r) { (void)c; (void)n; (void)id; (void)r; return 2; }
+int ncclAllReduce(const void *a, void *b, unsigned long n, int t, int o, void *c, void *s) { return 2; }
+int ncclCommAbort(void *c) { (void)c; return 0; }
+int ncclCommDestroy(void *c) { (void)c; return 0; }
+const char *ncclGetErrorString(int r) { (void)r; return "stub"; }
+"#,
+    )
+    .unwrap();
+    let library = dir.path().join("libnccl.so.2");
+    let cc = run(
+        std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-o"])
+            .arg(&library)
+            .arg(&source),
+        LIMIT,
+    );
+    assert!(cc.status.success(), "{}", show(&cc));
+
+    let out = run(
+        cosine_train()
+            .args(["doctor", "--json"])
+            .env("COSINE_NCCL_LIBRARY", &library),
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("doctor --json");
+    assert_eq!(report["nccl_loadable"], serde_json::json!(true), "{report}");
+    assert_eq!(
+        report["nccl_version"],
+        serde_json::json!("2.28.9"),
+        "{report}"
+    );
+    assert_eq!(
+        report["nccl_library"],
+        serde_json::json!(library.display().to_string()),
+        "{report}"
+    );
+
+    // Found by name through the library path, as a CUDA libtorch's own copy would be.
+    let out = run(
+        cosine_train()
+            .args(["doctor"])
+            .env("LD_LIBRARY_PATH", prepend_path(dir.path())),
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", show(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("nccl loadable    yes (2.28.9, libnccl.so.2)"),
+        "{text}"
+    );
+
+    let missing = dir.path().join("gone/libnccl.so.2");
+    let out = run(
+        cosine_train()
+            .args(["doctor", "--json"])
+            .env("COSINE_NCCL_LIBRARY", &missing),
+        LIMIT,
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("doctor --json");
+    assert_eq!(
+        report["nccl_loadable"],
+        serde_json::json!(false),
+        "{report}"
+    );
+    let why = report["nccl_unavailable_reason"].as_str().unwrap();
+    assert!(why.contains(&missing.display().to_string()), "{why}");
+}
+
+fn prepend_path(dir: &std::path::Path) -> std::ffi::OsString {
+    let mut path = dir.as_os_str().to_owned();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|p| !p.is_empty()) {
+        path.push(":");
+        path.push(old);
+    }
+    path
+}
+
 #[test]
 fn nccl_backend_without_cuda_is_a_clear_error() {
     if tch::Cuda::is_available() {
