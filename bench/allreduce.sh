@@ -36,7 +36,7 @@ for spec in "resnet20 50 28 1 10 20" "resnet50 2 64 3 200 5"; do
 done
 
 data="$work/fashion-k100"
-[ -f "$data/manifest.json" ] || target/release/datasets-prep pack --source idx \
+[ -f "$data/manifest.json" ] || target/release/datasets-prep pack --source fashion-mnist \
   --root /usr/share/datasets/fashion-mnist --out "$data" --per-class 100 --seed 0 >/dev/null
 "${mpi[@]}" "$bin" train --data "$data" --out "$work/run2" --force --arch resnet20 --loss ce \
   --epochs 4 --batch-size 100 --eval-every 100 --threads 1 --workers 1 >/dev/null 2>&1

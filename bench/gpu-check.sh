@@ -72,7 +72,7 @@ build() {
 pack_sweep_data() {
   [ -f "$1/manifest.json" ] && return 0
   cargo build --release -q -p datasets-prep
-  target/release/datasets-prep pack --source idx --root /usr/share/datasets/fashion-mnist \
+  target/release/datasets-prep pack --source fashion-mnist --root /usr/share/datasets/fashion-mnist \
     --out "$1" --per-class 20 --seed 0 >/dev/null
 }
 

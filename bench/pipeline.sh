@@ -13,7 +13,7 @@ work="${BENCH_DIR:-/tmp/cosine-bench-pipeline}"
 cargo build --release -q -p cosine-train -p datasets-prep
 bin=target/release/cosine-train
 data="$work/fashion-k100"
-[ -f "$data/manifest.json" ] || target/release/datasets-prep pack --source idx \
+[ -f "$data/manifest.json" ] || target/release/datasets-prep pack --source fashion-mnist \
   --root /usr/share/datasets/fashion-mnist --out "$data" --per-class 100 --seed 0 >/dev/null 2>&1
 field() { sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p"; }
 echo "| model | batch | threads | loader workers | real step | compute-only step | efficiency |"

@@ -17,7 +17,7 @@ bin=target/release/cosine-train
 mpi=(mpirun -np 2 --oversubscribe --bind-to none)
 [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
 data="$work/fashion-k20"
-[ -f "$data/manifest.json" ] || target/release/datasets-prep pack --source idx \
+[ -f "$data/manifest.json" ] || target/release/datasets-prep pack --source fashion-mnist \
   --root /usr/share/datasets/fashion-mnist --out "$data" --per-class 20 --seed 0 >/dev/null
 common=(--data "$data" --arch resnet8 --epochs 12 --batch-size 50 --workers 1)
 losses="ce cosine"; rates="0.5 0.1 0.05 0.01"

@@ -25,7 +25,7 @@ case "$RANKS" in ''|*[!0-9]*|0) echo "demo: RANKS must be a positive number" >&2
 data="${DATA:-data/fashion-mnist-k$K}"
 if [ ! -f "$data/manifest.json" ]; then
   [ -x "$bin/datasets-prep" ] || { echo "demo: $bin/datasets-prep is missing; run 'make demo'" >&2; exit 1; }
-  "$bin/datasets-prep" pack --source idx --root /usr/share/datasets/fashion-mnist --out "$data" --per-class "$K" --seed 0
+  "$bin/datasets-prep" pack --source fashion-mnist --root /usr/share/datasets/fashion-mnist --out "$data" --per-class "$K" --seed 0
 fi
 mkdir -p "$OUT"
 start=$(date +%s)

@@ -48,7 +48,8 @@ enum EncodingArg {
 
 #[derive(Debug, clap::Args)]
 struct PackArgs {
-    /// Raw layout: cub, cub-sub:X, nab, cars, flowers, mit67, cifar100, cifar10, idx, folder.
+    /// Raw layout: cub, cub-sub:X, nab, cars, flowers, mit67, cifar100, cifar10, mnist,
+    /// fashion-mnist, kmnist, idx (any IDX set, classes named by label), folder.
     #[arg(long, value_parser = parse_source)]
     source: Source,
     /// The dataset's root folder, as downloaded and extracted.
@@ -61,7 +62,7 @@ struct PackArgs {
     #[arg(long)]
     name: Option<String>,
     /// Resize the shorter side to this many pixels (1-4096); 0 keeps sizes. Default: 512 for
-    /// cub, nab, cars and flowers, 256 for mit67, none for cifar, idx and folder.
+    /// cub, nab, cars and flowers, 256 for mit67, none for cifar, the IDX sources and folder.
     #[arg(long, value_parser = parse_short_side)]
     short_side: Option<u32>,
     /// How records are stored.
@@ -192,6 +193,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "datasets-prep: --per-class {k}: no class has more training images, so all \
                      were kept"
+                );
+            }
+            if let Some([first, other]) = &packed.mixed_sizes {
+                let hint = if packed.manifest.resize.short_side.is_none() {
+                    "; --short-side N makes every short side N"
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "datasets-prep: note: the records differ in size ({} is {}x{}, {} is {}x{}): \
+                     training needs --crop N, N at most the smallest side{hint}",
+                    first.path, first.height, first.width, other.path, other.height, other.width
                 );
             }
             let m = packed.manifest;

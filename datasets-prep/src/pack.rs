@@ -212,6 +212,17 @@ pub struct Packed {
     pub live_partials: Vec<PathBuf>,
     /// `--per-class` kept every training image: no class has more.
     pub per_class_kept_all: bool,
+    /// Records of different sizes in a pack that kept sizes: the first record and the first one
+    /// whose size differs from it. Training such a pack needs `--crop`.
+    pub mixed_sizes: Option<[SizedImage; 2]>,
+}
+
+/// An input image and the size of the record it was stored as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SizedImage {
+    pub path: String,
+    pub height: u32,
+    pub width: u32,
 }
 
 /// Packs and returns the manifest written.
@@ -271,11 +282,13 @@ pub fn pack(opts: &PackOptions) -> Result<Packed, PackError> {
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
+    let (manifest, mixed_sizes) = result?;
     Ok(Packed {
-        manifest: result?,
+        manifest,
         removed_partials,
         live_partials,
         per_class_kept_all: kept_all,
+        mixed_sizes,
     })
 }
 
@@ -338,7 +351,7 @@ fn pack_into(
     listing: &Listing,
     short_side: Option<u32>,
     dir: &Path,
-) -> Result<Manifest, PackError> {
+) -> Result<(Manifest, Option<[SizedImage; 2]>), PackError> {
     let total = (listing.train.len() + listing.test.len()) as u64;
     let bar = if opts.progress {
         indicatif::ProgressBar::new(total)
@@ -360,6 +373,7 @@ fn pack_into(
     );
     let mut skipped = Vec::new();
     let mut stats = PixelStats::default();
+    let mut sizes = SizeWatch::default();
     // One stream of work over both splits, train first, so that the workers never wait for a
     // split's last images to be written before the next split starts.
     let splits = [(Split::Train, &listing.train), (Split::Test, &listing.test)];
@@ -403,6 +417,7 @@ fn pack_into(
                                 stats.add(&stored.sums);
                             }
                             let shape = (stored.height, stored.width, stored.channels);
+                            sizes.see(&item.name, stored.height, stored.width);
                             writer.push(item.label, shape, &stored.bytes)?;
                             pool.give(stored.bytes);
                         }
@@ -514,7 +529,35 @@ fn pack_into(
     // even under its temporary name. Syncing `dir` for the manifest's rename also makes the
     // shard files' entries durable.
     atomic::write_file(&dir.join("manifest.json"), manifest.to_json().as_bytes())?;
-    Ok(manifest)
+    Ok((manifest, sizes.mixed()))
+}
+
+/// The first stored record, and the first one of another size.
+#[derive(Default)]
+struct SizeWatch {
+    first: Option<SizedImage>,
+    other: Option<SizedImage>,
+}
+
+impl SizeWatch {
+    fn see(&mut self, path: &str, height: u32, width: u32) {
+        let sized = || SizedImage {
+            path: path.to_string(),
+            height,
+            width,
+        };
+        match &self.first {
+            None => self.first = Some(sized()),
+            Some(f) if self.other.is_none() && (f.height, f.width) != (height, width) => {
+                self.other = Some(sized())
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn mixed(self) -> Option<[SizedImage; 2]> {
+        Some([self.first?, self.other?])
+    }
 }
 
 /// Keeps `k` training images per class, chosen by a seeded shuffle per class, in listing order.

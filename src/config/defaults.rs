@@ -69,13 +69,15 @@ pub fn augment_for(source: Option<&Source>) -> AugmentConfig {
             rrc_scale: None,
         },
         // Digits and clothes: shifts, but no flips (a flipped digit is another symbol).
-        Some(Source::Idx) => AugmentConfig {
-            crop: None,
-            hflip: false,
-            erase_prob: 0.0,
-            shift: 0.15,
-            rrc_scale: None,
-        },
+        Some(Source::Idx | Source::Mnist | Source::FashionMnist | Source::Kmnist) => {
+            AugmentConfig {
+                crop: None,
+                hflip: false,
+                erase_prob: 0.0,
+                shift: 0.15,
+                rrc_scale: None,
+            }
+        }
         Some(Source::Folder) | None => AugmentConfig {
             crop: None,
             hflip: true,

@@ -169,12 +169,49 @@ fn split(
         .collect())
 }
 
+/// The class names of the datasets published in this layout, in label order.
+fn class_names(source: &Source) -> Option<&'static [&'static str]> {
+    match source {
+        Source::Mnist => Some(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]),
+        Source::FashionMnist => Some(&[
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]),
+        // Kuzushiji-MNIST: one cursive hiragana per class, romanised.
+        Source::Kmnist => Some(&["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"]),
+        _ => None,
+    }
+}
+
 pub(super) fn load(source: &Source, root: &Path) -> Result<Listing, SourceError> {
     let train = split(source, root, "train")?;
     let test = split(source, root, "t10k")?;
     // Classes are 0..=max label; a class without training images is reported by the packer.
     let max = train.iter().chain(&test).map(|t| t.0).max().unwrap_or(0);
-    let classes = integer_classes(0..=i64::from(max), |_| None);
+    let names = class_names(source);
+    if let Some(names) = names
+        && usize::from(max) >= names.len()
+    {
+        return Err(SourceError::invalid(
+            &find(source, root, "train-labels-idx1-ubyte")?,
+            format!(
+                "label {max} is not one of {source}'s {} classes; --source idx packs any IDX \
+                 labels",
+                names.len()
+            ),
+        ));
+    }
+    let classes = integer_classes(0..=i64::from(max), |id| {
+        names.map(|n| n[id as usize].to_string())
+    });
     let items = |v: Vec<(u8, Pixels, String)>| -> Vec<Item> {
         v.into_iter()
             .map(|(label, p, name)| Item {

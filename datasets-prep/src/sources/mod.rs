@@ -80,12 +80,17 @@ pub enum Source {
     Mit67,
     Cifar100,
     Cifar10,
+    /// MNIST-family IDX files, classes named by their labels.
     Idx,
+    /// The IDX layout with a known dataset's class names.
+    Mnist,
+    FashionMnist,
+    Kmnist,
     Folder,
 }
 
-pub const SOURCE_NAMES: &str =
-    "cub, cub-sub:X, nab, cars, flowers, mit67, cifar100, cifar10, idx, folder";
+pub const SOURCE_NAMES: &str = "cub, cub-sub:X, nab, cars, flowers, mit67, cifar100, cifar10, \
+     mnist, fashion-mnist, kmnist, idx, folder";
 
 impl FromStr for Source {
     type Err = String;
@@ -99,6 +104,9 @@ impl FromStr for Source {
             "cifar100" => Source::Cifar100,
             "cifar10" => Source::Cifar10,
             "idx" => Source::Idx,
+            "mnist" => Source::Mnist,
+            "fashion-mnist" => Source::FashionMnist,
+            "kmnist" => Source::Kmnist,
             "folder" => Source::Folder,
             _ => match s.strip_prefix("cub-sub:") {
                 Some(x)
@@ -129,6 +137,9 @@ impl fmt::Display for Source {
             Source::Cifar100 => f.write_str("cifar100"),
             Source::Cifar10 => f.write_str("cifar10"),
             Source::Idx => f.write_str("idx"),
+            Source::Mnist => f.write_str("mnist"),
+            Source::FashionMnist => f.write_str("fashion-mnist"),
+            Source::Kmnist => f.write_str("kmnist"),
             Source::Folder => f.write_str("folder"),
         }
     }
@@ -156,7 +167,7 @@ impl Source {
             Source::Cifar10 => "the python batches data_batch_1..5, test_batch (optional batches.meta) of \
                  cifar-10-batches-py, or data_batch_1..5.bin, test_batch.bin of cifar-10-batches-bin"
                 .into(),
-            Source::Idx => "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, \
+            Source::Idx | Source::Mnist | Source::FashionMnist | Source::Kmnist => "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, \
                  t10k-labels-idx1-ubyte (each optionally .gz)"
                 .into(),
             Source::Folder => "either train/<class>/<image> and test/<class>/<image>, or <class>/<image> \
@@ -193,7 +204,9 @@ impl Source {
             Source::Folder => folder::load(self, root),
             Source::Cifar100 => cifar::load(self, root, 100),
             Source::Cifar10 => cifar::load(self, root, 10),
-            Source::Idx => idx::load(self, root),
+            Source::Idx | Source::Mnist | Source::FashionMnist | Source::Kmnist => {
+                idx::load(self, root)
+            }
         }?;
         check_listing(&listing, root)?;
         Ok(listing)
@@ -366,6 +379,9 @@ mod tests {
             "cifar100",
             "cifar10",
             "idx",
+            "mnist",
+            "fashion-mnist",
+            "kmnist",
             "folder",
         ] {
             assert_eq!(s.parse::<Source>().unwrap().to_string(), s);

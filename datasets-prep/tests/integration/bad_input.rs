@@ -669,3 +669,41 @@ fn gzip_idx_files_expand_no_further_than_their_header_claims() {
     write_idx(&images, &[1, 2, 2], &[0; 4], true);
     pack_ok("idx", &root, &out, &[]);
 }
+
+/// Records of differing sizes pack, but the pack names two of them and says that training needs
+/// --crop (and, when sizes were kept, what --short-side does); same-size records say nothing.
+#[test]
+fn mixed_image_sizes_are_named_at_pack_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("raw");
+    for class in ["a", "b"] {
+        for split in ["train", "test"] {
+            write_png(&root.join(format!("{split}/{class}/0.png")), 1, 12, 12, 3);
+        }
+    }
+    let out = tmp.path().join("out");
+    let o = pack("folder", &root, &out, &[]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(!stderr(&o).contains("--crop"), "{}", show(&o));
+
+    write_png(&root.join("train/b/1.png"), 2, 12, 20, 3);
+    let o = pack("folder", &root, &out, &["--force"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let err = stderr(&o);
+    let first = root.join("train/a/0.png").display().to_string();
+    let other = root.join("train/b/1.png").display().to_string();
+    assert!(
+        err.contains(&format!("{first} is 12x12, {other} is 12x20")),
+        "{}",
+        show(&o)
+    );
+    assert!(err.contains("training needs --crop N"), "{}", show(&o));
+    assert!(err.contains("--short-side N makes"), "{}", show(&o));
+
+    // Resized to a short side of 10, the wide image is still 10x17.
+    let o = pack("folder", &root, &out, &["--force", "--short-side", "10"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(err.contains(&format!("{other} is 10x17")), "{}", show(&o));
+    assert!(!err.contains("--short-side N makes"), "{}", show(&o));
+}

@@ -393,6 +393,43 @@ fn idx_gzipped_or_not() {
         / n;
     assert!((shards.manifest().train_mean[0] - mean).abs() < 1e-9);
     assert!((shards.manifest().train_std[0] - var.sqrt()).abs() < 1e-6);
+    assert_eq!(shards.manifest().dataset, "idx");
+    let names: Vec<&str> = (shards.manifest().classes.iter())
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["0", "1", "2"]);
+
+    // The same files as Fashion-MNIST: its dataset name and class names, ids unchanged.
+    let fashion = tmp.path().join("fashion");
+    pack_ok("fashion-mnist", tmp.path(), &fashion, &[]);
+    let shards = ShardDir::open(&fashion).unwrap();
+    assert_eq!(shards.manifest().dataset, "fashion-mnist");
+    assert_eq!(shards.manifest().source, "fashion-mnist");
+    let classes: Vec<(&str, &str)> = (shards.manifest().classes.iter())
+        .map(|c| (c.id.as_str(), c.name.as_str()))
+        .collect();
+    assert_eq!(
+        classes,
+        [("0", "T-shirt/top"), ("1", "Trouser"), ("2", "Pullover")]
+    );
+
+    // A label the named dataset does not have is refused, naming the labels file.
+    let mut many = labels.clone();
+    many[3] = 12;
+    write_idx(
+        &tmp.path().join("train-labels-idx1-ubyte.gz"),
+        &[30],
+        &many,
+        true,
+    );
+    let o = pack("kmnist", tmp.path(), &tmp.path().join("k"), &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("train-labels-idx1-ubyte.gz: label 12 is not one of kmnist's 10 classes"),
+        "{}",
+        show(&o)
+    );
 }
 
 /// Many small shards in both splits (each closed, synced and checksummed on its own thread while
