@@ -102,6 +102,19 @@ impl EventWriter {
         self.write_record()
     }
 
+    /// Marks a restart at `step`: TensorBoard then drops every event of an earlier file at this
+    /// step or later (what a resumed run repeats after its checkpoint).
+    pub fn session_start(&mut self, step: i64) -> Result<(), TensorboardError> {
+        // SessionLog { SessionStatus status = 1 } with START = 1, as Event field 7.
+        let mut session_log = Vec::with_capacity(2);
+        put_key(&mut session_log, 1, WIRE_VARINT);
+        put_varint(&mut session_log, 1);
+        self.event.clear();
+        encode_event_header(&mut self.event, wall_time(), step);
+        put_bytes_field(&mut self.event, 7, &session_log);
+        self.write_record()
+    }
+
     /// Hands buffered events to the OS, where TensorBoard (and a crash) will find them.
     pub fn flush(&mut self) -> Result<(), TensorboardError> {
         self.file
@@ -265,6 +278,8 @@ mod tests {
         file_version: Option<String>,
         /// (tag, simple_value) of each Summary.Value.
         values: Vec<(String, f32)>,
+        /// A SessionLog with status START.
+        session_start: bool,
     }
 
     fn get_varint(data: &[u8], pos: &mut usize) -> u64 {
@@ -334,6 +349,9 @@ mod tests {
                         }
                         ev.values.push((tag, simple.expect("simple_value")));
                     }
+                }
+                (7, WIRE_LEN) => {
+                    ev.session_start = fields(&v) == [(1, WIRE_VARINT, 1u64.to_le_bytes().to_vec())]
                 }
                 other => panic!("unexpected Event field {other:?}"),
             }
@@ -429,6 +447,19 @@ mod tests {
     }
 
     #[test]
+    fn a_session_start_is_a_session_log_at_its_step() {
+        let dir = scratch_dir("session-start");
+        let mut w = EventWriter::create(&dir).expect("create");
+        w.session_start(7).expect("session_start");
+        w.sync().expect("sync");
+        let events = read_events(w.path());
+        assert_eq!(events.len(), 2);
+        assert!(events[1].session_start && events[1].values.is_empty());
+        assert_eq!(events[1].step, 7);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn second_writer_does_not_overwrite_the_first() {
         let dir = scratch_dir("two-files");
         let mut a = EventWriter::create(&dir).expect("create a");
@@ -460,7 +491,8 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// TensorBoard's own reader, over two files in one directory (a run and its resumption).
+    /// TensorBoard's own reader, over two files in one directory (a run and its resumption,
+    /// which drops what the first file holds from the restart step on).
     #[test]
     fn python_tensorboard_reads_file() {
         let have_tb = Command::new("python3")
@@ -485,6 +517,8 @@ mod tests {
         first.sync().expect("sync");
         drop(first);
         let mut second = EventWriter::create(&dir).expect("create");
+        // Resumed from a checkpoint taken before step 20: the first file's step 20 is dropped.
+        second.session_start(15).expect("session_start");
         for (step, v) in resumed {
             second.scalar("train/loss", step, v).expect("scalar");
         }
@@ -530,7 +564,7 @@ for s in ea.Scalars("train/lr"):
                 parts[2].parse::<f64>().expect("value") as f32,
             )
         };
-        for (step, v) in losses.iter().chain(&resumed) {
+        for (step, v) in losses[..2].iter().chain(&resumed) {
             assert_eq!(parse(lines.next(), "loss"), (*step, *v));
         }
         assert_eq!(parse(lines.next(), "lr"), (0, 3e-4));

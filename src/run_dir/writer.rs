@@ -36,6 +36,13 @@ impl RunWriter {
             echo,
         })
     }
+    /// Tells TensorBoard that the run restarts at `epoch` (1-based): the earlier event files'
+    /// scalars from that epoch on, written after the checkpoint resumed from, are then hidden.
+    pub fn restart_at_epoch(&mut self, epoch: usize) -> anyhow::Result<()> {
+        self.events.session_start(epoch as i64)?;
+        Ok(self.events.flush()?)
+    }
+
     /// Cuts `metrics.jsonl` back to `bytes` (what a checkpoint covered), so that a resumed run
     /// does not repeat lines written after it.
     pub fn truncate_metrics(out: &Path, bytes: u64) -> anyhow::Result<()> {

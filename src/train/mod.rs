@@ -329,6 +329,10 @@ impl<'c> Trainer<'c> {
             RunWriter::truncate_metrics(&opts.out, l.state.metrics_bytes)?;
         }
         let mut w = RunWriter::open(&opts.out, !self.display.terminal)?;
+        if let Some(l) = loaded {
+            // The checkpoint's epoch is 0-based: the next epoch logged is one more.
+            w.restart_at_epoch(l.state.epoch + 1)?;
+        }
         for warning in warnings {
             w.log(&format!("warning: {warning}"))?;
         }
