@@ -201,8 +201,8 @@ pub struct TrainArgs {
     /// Number of checkpoints kept (the newest).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_checkpoints: u32,
-    /// Largest gradient all-reduce call in MiB (gradients are packed into one buffer and
-    /// reduced in pieces of this size).
+    /// Largest gradient all-reduce call over MPI in MiB (gradients are packed into one buffer
+    /// and reduced in pieces of this size; NCCL reduces the whole buffer in one call).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub bucket_mb: u32,
     #[command(flatten)]

@@ -17,13 +17,12 @@ pub struct GradSync {
     /// Parameter gradients back to back, then `EXTRA` slots.
     flat: Tensor,
     offsets: Vec<i64>,
-    sizes: Vec<i64>,
     /// Views of `flat` shaped like the parameters, on the parameters' device when `flat` is.
     views: Vec<Tensor>,
     /// Whether `views` live on the parameters' device (else they are copied there each step).
     same_device: bool,
     /// Elements per all-reduce call.
-    bucket: usize,
+    bucket: i64,
     /// Seconds spent in the all-reduce calls since the last `take_seconds`.
     seconds: f64,
 }
@@ -62,18 +61,23 @@ impl GradSync {
             Device::Cpu
         };
         let flat = Tensor::zeros([total], (Kind::Float, place));
+        // Each view has its parameter's strides (channels-last kernels included), so that an
+        // aliased gradient has the layout backward would give it.
         let views: Vec<Tensor> = params
             .iter()
-            .zip(offsets.iter().zip(&sizes))
-            .map(|(p, (&o, &n))| flat.narrow(0, o, n).view(p.tensor.size().as_slice()))
+            .zip(&offsets)
+            .map(|(p, &o)| {
+                let size = p.tensor.size();
+                let stride = dense_strides(&size, &p.tensor.stride());
+                flat.as_strided(size.as_slice(), stride.as_slice(), o)
+            })
             .collect();
         let sync = GradSync {
             flat,
             offsets,
-            sizes,
             views,
             same_device: place == device,
-            bucket: (bucket_mb.max(1) << 20) / 4,
+            bucket: bucket_elements(comm.backend(), bucket_mb, total),
             seconds: 0.0,
         };
         if comm.size() > 1 && sync.same_device {
@@ -128,14 +132,14 @@ impl GradSync {
         }
         let total = self.flat.numel() as i64;
         tch::no_grad(|| {
-            for ((p, &o), &n) in params.iter().zip(&self.offsets).zip(&self.sizes) {
+            for ((p, &o), view) in params.iter().zip(&self.offsets).zip(&self.views) {
                 if self.is_aliased(&p.tensor, o) {
                     continue;
                 }
                 let g = p.tensor.grad();
-                let mut slot = self.flat.narrow(0, o, n);
+                let mut slot = view.shallow_clone();
                 if g.defined() {
-                    slot.copy_(&g.reshape([-1]));
+                    slot.copy_(&g);
                 } else {
                     let _ = slot.zero_();
                 }
@@ -155,7 +159,7 @@ impl GradSync {
         let start = std::time::Instant::now();
         let mut at = 0i64;
         while at < total {
-            let n = (self.bucket as i64).min(total - at);
+            let n = self.bucket.min(total - at);
             let mut piece = self.flat.narrow(0, at, n);
             comm.all_reduce_sum(&mut piece)
                 .context("gradient all-reduce")?;
@@ -196,7 +200,107 @@ impl GradSync {
     }
 }
 
+/// Elements per all-reduce call: MPI counts are C ints, so large buffers go in pieces of
+/// `--bucket-mb`; NCCL counts are size_t, so it takes the whole buffer in one call (each call
+/// is a launch, and the CUDA backend waits for each).
+fn bucket_elements(backend: Backend, bucket_mb: usize, total: i64) -> i64 {
+    match backend {
+        Backend::Nccl => total.max(1),
+        _ => ((bucket_mb.max(1) << 20) / 4) as i64,
+    }
+}
+
+/// `stride` when a tensor of `size` laid out so covers exactly `size`'s element count without
+/// gaps or overlaps (contiguous, channels-last or any permutation of them); else the contiguous
+/// strides.
+fn dense_strides(size: &[i64], stride: &[i64]) -> Vec<i64> {
+    let mut dims: Vec<(i64, i64)> = stride.iter().copied().zip(size.iter().copied()).collect();
+    dims.sort_unstable();
+    let mut expected = 1i64;
+    let mut dense = stride.len() == size.len();
+    for &(st, n) in &dims {
+        if n == 1 {
+            continue;
+        }
+        dense &= st == expected;
+        expected *= n;
+    }
+    if dense {
+        return stride.to_vec();
+    }
+    let mut contiguous = vec![1i64; size.len()];
+    for d in (0..size.len().saturating_sub(1)).rev() {
+        contiguous[d] = contiguous[d + 1] * size[d + 1].max(1);
+    }
+    contiguous
+}
+
 fn defined_grad(t: &Tensor) -> Tensor {
     let g = t.grad();
     if g.defined() { g } else { t.zeros_like() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dense_strides_keep_permuted_layouts_and_fix_gapped_ones() {
+        // Contiguous and channels-last (N, C, H, W) = (4, 3, 2, 5).
+        assert_eq!(
+            dense_strides(&[4, 3, 2, 5], &[30, 10, 5, 1]),
+            [30, 10, 5, 1]
+        );
+        assert_eq!(
+            dense_strides(&[4, 3, 2, 5], &[30, 1, 15, 3]),
+            [30, 1, 15, 3]
+        );
+        // Size-1 dimensions may have any stride.
+        assert_eq!(dense_strides(&[4, 1, 1, 1], &[1, 1, 1, 1]), [1, 1, 1, 1]);
+        // A gap (a slice of a wider tensor) or an overlap (a broadcast) falls back.
+        assert_eq!(dense_strides(&[4, 3], &[6, 1]), [3, 1]);
+        assert_eq!(dense_strides(&[4, 3], &[0, 1]), [3, 1]);
+    }
+
+    #[test]
+    fn nccl_reduces_in_one_call_mpi_in_int_sized_pieces() {
+        assert_eq!(bucket_elements(Backend::Nccl, 64, 25_000_000), 25_000_000);
+        assert_eq!(bucket_elements(Backend::Mpi, 64, 25_000_000), 16 << 20);
+        assert_eq!(bucket_elements(Backend::Mpi, 0, 10), 1 << 18);
+    }
+
+    /// A channels-last kernel's gradient, aliased into the flat buffer, keeps the kernel's
+    /// strides, and backward writes it there in the kernel's memory order.
+    #[test]
+    fn aliased_gradients_have_their_parameters_strides() {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let conv = tch::nn::conv2d(vs.root() / "conv", 3, 4, 3, Default::default());
+        crate::model::to_channels_last(&vs);
+        let sgd = crate::optim::Sgd::new(&vs, 0.9, None, |_, _| 0.0);
+        let comm = crate::dist::single::SingleProcess;
+        let sync = GradSync::new(&sgd.params, &comm, Device::Cpu, 64);
+        sync.alias_grads(&sgd.params);
+        let input = Tensor::randn([2, 3, 6, 6], (Kind::Float, Device::Cpu));
+        tch::nn::Module::forward(&conv, &input)
+            .pow_tensor_scalar(2)
+            .sum(Kind::Float)
+            .backward();
+        for (p, &o) in sgd.params.iter().zip(&sync.offsets) {
+            let g = p.tensor.grad();
+            assert_eq!(g.stride(), p.tensor.stride(), "{}", p.name);
+            assert!(sync.is_aliased(&p.tensor, o), "{}", p.name);
+            let in_flat = sync.flat.narrow(0, o, p.tensor.numel() as i64);
+            let expected = g.permute(memory_order(&g.stride())).reshape([-1]);
+            assert!(in_flat.equal(&expected), "{}", p.name);
+        }
+        let kernel = sgd.params.iter().find(|p| p.tensor.dim() == 4).unwrap();
+        assert!(crate::model::is_channels_last(&kernel.tensor.grad()));
+    }
+
+    /// The dimensions from the largest stride to the smallest.
+    fn memory_order(stride: &[i64]) -> Vec<i64> {
+        let mut dims: Vec<i64> = (0..stride.len() as i64).collect();
+        dims.sort_by_key(|&d| std::cmp::Reverse(stride[d as usize]));
+        dims
+    }
 }
