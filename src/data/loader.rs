@@ -54,9 +54,9 @@ pub struct LoaderSpec {
     pub seed: u64,
     pub workers: usize,
     pub prefetch: usize,
-    /// The GPU batches go to: workers then put them in page-locked memory, so that the copy
+    /// Batches go to a GPU: workers then build them in page-locked memory, so that the copy
     /// can run asynchronously (`Tensor::to_device_` with `non_blocking`).
-    pub pin_for: Option<tch::Device>,
+    pub pinned: bool,
 }
 
 /// The batches of one pass, in order.
@@ -99,7 +99,7 @@ impl LoaderSpec {
             seed,
             workers,
             prefetch: 2 * workers.max(1),
-            pin_for: device.is_cuda().then_some(device),
+            pinned: device.is_cuda(),
         }
     }
 
@@ -192,12 +192,12 @@ impl LoaderSpec {
         // Samples are written straight into the batch tensor (page-locked when bound for a GPU).
         // It is made with `empty` and cleared here: libtorch's own fill would start an OpenMP
         // team for this loader thread, whose spinning threads take cores from training.
-        let mut images = Tensor::empty([n, c as i64, h as i64, w as i64], tch::kind::FLOAT_CPU);
-        if let Some(device) = self.pin_for {
-            images = images
-                .f_pin_memory(device)
-                .context("pinning a batch in host memory")?;
-        }
+        let shape = [n, c as i64, h as i64, w as i64];
+        let images = if self.pinned {
+            pinned_tensor(&shape, tch::Kind::Float)?
+        } else {
+            Tensor::empty(shape, tch::kind::FLOAT_CPU)
+        };
         let mut labels = Vec::with_capacity(indices.len());
         let norm = Normalize {
             mean: &self.mean,
@@ -249,14 +249,20 @@ impl LoaderSpec {
                 labels.push(i64::from(r.label));
             }
         }
-        let mut labels = Tensor::from_slice(&labels);
-        if let Some(device) = self.pin_for {
-            labels = labels
-                .f_pin_memory(device)
-                .context("pinning a batch in host memory")?;
-        }
+        let labels = if self.pinned {
+            let mut pinned = pinned_tensor(&[n], tch::Kind::Int64)?;
+            pinned.copy_(&Tensor::from_slice(&labels));
+            pinned
+        } else {
+            Tensor::from_slice(&labels)
+        };
         Ok(Batch { images, labels })
     }
+}
+
+fn pinned_tensor(shape: &[i64], kind: tch::Kind) -> anyhow::Result<Tensor> {
+    crate::runtime::pinned::empty_pinned(shape, kind)
+        .map_err(|e| anyhow::anyhow!("allocating a batch in page-locked memory: {e}"))
 }
 
 impl Iterator for EpochBatches {
