@@ -3,8 +3,8 @@
 //! * An rpath to the real libtorch directory (symlinks resolved, so that the wheel's own
 //!   `$ORIGIN/../../nvidia/...` rpaths still resolve): binaries and `cargo test` run without
 //!   `LD_LIBRARY_PATH`.
-//! * `src/runtime/pinned.cpp`, the one libtorch call tch does not expose (a tensor allocated in
-//!   page-locked memory), compiled against the same libtorch headers.
+//! * `csrc/libtorch_shim.cpp`, the libtorch calls tch does not expose (page-locked allocation,
+//!   multi-tensor ops), compiled against the same libtorch headers.
 //! * With feature `cuda`, `libtorch_cuda.so` is linked with `--no-as-needed`. rustc links with
 //!   `--as-needed`, and nothing references a symbol of libtorch_cuda directly, so without this the
 //!   library is dropped, its kernels never register, and CUDA silently looks unavailable.
@@ -26,7 +26,7 @@ fn main() {
     println!("cargo:rustc-env=COSINE_LIBTORCH_LIB={}", real_dir.display());
 
     git_revision();
-    pinned_shim(&real_dir);
+    libtorch_shim(&real_dir);
 
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         if !lib.join("libtorch_cuda.so").exists() {
@@ -42,20 +42,20 @@ fn main() {
     }
 }
 
-/// Compiles the pinned-allocation shim with the flags torch-sys uses for its own wrapper.
-fn pinned_shim(lib_dir: &std::path::Path) {
-    println!("cargo:rerun-if-changed=src/runtime/pinned.cpp");
+/// Compiles the libtorch shim with the flags torch-sys uses for its own wrapper.
+fn libtorch_shim(lib_dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/libtorch_shim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     let include = lib_dir.join("../include");
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     cc::Build::new()
         .cpp(true)
-        .file("src/runtime/pinned.cpp")
+        .file("csrc/libtorch_shim.cpp")
         .include(&include)
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .warnings(false)
-        .compile("cosine_pinned");
+        .compile("cosine_libtorch_shim");
 }
 
 /// Records the git revision for `config.json` and `doctor` ("unknown" outside a checkout).

@@ -20,6 +20,7 @@ pub mod config;
 pub mod data;
 pub mod dist;
 pub mod embedding;
+pub mod libtorch_shim;
 pub mod model;
 pub mod network;
 pub mod objective;

@@ -163,7 +163,7 @@ pub fn measure(
             continue;
         }
         let start = Instant::now();
-        opt.zero_grad();
+        opt.zero_grad()?;
         let loss = forward_backward(&net, &dp, &batch, global, &settings);
         // Wait for the gradients (a GPU is asynchronous) and for the other ranks, untimed.
         if let Some(l) = &loss {
@@ -177,7 +177,7 @@ pub fn measure(
         let reduced = start.elapsed().as_secs_f64();
         let call_seconds = dp.take_sync_seconds();
         let start = Instant::now();
-        opt.step_with(LR, grads);
+        opt.step_with(LR, grads)?;
         if timed {
             compute.push(computed + start.elapsed().as_secs_f64());
             reduce.push(reduced);

@@ -261,7 +261,7 @@ impl LoaderSpec {
 }
 
 fn pinned_tensor(shape: &[i64], kind: tch::Kind) -> anyhow::Result<Tensor> {
-    crate::runtime::pinned::empty_pinned(shape, kind)
+    crate::libtorch_shim::empty_pinned(shape, kind)
         .map_err(|e| anyhow::anyhow!("allocating a batch in page-locked memory: {e}"))
 }
 

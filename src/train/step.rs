@@ -119,7 +119,7 @@ pub fn train_step(
     stop: bool,
     at: StepAt,
 ) -> anyhow::Result<StepTotals> {
-    opt.zero_grad();
+    opt.zero_grad()?;
     let loss = forward_backward(net, dp, batch, global_size, settings);
     dp.note_step(at.epoch, at.step);
     let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), stop)?;
@@ -132,7 +132,7 @@ pub fn train_step(
         }
         .into());
     }
-    opt.step_with(lr, grads);
+    opt.step_with(lr, grads)?;
     Ok(totals)
 }
 

@@ -344,9 +344,9 @@ fn sgd_follows_the_keras_momentum_form_across_a_learning_rate_change() {
     let gt = Tensor::from_slice(&[0.5f32, -2.0]);
     let (mut p, mut v) = ([1.0f64, 1.0], [0.0f64, 0.0]);
     for lr in [0.1, 0.1, 1.0, 0.01] {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         (&w * &gt).sum(Kind::Float).backward();
-        opt.step(lr);
+        opt.step(lr).unwrap();
         for k in 0..2 {
             v[k] = 0.9 * v[k] - lr * g[k];
             p[k] += v[k];
@@ -373,9 +373,9 @@ fn l2_and_global_norm_clip_enter_the_update() {
     let vs = nn::VarStore::new(Device::Cpu);
     let w = vs.root().var("w", &[2, 1], nn::Init::Const(3.0));
     let mut opt = Sgd::new(&vs, 0.9, Some(10.0), |_, _| 0.5);
-    opt.zero_grad();
+    opt.zero_grad().unwrap();
     (&w * 20.0).sum(Kind::Float).backward();
-    let norm = opt.step(0.1);
+    let norm = opt.step(0.1).unwrap();
     // Gradient 20 + 2 * 0.5 * 3 = 23 per element; norm 23 sqrt 2 > 10, scaled to 10.
     let n = 23.0 * 2f64.sqrt();
     assert!((norm - n).abs() < 1e-4, "{norm}");

@@ -1,0 +1,86 @@
+// The few libtorch calls tch does not expose, as C functions over tch's tensor handles (each a
+// heap at::Tensor*). Every function returns null on success, or a malloc'd error message that
+// the caller frees with cosine_free_error; a tensor it creates is a new at::Tensor* that the
+// caller owns.
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+
+char *error_text(const char *text) { return strdup(text); }
+
+template <typename F> char *guarded(F body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const c10::Error &e) {
+    return error_text(e.what_without_backtrace());
+  } catch (const std::exception &e) {
+    return error_text(e.what());
+  }
+}
+
+std::vector<at::Tensor> list(at::Tensor **tensors, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out.push_back(*tensors[i]);
+  return out;
+}
+
+void hand_out(std::vector<at::Tensor> results, at::Tensor **out) {
+  for (size_t i = 0; i < results.size(); ++i) out[i] = new at::Tensor(std::move(results[i]));
+}
+
+}  // namespace
+
+extern "C" {
+
+void cosine_free_error(char *error) { free(error); }
+
+// Page-locked host tensors allocated as such (libtorch's caching host allocator), for batches
+// bound for a GPU; tch only offers pin_memory(device), a copy whose device argument libtorch
+// 2.11 deprecates. dtype: 0 = float32, 1 = int64.
+char *cosine_empty_pinned(const int64_t *sizes, int64_t ndim, int dtype, at::Tensor **out) {
+  return guarded([&] {
+    auto kind = dtype == 1 ? at::kLong : at::kFloat;
+    auto options = at::TensorOptions().dtype(kind).device(at::kCPU).pinned_memory(true);
+    *out = new at::Tensor(at::empty(at::IntArrayRef(sizes, static_cast<size_t>(ndim)), options));
+  });
+}
+
+// Multi-tensor ops: one kernel launch per group of tensors on CUDA instead of one per tensor;
+// on the CPU libtorch runs the per-tensor op for each, so results equal a loop of them.
+char *cosine_foreach_zero_(at::Tensor **a, int64_t n) {
+  return guarded([&] { at::_foreach_zero_(list(a, n)); });
+}
+
+char *cosine_foreach_mul_scalar_(at::Tensor **a, int64_t n, double s) {
+  return guarded([&] { at::_foreach_mul_(list(a, n), s); });
+}
+
+char *cosine_foreach_mul_scalar(at::Tensor **a, int64_t n, double s, at::Tensor **out) {
+  return guarded([&] { hand_out(at::_foreach_mul(list(a, n), s), out); });
+}
+
+char *cosine_foreach_mul_scalars(at::Tensor **a, int64_t n, const double *s, at::Tensor **out) {
+  return guarded([&] {
+    std::vector<at::Scalar> scalars(s, s + n);
+    hand_out(at::_foreach_mul(list(a, n), scalars), out);
+  });
+}
+
+char *cosine_foreach_add_list(at::Tensor **a, at::Tensor **b, int64_t n, at::Tensor **out) {
+  return guarded([&] { hand_out(at::_foreach_add(list(a, n), list(b, n)), out); });
+}
+
+char *cosine_foreach_add_list_(at::Tensor **a, at::Tensor **b, int64_t n) {
+  return guarded([&] { at::_foreach_add_(list(a, n), list(b, n)); });
+}
+
+char *cosine_foreach_sub_list_(at::Tensor **a, at::Tensor **b, int64_t n) {
+  return guarded([&] { at::_foreach_sub_(list(a, n), list(b, n)); });
+}
+}
