@@ -28,6 +28,10 @@ pub struct CheckDistArgs {
     /// Number of bytes broadcast from rank 0.
     #[arg(long, default_value_t = (1 << 20) + 3)]
     pub bytes: usize,
+    /// Seconds creating the NCCL communicator may wait for the other ranks before the job is
+    /// ended (exit status 3); 0 waits forever.
+    #[arg(long, value_parser = super::seconds, default_value = "300")]
+    pub collective_timeout: std::time::Duration,
 }
 
 /// What one rank reports.
@@ -72,7 +76,7 @@ pub fn run(args: &CheckDistArgs) -> anyhow::Result<ExitCode> {
 
 /// Runs the checks and prints this rank's report; whether every check passed.
 pub fn check(args: &CheckDistArgs) -> anyhow::Result<bool> {
-    let (comm, device) = dist::connect(args.dist, args.device)
+    let (comm, device) = dist::connect(args.dist, args.device, args.collective_timeout)
         .with_context(|| format!("cannot set up the {} backend", args.dist))?;
     let (rank, size) = (comm.rank(), comm.size());
 

@@ -135,7 +135,7 @@ pub fn preset() -> impl TypedValueParser<Value = Preset> {
 }
 
 /// Seconds >= 0.
-fn seconds(text: &str) -> Result<Duration, String> {
+pub(crate) fn seconds(text: &str) -> Result<Duration, String> {
     let s: f64 = text
         .parse()
         .map_err(|_| format!("'{text}' is not a number of seconds"))?;

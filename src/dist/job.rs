@@ -48,7 +48,12 @@ impl Job {
         threads: Option<i32>,
         grouping: Grouping,
     ) -> anyhow::Result<(Job, Team)> {
-        let c = super::connect_grouped(options.backend, device, grouping)?;
+        let c = super::connect_grouped(
+            options.backend,
+            device,
+            grouping,
+            options.collective_timeout,
+        )?;
         let node = c.world.as_deref().unwrap_or(c.comm.as_ref());
         let threads = threads.unwrap_or_else(|| default_threads(node.local_size()));
         tch::set_num_threads(threads.max(1));

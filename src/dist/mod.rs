@@ -8,6 +8,7 @@
 //! * [`nccl::NcclCommunicator`]: CUDA tensors over NCCL, loaded at run time; bootstrapped over MPI
 //!   (a lone process needs none).
 
+pub mod deadline;
 pub mod heartbeat;
 pub mod job;
 pub mod mpi;
@@ -210,11 +211,14 @@ pub struct Connection {
 /// then the device of the local rank (`--device cuda` = GPU `local_rank`), then NCCL on that
 /// GPU when the backend is NCCL. Works the same under `mpirun`, `srun` and as a plain process
 /// (an MPI singleton).
+/// Creating an NCCL communicator that has not finished within `join_timeout` (a rank failed to
+/// join) ends the job; zero waits forever.
 pub fn connect(
     backend: Backend,
     device: crate::runtime::device::DeviceChoice,
+    join_timeout: std::time::Duration,
 ) -> anyhow::Result<(Box<dyn Communicator>, tch::Device)> {
-    let c = connect_grouped(backend, device, Grouping::WHOLE)?;
+    let c = connect_grouped(backend, device, Grouping::WHOLE, join_timeout)?;
     Ok((c.comm, c.device))
 }
 
@@ -224,6 +228,7 @@ pub fn connect_grouped(
     backend: Backend,
     device: crate::runtime::device::DeviceChoice,
     grouping: Grouping,
+    join_timeout: std::time::Duration,
 ) -> anyhow::Result<Connection> {
     device.ensure_available()?;
     match resolve_backend(backend, device) {
@@ -276,10 +281,30 @@ pub fn connect_grouped(
                     tch::Device::Cuda(i) => i,
                     _ => unreachable!("a CUDA choice resolves to a CUDA device"),
                 };
-                let rank = host.rank();
-                nccl::NcclCommunicator::over(host, gpu)
-                    .map(|c| Box::new(c) as Box<dyn Communicator>)
-                    .map_err(|e| anyhow::anyhow!("rank {rank}: NCCL on GPU {gpu}: {e}"))
+                let (rank, size) = (host.rank(), host.size());
+                // ncclCommInitRank waits for every rank, before the collective watchdog exists.
+                let limit = if size > 1 {
+                    join_timeout
+                } else {
+                    std::time::Duration::ZERO
+                };
+                let abort = host.abort_handle();
+                let on_timeout = move || {
+                    abort.abort(
+                        &format!(
+                            "cosine-train: rank {rank}: creating the NCCL communicator of {size} \
+                             ranks on GPU {gpu} did not finish within {} s \
+                             (--collective-timeout): a rank did not join; ending the job",
+                            limit.as_secs()
+                        ),
+                        watchdog::EXIT_COLLECTIVE_TIMEOUT,
+                    )
+                };
+                deadline::within(limit, on_timeout, || {
+                    nccl::NcclCommunicator::over(host, gpu)
+                })
+                .map(|c| Box::new(c) as Box<dyn Communicator>)
+                .map_err(|e| anyhow::anyhow!("rank {rank}: NCCL on GPU {gpu}: {e}"))
             };
             // A lone process makes its one-rank NCCL communicator without MPI.
             if launched_ranks().is_none() {
