@@ -17,7 +17,9 @@
 #      and barrier (a lone process makes its NCCL communicator without MPI);
 #   3. ResNet-50 at 448 px, batch BATCH, STEPS timed steps: ours (`bench-step`) and the same step
 #      in PyTorch eager (bench/train_step_pytorch.py), bf16 autocast and fp32, each with
-#      channels-last and without; a table of images/s and the ratio ours / PyTorch;
+#      channels-last and without; a table of images/s and the ratio ours / PyTorch; then the
+#      same for ResNet-110-wfc at 32 px, batch CIFAR_BATCH (100): many small kernels per step,
+#      where launch overhead (the multi-tensor optimiser) shows;
 #   4. sweep grid throughput on one GPU (needs `mpirun` on the machine; skipped without): the
 #      8-cell grid of bench/sweep.sh (resnet20, Fashion-MNIST 20/class packed into the bundle,
 #      2 losses x 4 rates, SWEEP_EPOCHS epochs) as 8 runs one after another, then as one
@@ -25,7 +27,7 @@
 #      the ratio to one after another (small models cannot fill an H200; R > 1 is what should
 #      gain). `bash bench/gpu-check.sh sweep` runs this step alone (COSINE_TRAIN, GPU_CHECK_DEVICE).
 # The table also goes to $OUT/gpu-check.md when OUT is set (the device tool's output folder).
-# Settings: BATCH (32), STEPS (30), WARMUP (5), SWEEP_EPOCHS (6), PYTHON (python3),
+# Settings: BATCH (32), CIFAR_BATCH (100), STEPS (30), WARMUP (5), SWEEP_EPOCHS (6), PYTHON (python3),
 # GPU_CHECK_DEVICE (cuda; `cpu`
 # rehearses the run half on a machine without a GPU, with a small batch and image).
 set -euo pipefail
@@ -119,11 +121,38 @@ sweep_step() {
   rm -rf "$work"
 }
 
+# One table: our training step (`bench-step`) against PyTorch eager's, per precision and
+# channels-last setting. Uses bin, py, device, steps, warmup, report and say from `run`.
+step_table() {
+  local arch="$1" size="$2" batch="$3" classes="$4" layouts="$5"
+  say
+  say "$arch training step, ${size}x${size}, batch $batch, median of $steps steps after $warmup, device $device"
+  say
+  say "| precision | channels-last | ours images/s | PyTorch images/s | ours / PyTorch |"
+  say "| --- | --- | ---: | ---: | ---: |"
+  local common=(--arch "$arch" --batch-size "$batch" --size "$size" --channels 3 --classes "$classes"
+    --steps "$steps" --warmup "$warmup" --device "$device")
+  for precision in bf16 fp32; do
+    for cl in $layouts; do
+      local ours theirs py_cl=()
+      [ "$cl" = on ] && py_cl=(--channels-last)
+      ours=$(timeout 300 "$bin" bench-step "${common[@]}" --precision "$precision" \
+        --channels-last "$cl" --dist single | field images_per_sec) || ours=
+      theirs=$(env -u LD_LIBRARY_PATH timeout 300 "$py" bench/train_step_pytorch.py "${common[@]}" \
+        --precision "$precision" "${py_cl[@]}" | field images_per_sec) || theirs=
+      awk -v p="$precision" -v c="$cl" -v o="${ours:-0}" -v t="${theirs:-0}" 'BEGIN {
+        printf "| %s | %s | %.1f | %.1f | %s |\n", p, c, o, t, (o > 0 && t > 0) ? sprintf("%.3f", o / t) : "failed" }' |
+        tee -a "$report"
+    done
+  done
+}
+
 run() {
   local device="${GPU_CHECK_DEVICE:-cuda}" py="${PYTHON:-python3}"
   local batch="${BATCH:-32}" steps="${STEPS:-30}" warmup="${WARMUP:-5}" size=448
+  local cifar_batch="${CIFAR_BATCH:-100}"
   if [ "$device" = cpu ]; then
-    batch="${BATCH:-4}" steps="${STEPS:-2}" warmup="${WARMUP:-1}" size=64
+    batch="${BATCH:-4}" steps="${STEPS:-2}" warmup="${WARMUP:-1}" size=64 cifar_batch="${CIFAR_BATCH:-8}"
   fi
   [ -x "$bundle/bin/cosine-train" ] || { echo "gpu-check: no $bundle; run 'bash bench/gpu-check.sh build' first" >&2; exit 1; }
   local need have
@@ -171,26 +200,9 @@ run() {
     echo "$dist"
     say "- one-rank NCCL all-reduce of 16M floats, broadcast, barrier: passed"
   fi
-  say
-  say "ResNet-50 training step, ${size}x${size}, batch $batch, median of $steps steps after $warmup, device $device"
-  say
-  say "| precision | channels-last | ours images/s | PyTorch images/s | ours / PyTorch |"
-  say "| --- | --- | ---: | ---: | ---: |"
-  local common=(--arch resnet50 --batch-size "$batch" --size "$size" --channels 3 --classes 200
-    --steps "$steps" --warmup "$warmup" --device "$device")
-  for precision in bf16 fp32; do
-    for cl in on off; do
-      local ours theirs py_cl=()
-      [ "$cl" = on ] && py_cl=(--channels-last)
-      ours=$(timeout 300 "$bin" bench-step "${common[@]}" --precision "$precision" \
-        --channels-last "$cl" --dist single | field images_per_sec) || ours=
-      theirs=$(env -u LD_LIBRARY_PATH timeout 300 "$py" bench/train_step_pytorch.py "${common[@]}" \
-        --precision "$precision" "${py_cl[@]}" | field images_per_sec) || theirs=
-      awk -v p="$precision" -v c="$cl" -v o="${ours:-0}" -v t="${theirs:-0}" 'BEGIN {
-        printf "| %s | %s | %.1f | %.1f | %s |\n", p, c, o, t, (o > 0 && t > 0) ? sprintf("%.3f", o / t) : "failed" }' |
-        tee -a "$report"
-    done
-  done
+  step_table resnet50 "$size" "$batch" 200 "on off"
+  # The CIFAR ResNets are launch-bound on a large GPU: many small kernels per step.
+  step_table resnet110-wfc 32 "$cifar_batch" 100 "off"
   sweep_step "$bin" "$device" "$bundle/data/fashion-k20" "$report"
   if [ -n "${OUT:-}" ]; then
     cp "$report" "$OUT/gpu-check.md"
