@@ -61,6 +61,10 @@ char *cosine_foreach_mul_scalar_(at::Tensor **a, int64_t n, double s) {
   return guarded([&] { at::_foreach_mul_(list(a, n), s); });
 }
 
+char *cosine_foreach_mul_tensor_(at::Tensor **a, int64_t n, at::Tensor *t) {
+  return guarded([&] { at::_foreach_mul_(list(a, n), *t); });
+}
+
 char *cosine_foreach_mul_scalar(at::Tensor **a, int64_t n, double s, at::Tensor **out) {
   return guarded([&] { hand_out(at::_foreach_mul(list(a, n), s), out); });
 }

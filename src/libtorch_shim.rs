@@ -18,6 +18,11 @@ unsafe extern "C" {
     ) -> *mut c_char;
     fn cosine_foreach_zero_(a: *const *mut C_tensor, n: i64) -> *mut c_char;
     fn cosine_foreach_mul_scalar_(a: *const *mut C_tensor, n: i64, s: f64) -> *mut c_char;
+    fn cosine_foreach_mul_tensor_(
+        a: *const *mut C_tensor,
+        n: i64,
+        t: *const C_tensor,
+    ) -> *mut c_char;
     fn cosine_foreach_mul_scalar(
         a: *const *mut C_tensor,
         n: i64,
@@ -122,6 +127,17 @@ pub fn mul_scalar_(tensors: &[Tensor], s: f64) -> Result<()> {
     let a = handles(tensors);
     // SAFETY: as in `zero_`.
     check(unsafe { cosine_foreach_mul_scalar_(a.as_ptr(), a.len() as i64, s) })
+}
+
+/// `t.mul_(factor)` for each tensor, `factor` a one-element tensor on their device (read there:
+/// no host synchronisation).
+pub fn mul_tensor_(tensors: &[Tensor], factor: &Tensor) -> Result<()> {
+    if tensors.is_empty() {
+        return Ok(());
+    }
+    let a = handles(tensors);
+    // SAFETY: as in `zero_`; `factor` is live for the call.
+    check(unsafe { cosine_foreach_mul_tensor_(a.as_ptr(), a.len() as i64, factor.as_ptr()) })
 }
 
 /// `t * s` for each tensor.
@@ -252,10 +268,12 @@ mod tests {
             })
             .collect();
         mul_scalar_(&x, 0.9).unwrap();
+        mul_tensor_(&x, &Tensor::from(1.5f32)).unwrap();
         sub_(&x, &b).unwrap();
         add_(&x, &a).unwrap();
         for (t, (bb, aa)) in y.iter_mut().zip(b.iter().zip(&a)) {
             let _ = t.g_mul_scalar_(0.9);
+            let _ = t.g_mul_(&Tensor::from(1.5f32));
             let _ = t.g_sub_(bb);
             let _ = t.g_add_(aa);
         }

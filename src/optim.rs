@@ -25,6 +25,9 @@ pub struct Sgd {
     pub momentum: f64,
     /// Global L2-norm limit of the gradient; `None` disables clipping.
     pub clip_norm: Option<f64>,
+    /// Where the clip factor is computed: on the host from the norm read back (exact in f64,
+    /// one synchronisation per step) or on the parameters' device (on CUDA: no wait).
+    pub clip_on_device: bool,
 }
 
 impl Sgd {
@@ -42,7 +45,7 @@ impl Sgd {
             .filter(|(_, t)| t.requires_grad())
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = named
+        let params: Vec<Param> = named
             .into_iter()
             .map(|(name, tensor)| Param {
                 l2: l2_of(&name, &tensor),
@@ -51,10 +54,12 @@ impl Sgd {
                 tensor,
             })
             .collect();
+        let clip_on_device = params.first().is_some_and(|p| p.tensor.device().is_cuda());
         Sgd {
             params,
             momentum,
             clip_norm,
+            clip_on_device,
         }
     }
 
@@ -84,18 +89,19 @@ impl Sgd {
     }
 
     /// One update at learning rate `lr` from the parameters' own gradients. Returns the global
-    /// gradient norm before clipping.
-    pub fn step(&mut self, lr: f64) -> Result<f64, ShimError> {
+    /// gradient norm before clipping (a 0-dim tensor on the parameters' device).
+    pub fn step(&mut self, lr: f64) -> Result<Tensor, ShimError> {
         let grads = self.own_grads();
         self.step_with(lr, grads)
     }
 
     /// One update at learning rate `lr` from `grads` (one per parameter, in order; e.g. summed
     /// across ranks). L2 is added, then the global norm is clipped. Returns the norm before
-    /// clipping. Each phase is one multi-tensor op over all parameters (a handful of kernel
+    /// clipping, as a 0-dim tensor on the parameters' device (reading it is a synchronisation
+    /// only where the caller wants the number). Each phase is one multi-tensor op over all parameters (a handful of kernel
     /// launches per step on CUDA instead of four per parameter), computing exactly what the
     /// per-parameter expressions in the comments compute.
-    pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> Result<f64, ShimError> {
+    pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> Result<Tensor, ShimError> {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         tch::no_grad(|| {
             let mut grads = grads;
@@ -119,11 +125,22 @@ impl Sgd {
                 .iter()
                 .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))
                 .collect();
-            let norm = f64::try_from(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
-                .unwrap_or(f64::NAN);
-            let scale = match self.clip_norm {
-                Some(limit) if norm >= limit => limit / norm,
-                _ => 1.0,
+            let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
+            let steps = if self.clip_on_device {
+                // g * lr, then * limit / max(norm, limit): 1 below the limit, as on the host.
+                let steps = foreach::mul_scalar(&grads, lr)?;
+                if let Some(limit) = self.clip_norm {
+                    let factor = norm.clamp_min(limit).reciprocal() * limit;
+                    foreach::mul_tensor_(&steps, &factor)?;
+                }
+                steps
+            } else {
+                let host_norm = f64::try_from(&norm).unwrap_or(f64::NAN);
+                let scale = match self.clip_norm {
+                    Some(limit) if host_norm >= limit => limit / host_norm,
+                    _ => 1.0,
+                };
+                foreach::mul_scalar(&grads, lr * scale)?
             };
             // v = v * momentum; v = v - g * (lr scale); w = w + v.
             let velocities: Vec<Tensor> = (self.params.iter())
@@ -133,7 +150,7 @@ impl Sgd {
                 .map(|p| p.tensor.shallow_clone())
                 .collect();
             foreach::mul_scalar_(&velocities, self.momentum)?;
-            foreach::sub_(&velocities, &foreach::mul_scalar(&grads, lr * scale)?)?;
+            foreach::sub_(&velocities, &steps)?;
             foreach::add_(&weights, &velocities)?;
             Ok(norm)
         })

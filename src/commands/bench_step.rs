@@ -177,7 +177,7 @@ pub fn measure(
         let reduced = start.elapsed().as_secs_f64();
         let call_seconds = dp.take_sync_seconds();
         let start = Instant::now();
-        opt.step_with(LR, grads)?;
+        let _norm = opt.step_with(LR, grads)?;
         if timed {
             compute.push(computed + start.elapsed().as_secs_f64());
             reduce.push(reduced);

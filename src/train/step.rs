@@ -132,7 +132,7 @@ pub fn train_step(
         }
         .into());
     }
-    opt.step_with(lr, grads)?;
+    let _norm = opt.step_with(lr, grads)?;
     Ok(totals)
 }
 

@@ -346,7 +346,7 @@ fn sgd_follows_the_keras_momentum_form_across_a_learning_rate_change() {
     for lr in [0.1, 0.1, 1.0, 0.01] {
         opt.zero_grad().unwrap();
         (&w * &gt).sum(Kind::Float).backward();
-        opt.step(lr).unwrap();
+        let _norm = opt.step(lr).unwrap();
         for k in 0..2 {
             v[k] = 0.9 * v[k] - lr * g[k];
             p[k] += v[k];
@@ -368,19 +368,28 @@ fn sgd_follows_the_keras_momentum_form_across_a_learning_rate_change() {
     );
 }
 
+/// Both places the clip factor can be computed (the host, as on the CPU; the device, as on
+/// CUDA, with no read-back) give the same update, clipped or not.
 #[test]
 fn l2_and_global_norm_clip_enter_the_update() {
-    let vs = nn::VarStore::new(Device::Cpu);
-    let w = vs.root().var("w", &[2, 1], nn::Init::Const(3.0));
-    let mut opt = Sgd::new(&vs, 0.9, Some(10.0), |_, _| 0.5);
-    opt.zero_grad().unwrap();
-    (&w * 20.0).sum(Kind::Float).backward();
-    let norm = opt.step(0.1).unwrap();
-    // Gradient 20 + 2 * 0.5 * 3 = 23 per element; norm 23 sqrt 2 > 10, scaled to 10.
-    let n = 23.0 * 2f64.sqrt();
-    assert!((norm - n).abs() < 1e-4, "{norm}");
-    let step = 0.1 * 23.0 * 10.0 / n;
-    close(&vec(&w), &[3.0 - step, 3.0 - step], "clipped update");
+    for clip_on_device in [false, true] {
+        for limit in [10.0, 100.0] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let w = vs.root().var("w", &[2, 1], nn::Init::Const(3.0));
+            let mut opt = Sgd::new(&vs, 0.9, Some(limit), |_, _| 0.5);
+            opt.clip_on_device = clip_on_device;
+            opt.zero_grad().unwrap();
+            (&w * 20.0).sum(Kind::Float).backward();
+            let norm = f64::try_from(opt.step(0.1).unwrap()).unwrap();
+            // Gradient 20 + 2 * 0.5 * 3 = 23 per element; norm 23 sqrt 2: above 10, so scaled
+            // to 10, below 100, so kept.
+            let n = 23.0 * 2f64.sqrt();
+            assert!((norm - n).abs() < 1e-4, "{norm}");
+            let step = 0.1 * 23.0 * (limit / n).min(1.0);
+            let what = format!("update with limit {limit}, clip on device {clip_on_device}");
+            close(&vec(&w), &[3.0 - step, 3.0 - step], &what);
+        }
+    }
 }
 
 #[test]
