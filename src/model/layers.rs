@@ -123,6 +123,9 @@ pub trait BatchStatsReducer {
     /// `packed` (a 1-D f32 tensor on the model's device) summed over all ranks, on the same
     /// device. A failure ends the job (a rank left out would hang every other rank).
     fn sum_over_ranks(&self, packed: &Tensor) -> Tensor;
+    /// Images this rank's statistics are pooled over at this step (its group's shares of the
+    /// global batch): known on the host, so the statistics need no count read back.
+    fn pooled_images(&self) -> usize;
 }
 
 /// Batch normalisation with bias-corrected running statistics.

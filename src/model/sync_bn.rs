@@ -33,20 +33,19 @@ pub fn channel_shape(xs: &Tensor) -> Vec<i64> {
 
 /// Per-channel mean and variance of `xs` (N, C, ...) over every rank's batch.
 pub fn global_statistics(xs: &Tensor, reducer: &dyn BatchStatsReducer) -> GlobalStatistics {
-    let channels = xs.size().get(1).copied().unwrap_or(1);
+    let size = xs.size();
+    let channels = size.get(1).copied().unwrap_or(1);
     let dims: Vec<i64> = (0..xs.dim() as i64).filter(|&d| d != 1).collect();
-    let count_local = if channels > 0 {
-        xs.numel() as i64 / channels
-    } else {
-        0
-    };
+    // Values per channel and image; the counts follow from the images pooled, so nothing is
+    // read back from the device.
+    let per_image: i64 = size.iter().skip(2).product();
+    let count_local = size.first().copied().unwrap_or(0) * per_image;
+    let total = (reducer.pooled_images() as i64 * per_image) as f64;
     let x = xs.to_kind(Kind::Float);
     let sum = x.sum_dim_intlist(dims.as_slice(), false, Kind::Float);
     let sum_sq = (&x * &x).sum_dim_intlist(dims.as_slice(), false, Kind::Float);
-    let count = Tensor::from_slice(&[count_local as f32]).to_device(xs.device());
-    let packed = Tensor::cat(&[sum.detach(), sum_sq.detach(), count], 0);
+    let packed = Tensor::cat(&[sum.detach(), sum_sq.detach()], 0);
     let reduced = reducer.sum_over_ranks(&packed);
-    let total = f64::try_from(reduced.get(2 * channels)).unwrap_or(0.0);
     let n = total.max(1.0);
     // The values are the global sums. Their gradient is this rank's part scaled up to the
     // whole batch (total / local): the other ranks' part of the true gradient is estimated by

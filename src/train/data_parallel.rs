@@ -311,27 +311,58 @@ impl<'c> DataParallel<'c> {
     }
 }
 
-/// Synchronised BatchNorm over groups of `ranks_per_group` consecutive ranks (`--bn-batch`
-/// larger than a rank's share): each rank's statistics go into its group's slot of one
-/// world-wide all-reduce, so that no sub-communicator is needed.
+/// Synchronised BatchNorm over groups of `ranks_per_group` consecutive ranks (all of them for
+/// `--sync-bn`; fewer for `--bn-batch` larger than a rank's share): with several groups each
+/// rank's statistics go into its group's slot of one world-wide all-reduce, so that no
+/// sub-communicator is needed.
 pub struct GroupedStats<'a, 'c> {
     pub dp: &'a DataParallel<'c>,
     pub ranks_per_group: usize,
+    /// The step's global batch, split over the ranks by [`share`].
+    pub global_images: usize,
+}
+
+impl GroupedStats<'_, '_> {
+    fn groups(&self) -> usize {
+        (self.dp.world() / self.ranks_per_group.max(1)).max(1)
+    }
 }
 
 impl BatchStatsReducer for GroupedStats<'_, '_> {
     fn sum_over_ranks(&self, packed: &Tensor) -> Tensor {
-        let per = self.ranks_per_group.max(1);
-        let groups = (self.dp.world() / per).max(1) as i64;
-        let mine = (self.dp.rank() / per) as i64;
+        let groups = self.groups() as i64;
+        if groups == 1 {
+            return self.dp.sum_over_ranks(packed);
+        }
+        let mine = (self.dp.rank() / self.ranks_per_group.max(1)) as i64;
         let len = packed.numel() as i64;
         let slots = Tensor::zeros([groups * len], (packed.kind(), packed.device()));
         slots.narrow(0, mine * len, len).copy_(packed);
         self.dp.sum_over_ranks(&slots).narrow(0, mine * len, len)
     }
+
+    fn pooled_images(&self) -> usize {
+        pooled_images(
+            self.global_images,
+            self.dp.world(),
+            self.dp.rank(),
+            self.ranks_per_group,
+        )
+    }
 }
 
-impl BatchStatsReducer for DataParallel<'_> {
+/// The images of `global` (split over `world` ranks by [`share`]) held by the group of
+/// `per_group` consecutive ranks that `rank` belongs to.
+fn pooled_images(global: usize, world: usize, rank: usize, per_group: usize) -> usize {
+    let world = world.max(1);
+    let per = per_group.clamp(1, world);
+    let first = (rank / per) * per;
+    let last = (first + per).min(world) - 1;
+    share(global, world, last).end - share(global, world, first).start
+}
+
+impl DataParallel<'_> {
+    /// `packed` summed over every rank, on its own device (MPI reduces a host copy).
     fn sum_over_ranks(&self, packed: &Tensor) -> Tensor {
         let mut reduced = if self.backend() == Backend::Nccl {
             packed.contiguous()
@@ -347,7 +378,20 @@ impl BatchStatsReducer for DataParallel<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::share;
+    use super::{pooled_images, share};
+
+    #[test]
+    fn a_group_pools_the_shares_of_its_ranks() {
+        // 10 images on 4 ranks: shares 3, 3, 2, 2.
+        assert_eq!(pooled_images(10, 4, 0, 4), 10);
+        assert_eq!(pooled_images(10, 4, 3, 4), 10);
+        assert_eq!(pooled_images(10, 4, 1, 2), 6);
+        assert_eq!(pooled_images(10, 4, 2, 2), 4);
+        assert_eq!(pooled_images(10, 4, 3, 1), 2);
+        // A last, short batch can leave a rank with nothing; its group still pools the rest.
+        assert_eq!(pooled_images(1, 2, 1, 2), 1);
+        assert_eq!(pooled_images(1, 2, 1, 1), 0);
+    }
 
     #[test]
     fn shares_are_contiguous_cover_everything_and_differ_by_at_most_one() {

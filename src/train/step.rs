@@ -159,9 +159,9 @@ pub fn forward_backward(
     let grouped = GroupedStats {
         dp,
         ranks_per_group: synced.unwrap_or(1),
+        global_images: global_size,
     };
     let pass = match (settings.bn, synced) {
-        (_, Some(ranks)) if ranks >= dp.world() => Pass::TrainSynced(dp),
         (_, Some(_)) => Pass::TrainSynced(&grouped),
         (BnGroups::Ghost { groups }, None) => Pass::TrainGhost { groups },
         _ => Pass::Train,
