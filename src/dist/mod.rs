@@ -277,34 +277,7 @@ pub fn connect_grouped(
                 anyhow::bail!("--dist nccl needs --device cuda (NCCL reduces GPU tensors)");
             }
             let over_nccl = |host: Box<dyn Communicator>, tch_device: tch::Device| {
-                let gpu = match tch_device {
-                    tch::Device::Cuda(i) => i,
-                    _ => unreachable!("a CUDA choice resolves to a CUDA device"),
-                };
-                let (rank, size) = (host.rank(), host.size());
-                // ncclCommInitRank waits for every rank, before the collective watchdog exists.
-                let limit = if size > 1 {
-                    join_timeout
-                } else {
-                    std::time::Duration::ZERO
-                };
-                let abort = host.abort_handle();
-                let on_timeout = move || {
-                    abort.abort(
-                        &format!(
-                            "cosine-train: rank {rank}: creating the NCCL communicator of {size} \
-                             ranks on GPU {gpu} did not finish within {} s \
-                             (--collective-timeout): a rank did not join; ending the job",
-                            limit.as_secs()
-                        ),
-                        watchdog::EXIT_COLLECTIVE_TIMEOUT,
-                    )
-                };
-                deadline::within(limit, on_timeout, || {
-                    nccl::NcclCommunicator::over(host, gpu)
-                })
-                .map(|c| Box::new(c) as Box<dyn Communicator>)
-                .map_err(|e| anyhow::anyhow!("rank {rank}: NCCL on GPU {gpu}: {e}"))
+                nccl_over(host, tch_device, join_timeout)
             };
             // A lone process makes its one-rank NCCL communicator without MPI.
             if launched_ranks().is_none() {
@@ -328,6 +301,43 @@ pub fn connect_grouped(
         }
         Backend::Auto => unreachable!("auto was resolved above"),
     }
+}
+
+/// The NCCL communicator of the ranks `host` connects, on `device`'s GPU. Its creation waits
+/// for every rank before the collective watchdog exists, so with several ranks it is bounded by
+/// `join_timeout`: past it the job ends (exit 3) naming this rank and its GPU.
+fn nccl_over(
+    host: Box<dyn Communicator>,
+    device: tch::Device,
+    join_timeout: std::time::Duration,
+) -> anyhow::Result<Box<dyn Communicator>> {
+    let gpu = match device {
+        tch::Device::Cuda(i) => i,
+        _ => anyhow::bail!("--dist nccl needs a CUDA device, not {device:?}"),
+    };
+    let (rank, size) = (host.rank(), host.size());
+    let limit = if size > 1 {
+        join_timeout
+    } else {
+        std::time::Duration::ZERO
+    };
+    let abort = host.abort_handle();
+    let on_timeout = move || {
+        abort.abort(
+            &format!(
+                "cosine-train: rank {rank}: creating the NCCL communicator of {size} ranks on GPU \
+                 {gpu} did not finish within {} s (--collective-timeout): a rank did not join; \
+                 ending the job",
+                limit.as_secs()
+            ),
+            watchdog::EXIT_COLLECTIVE_TIMEOUT,
+        )
+    };
+    deadline::within(limit, on_timeout, || {
+        nccl::NcclCommunicator::over(host, gpu)
+    })
+    .map(|c| Box::new(c) as Box<dyn Communicator>)
+    .map_err(|e| anyhow::anyhow!("rank {rank}: NCCL on GPU {gpu}: {e}"))
 }
 
 /// The failure-path tests' fault for a rank joining the job (`COSINE_FAULT` with `step=0`).
