@@ -370,64 +370,18 @@ impl RunConfig {
             .loss
             .or(preset.map(|p| p.loss))
             .unwrap_or(defaults::LOSS);
-        let lr_max = given
-            .lr_max
-            .or(preset.map(|p| p.lr_max))
-            .unwrap_or_else(|| defaults::lr_max_for(loss));
-        let lr_min = given.lr_min.unwrap_or(defaults::LR_MIN);
-        if !(lr_max > 0.0 && lr_max.is_finite() && lr_min >= 0.0 && lr_min <= lr_max) {
-            return Err(ConfigError::LearningRates {
-                max: lr_max,
-                min: lr_min,
-            });
-        }
-        let base = given.sgdr_base.unwrap_or(defaults::SGDR_BASE);
-        let mul = given.sgdr_mul.unwrap_or(defaults::SGDR_MUL);
-        check(base >= 1, "sgdr-base", base, "at least 1 epoch")?;
-        check(mul >= 1, "sgdr-mul", mul, "a factor of at least 1")?;
-        let schedule_kind = given
-            .schedule
-            .or(preset.map(|p| p.schedule))
-            .unwrap_or(ScheduleKind::Sgdr);
-        let schedule = match schedule_kind {
-            ScheduleKind::Sgdr => Schedule::Sgdr {
-                max_lr: lr_max,
-                min_lr: lr_min,
-                base,
-                mul,
-            },
-            ScheduleKind::CosineSteps => Schedule::CosineSteps {
-                max_lr: lr_max,
-                min_lr: lr_min,
-            },
-        };
+        let (schedule, planned_epochs) = resolve_schedule(given, preset, loss)?;
         let epochs = given
             .epochs
             .or(preset.map(|p| p.epochs))
-            .unwrap_or_else(|| sgdr_epochs(base, mul, defaults::CYCLES));
+            .unwrap_or(planned_epochs);
         check(epochs >= 1, "epochs", epochs, "at least 1")?;
         let batch_size = given
             .batch_size
             .or(preset.map(|p| p.batch_size))
             .unwrap_or(defaults::BATCH_SIZE);
         check(batch_size >= 1, "batch-size", batch_size, "at least 1")?;
-        let label_smoothing = given
-            .label_smoothing
-            .or(preset.and_then(|p| p.label_smoothing))
-            .unwrap_or(defaults::LABEL_SMOOTHING);
-        check(
-            (0.0..1.0).contains(&label_smoothing),
-            "label-smoothing",
-            label_smoothing,
-            "0 <= ls < 1",
-        )?;
-        let cls_weight = given.cls_weight.unwrap_or(defaults::CLS_WEIGHT);
-        check(
-            cls_weight >= 0.0 && cls_weight.is_finite(),
-            "cls-weight",
-            cls_weight,
-            "a weight >= 0",
-        )?;
+        let objective = resolve_objective(given, preset, loss)?;
         let clip_norm = given.clip_norm.unwrap_or(defaults::CLIP_NORM);
         check(
             clip_norm >= 0.0 && !clip_norm.is_nan(),
@@ -460,23 +414,7 @@ impl RunConfig {
             train_repeats,
             "1 to 1000 passes per epoch",
         )?;
-        // --sync-bn replaces a preset's group size; given together they contradict.
-        let preset_bn_batch = preset.and_then(|p| p.bn_batch).filter(|_| !given.sync_bn);
-        let bn_batch = given.bn_batch.or(preset_bn_batch).filter(|&n| n > 0);
-        if let Some(n) = bn_batch {
-            check(
-                !given.sync_bn,
-                "bn-batch",
-                n,
-                "either --bn-batch or --sync-bn, not both (--bn-batch 0 turns it off)",
-            )?;
-            check(
-                n >= 2,
-                "bn-batch",
-                n,
-                "at least 2 images per BatchNorm group",
-            )?;
-        }
+        let bn_batch = resolve_bn_batch(given, preset)?;
         let weight_decay = given
             .weight_decay
             .or(preset.map(|p| p.weight_decay))
@@ -493,12 +431,7 @@ impl RunConfig {
         Ok(RunConfig {
             data: data.to_path_buf(),
             arch,
-            objective: ObjectiveConfig {
-                loss,
-                label_smoothing,
-                cls_weight,
-                keras_ce_clip: given.ce_clip,
-            },
+            objective,
             embedding: given.embedding.clone().unwrap_or(EmbeddingSpec::OneHot),
             schedule,
             epochs,
@@ -529,6 +462,102 @@ impl RunConfig {
             conv_padding: given.conv_padding.unwrap_or(ConvPadding::Same),
         })
     }
+}
+
+/// The learning-rate schedule, and the epochs it plans (whole SGDR cycles) when none are given.
+fn resolve_schedule(
+    given: &Overrides,
+    preset: Option<&Preset>,
+    loss: LossKind,
+) -> Result<(Schedule, usize), ConfigError> {
+    let lr_max = given
+        .lr_max
+        .or(preset.map(|p| p.lr_max))
+        .unwrap_or_else(|| defaults::lr_max_for(loss));
+    let lr_min = given.lr_min.unwrap_or(defaults::LR_MIN);
+    if !(lr_max > 0.0 && lr_max.is_finite() && lr_min >= 0.0 && lr_min <= lr_max) {
+        return Err(ConfigError::LearningRates {
+            max: lr_max,
+            min: lr_min,
+        });
+    }
+    let base = given.sgdr_base.unwrap_or(defaults::SGDR_BASE);
+    let mul = given.sgdr_mul.unwrap_or(defaults::SGDR_MUL);
+    check(base >= 1, "sgdr-base", base, "at least 1 epoch")?;
+    check(mul >= 1, "sgdr-mul", mul, "a factor of at least 1")?;
+    let schedule_kind = given
+        .schedule
+        .or(preset.map(|p| p.schedule))
+        .unwrap_or(ScheduleKind::Sgdr);
+    let schedule = match schedule_kind {
+        ScheduleKind::Sgdr => Schedule::Sgdr {
+            max_lr: lr_max,
+            min_lr: lr_min,
+            base,
+            mul,
+        },
+        ScheduleKind::CosineSteps => Schedule::CosineSteps {
+            max_lr: lr_max,
+            min_lr: lr_min,
+        },
+    };
+    Ok((schedule, sgdr_epochs(base, mul, defaults::CYCLES)))
+}
+
+/// The objective: the loss with its label smoothing and classification weight.
+fn resolve_objective(
+    given: &Overrides,
+    preset: Option<&Preset>,
+    loss: LossKind,
+) -> Result<ObjectiveConfig, ConfigError> {
+    let label_smoothing = given
+        .label_smoothing
+        .or(preset.and_then(|p| p.label_smoothing))
+        .unwrap_or(defaults::LABEL_SMOOTHING);
+    check(
+        (0.0..1.0).contains(&label_smoothing),
+        "label-smoothing",
+        label_smoothing,
+        "0 <= ls < 1",
+    )?;
+    let cls_weight = given.cls_weight.unwrap_or(defaults::CLS_WEIGHT);
+    check(
+        cls_weight >= 0.0 && cls_weight.is_finite(),
+        "cls-weight",
+        cls_weight,
+        "a weight >= 0",
+    )?;
+    Ok(ObjectiveConfig {
+        loss,
+        label_smoothing,
+        cls_weight,
+        keras_ce_clip: given.ce_clip,
+    })
+}
+
+/// Images per BatchNorm group (`--bn-batch`, else the preset's unless `--sync-bn`).
+fn resolve_bn_batch(
+    given: &Overrides,
+    preset: Option<&Preset>,
+) -> Result<Option<usize>, ConfigError> {
+    // --sync-bn replaces a preset's group size; given together they contradict.
+    let preset_bn_batch = preset.and_then(|p| p.bn_batch).filter(|_| !given.sync_bn);
+    let bn_batch = given.bn_batch.or(preset_bn_batch).filter(|&n| n > 0);
+    if let Some(n) = bn_batch {
+        check(
+            !given.sync_bn,
+            "bn-batch",
+            n,
+            "either --bn-batch or --sync-bn, not both (--bn-batch 0 turns it off)",
+        )?;
+        check(
+            n >= 2,
+            "bn-batch",
+            n,
+            "at least 2 images per BatchNorm group",
+        )?;
+    }
+    Ok(bn_batch)
 }
 
 /// The preset's augmentation (or the source's), with the flags given over it.
