@@ -10,8 +10,15 @@
 
 namespace {
 
-char *error_text(const char *text) { return strdup(text); }
+// Returned when the message itself cannot be copied; never freed.
+char kNoMemory[] = "out of memory while reporting a libtorch error";
 
+char *error_text(const char *text) {
+  char *copy = strdup(text);
+  return copy != nullptr ? copy : kNoMemory;
+}
+
+// Runs body; nothing may unwind into Rust.
 template <typename F> char *guarded(F body) {
   try {
     body();
@@ -20,6 +27,8 @@ template <typename F> char *guarded(F body) {
     return error_text(e.what_without_backtrace());
   } catch (const std::exception &e) {
     return error_text(e.what());
+  } catch (...) {
+    return error_text("an unknown C++ exception");
   }
 }
 
@@ -30,15 +39,27 @@ std::vector<at::Tensor> list(at::Tensor **tensors, int64_t n) {
   return out;
 }
 
+// Moves results into new handles; if one allocation fails, the ones made are freed again.
 void hand_out(std::vector<at::Tensor> results, at::Tensor **out) {
-  for (size_t i = 0; i < results.size(); ++i) out[i] = new at::Tensor(std::move(results[i]));
+  size_t made = 0;
+  try {
+    for (; made < results.size(); ++made) out[made] = new at::Tensor(std::move(results[made]));
+  } catch (...) {
+    for (size_t j = 0; j < made; ++j) {
+      delete out[j];
+      out[j] = nullptr;
+    }
+    throw;
+  }
 }
 
 }  // namespace
 
 extern "C" {
 
-void cosine_free_error(char *error) { free(error); }
+void cosine_free_error(char *error) {
+  if (error != kNoMemory) free(error);
+}
 
 // Page-locked host tensors allocated as such (libtorch's caching host allocator), for batches
 // bound for a GPU; tch only offers pin_memory(device), a copy whose device argument libtorch

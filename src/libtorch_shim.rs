@@ -129,8 +129,8 @@ pub fn mul_scalar_(tensors: &[Tensor], s: f64) -> Result<()> {
     check(unsafe { cosine_foreach_mul_scalar_(a.as_ptr(), a.len() as i64, s) })
 }
 
-/// `t.mul_(factor)` for each tensor, `factor` a one-element tensor on their device (read there:
-/// no host synchronisation).
+/// `t.mul_(factor)` for each tensor, `factor` a 0-dim tensor on their device (read there: no
+/// host synchronisation).
 pub fn mul_tensor_(tensors: &[Tensor], factor: &Tensor) -> Result<()> {
     if tensors.is_empty() {
         return Ok(());

@@ -127,10 +127,12 @@ impl Sgd {
                 .collect();
             let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
             let steps = if self.clip_on_device {
-                // g * lr, then * limit / max(norm, limit): 1 below the limit, as on the host.
+                // g * lr, then * limit / max(norm, limit): exactly 1 below the limit (limit /
+                // limit), and 1 for a NaN norm, as on the host.
                 let steps = foreach::mul_scalar(&grads, lr)?;
                 if let Some(limit) = self.clip_norm {
-                    let factor = norm.clamp_min(limit).reciprocal() * limit;
+                    let limit_t = Tensor::full([] as [i64; 0], limit, (Kind::Float, norm.device()));
+                    let factor = (limit_t / norm.clamp_min(limit)).nan_to_num(1.0, None, None);
                     foreach::mul_tensor_(&steps, &factor)?;
                 }
                 steps

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use clap::Args;
 use serde_json::{Value, json};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::{ChannelsLast, JobArgs, UsageError, choice, threads};
 use crate::config::{Overrides, Precision, RunConfig};
@@ -153,10 +153,11 @@ pub fn measure(
         let at = StepAt { epoch: 0, step: i };
         if !split {
             let start = Instant::now();
-            // The norm read in the update synchronises a GPU, so the time covers the work.
             train_step(
                 &net, &mut opt, &mut dp, &batch, global, LR, &settings, false, at,
             )?;
+            // The update is asynchronous on a GPU: wait for it, so the time covers the work.
+            wait_for(device);
             if timed {
                 compute.push(start.elapsed().as_secs_f64());
             }
@@ -178,6 +179,7 @@ pub fn measure(
         let call_seconds = dp.take_sync_seconds();
         let start = Instant::now();
         let _norm = opt.step_with(LR, grads)?;
+        wait_for(device);
         if timed {
             compute.push(computed + start.elapsed().as_secs_f64());
             reduce.push(reduced);
@@ -213,4 +215,11 @@ pub fn measure(
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Waits until `device` has finished the work queued so far (nothing to wait for on the CPU).
+fn wait_for(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
 }

@@ -2,6 +2,7 @@
 //! which waits for every rank inside `ncclCommInitRank`, before the collective watchdog exists.
 
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Runs `f`; if it has not returned within `limit`, `on_timeout` runs on a helper thread (to
@@ -15,14 +16,22 @@ pub fn within<T>(
         return f();
     }
     let (done, wait) = mpsc::channel::<()>();
+    // Set under the lock when `f` has returned: a timeout that races with the return then sees
+    // it and does nothing.
+    let finished = Arc::new(Mutex::new(false));
+    let seen = Arc::clone(&finished);
     let guard = std::thread::Builder::new()
         .name("join-deadline".into())
         .spawn(move || {
             if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
-                on_timeout();
+                let finished = seen.lock().unwrap_or_else(|e| e.into_inner());
+                if !*finished {
+                    on_timeout();
+                }
             }
         });
     let out = f();
+    *finished.lock().unwrap_or_else(|e| e.into_inner()) = true;
     drop(done); // the helper then returns without calling on_timeout
     if let Ok(guard) = guard {
         let _ = guard.join();
@@ -33,7 +42,6 @@ pub fn within<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     fn flag() -> (Arc<AtomicBool>, impl FnOnce() + Send + 'static) {

@@ -325,8 +325,8 @@ fn nccl_over(
     let on_timeout = move || {
         abort.abort(
             &format!(
-                "cosine-train: rank {rank}: creating the NCCL communicator of {size} ranks on GPU \
-                 {gpu} did not finish within {} s (--collective-timeout): a rank did not join; \
+                "cosine-train: creating the NCCL communicator of {size} ranks on GPU {gpu} did \
+                 not finish within {} s (--collective-timeout): a rank did not join; \
                  ending the job",
                 limit.as_secs()
             ),

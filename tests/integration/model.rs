@@ -392,6 +392,41 @@ fn l2_and_global_norm_clip_enter_the_update() {
     }
 }
 
+/// Below the limit the device's clip factor is exactly 1 (limit / limit, for limits whose
+/// reciprocal does not round-trip, such as 41), and a NaN norm leaves the other parameters'
+/// updates unscaled, as the host path does: the two paths give the same weights bit for bit.
+#[test]
+fn the_device_clip_factor_equals_the_hosts_below_the_limit_and_for_a_nan_norm() {
+    let run = |clip_on_device: bool, limit: f64, poison: bool| -> Vec<f64> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let a = vs.root().var("a", &[3], nn::Init::Const(1.0));
+        let _b = vs.root().var("b", &[2], nn::Init::Const(2.0));
+        let mut opt = Sgd::new(&vs, 0.9, Some(limit), |_, _| 0.0);
+        opt.clip_on_device = clip_on_device;
+        let first = if poison { f32::NAN } else { 0.3 };
+        let grads = vec![
+            Tensor::from_slice(&[first, -0.7, 0.11]),
+            Tensor::from_slice(&[1.3f32, 0.2]),
+        ];
+        let _norm = opt.step_with(0.37, grads).unwrap();
+        let mut out = vec(&a);
+        out.extend(vec(&vs.root().get("b").unwrap()));
+        out
+    };
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for limit in [41.0, 47.0, 97.0] {
+        assert_eq!(
+            bits(&run(false, limit, false)),
+            bits(&run(true, limit, false)),
+            "{limit}"
+        );
+    }
+    let (host, device) = (run(false, 41.0, true), run(true, 41.0, true));
+    assert!(host[0].is_nan() && device[0].is_nan());
+    assert_eq!(bits(&host[1..]), bits(&device[1..]));
+    assert!(device[3..].iter().all(|x| x.is_finite()), "{device:?}");
+}
+
 #[test]
 fn batchnorm_running_statistics_are_bias_corrected_and_precise_bn_averages_batches() {
     use cosine_train::model::layers::{BN_DECAY, BatchNorm, Pass};
