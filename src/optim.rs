@@ -98,9 +98,9 @@ impl Sgd {
     /// One update at learning rate `lr` from `grads` (one per parameter, in order; e.g. summed
     /// across ranks). L2 is added, then the global norm is clipped. Returns the norm before
     /// clipping, as a 0-dim tensor on the parameters' device (reading it is a synchronisation
-    /// only where the caller wants the number). Each phase is one multi-tensor op over all parameters (a handful of kernel
-    /// launches per step on CUDA instead of four per parameter), computing exactly what the
-    /// per-parameter expressions in the comments compute.
+    /// only where the caller wants the number). Each phase is one multi-tensor op over all
+    /// parameters (a handful of kernel launches per step on CUDA instead of four per
+    /// parameter), computing exactly what the per-parameter expressions in the comments compute.
     pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> Result<Tensor, ShimError> {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         tch::no_grad(|| {
