@@ -3,9 +3,13 @@
 // the caller frees with cosine_free_error; a tensor it creates is a new at::Tensor* that the
 // caller owns.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 
+#include <atomic>
 #include <cstring>
 #include <exception>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -52,6 +56,24 @@ void hand_out(std::vector<at::Tensor> results, at::Tensor **out) {
     throw;
   }
 }
+
+// The operator counter: the outermost dispatched operators (those not called by another
+// operator), on every thread, while it is on.
+std::atomic<int64_t> outer_ops{0};
+thread_local int depth = 0;
+thread_local int64_t outer_ops_here = 0;
+std::mutex counter_lock;
+std::optional<at::CallbackHandle> counter;
+
+std::unique_ptr<at::ObserverContext> op_started(const at::RecordFunction &) {
+  if (depth++ == 0) {
+    outer_ops.fetch_add(1, std::memory_order_relaxed);
+    ++outer_ops_here;
+  }
+  return nullptr;
+}
+
+void op_ended(const at::RecordFunction &, at::ObserverContext *) { --depth; }
 
 }  // namespace
 
@@ -105,7 +127,33 @@ char *cosine_foreach_add_list_(at::Tensor **a, at::Tensor **b, int64_t n) {
   return guarded([&] { at::_foreach_add_(list(a, n), list(b, n)); });
 }
 
+// The 2-norm of each tensor (0-dim tensors on their device).
+char *cosine_foreach_norm(at::Tensor **a, int64_t n, at::Tensor **out) {
+  return guarded([&] { hand_out(at::_foreach_norm(list(a, n), 2), out); });
+}
+
 char *cosine_foreach_sub_list_(at::Tensor **a, at::Tensor **b, int64_t n) {
   return guarded([&] { at::_foreach_sub_(list(a, n), list(b, n)); });
 }
+
+// Starts (on != 0) or stops counting dispatched operators. Counting slows every operator a
+// little: it is for benchmarks, not training.
+char *cosine_count_ops(int on) {
+  return guarded([&] {
+    std::lock_guard<std::mutex> guard(counter_lock);
+    if (on != 0 && !counter) {
+      counter = at::addGlobalCallback(
+          at::RecordFunctionCallback(op_started, op_ended).scopes({at::RecordScope::FUNCTION}));
+    } else if (on == 0 && counter) {
+      at::removeCallback(*counter);
+      counter.reset();
+    }
+  });
+}
+
+// Outermost operators dispatched while counting was on, since the process started.
+int64_t cosine_ops_counted() { return outer_ops.load(std::memory_order_relaxed); }
+
+// The same, on the calling thread only.
+int64_t cosine_ops_counted_here() { return outer_ops_here; }
 }

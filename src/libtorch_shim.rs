@@ -1,5 +1,6 @@
 //! The libtorch calls tch does not expose, through `csrc/libtorch_shim.cpp`: tensors allocated
-//! page-locked, and multi-tensor (`_foreach_*`) ops. On CUDA a multi-tensor op is one kernel
+//! page-locked, multi-tensor (`_foreach_*`) ops, and a count of dispatched operators for
+//! benchmarks ([`OpCounter`]). On CUDA a multi-tensor op is one kernel
 //! launch per group of tensors instead of one per tensor; on the CPU libtorch runs the
 //! per-tensor op on each, so results are those of a loop of them, bit for bit.
 
@@ -46,6 +47,11 @@ unsafe extern "C" {
         b: *const *mut C_tensor,
         n: i64,
     ) -> *mut c_char;
+    fn cosine_foreach_norm(a: *const *mut C_tensor, n: i64, out: *mut *mut C_tensor)
+    -> *mut c_char;
+    fn cosine_count_ops(on: c_int) -> *mut c_char;
+    fn cosine_ops_counted() -> i64;
+    fn cosine_ops_counted_here() -> i64;
     fn cosine_foreach_sub_list_(
         a: *const *mut C_tensor,
         b: *const *mut C_tensor,
@@ -204,6 +210,61 @@ pub fn sub_(a: &[Tensor], b: &[Tensor]) -> Result<()> {
     check(unsafe { cosine_foreach_sub_list_(ha.as_ptr(), hb.as_ptr(), ha.len() as i64) })
 }
 
+/// The 2-norm of each tensor, as 0-dim tensors on their device (on CUDA one launch per group
+/// of tensors; on the CPU libtorch's `linalg_vector_norm` of each, not a sum of squares).
+pub fn norms(tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+    if tensors.is_empty() {
+        return Ok(Vec::new());
+    }
+    let a = handles(tensors);
+    let mut out = vec![std::ptr::null_mut(); a.len()];
+    // SAFETY: as in `mul_scalar`.
+    check(unsafe { cosine_foreach_norm(a.as_ptr(), a.len() as i64, out.as_mut_ptr()) })?;
+    Ok(adopt(out))
+}
+
+/// Counts the operators libtorch dispatches, on every thread, while it lives: the outermost
+/// ones only (an operator that another calls is part of that one). On a GPU each is roughly a
+/// kernel launch, so the count per step is what the host must issue. Counting slows each
+/// operator slightly; benchmarks use it, training does not. Counters may overlap.
+pub struct OpCounter {
+    start: i64,
+    start_here: i64,
+}
+
+impl OpCounter {
+    pub fn start() -> Result<Self> {
+        // SAFETY: takes a lock in the shim; adding the callback twice is prevented there.
+        check(unsafe { cosine_count_ops(1) })?;
+        Ok(OpCounter {
+            // SAFETY: reads an atomic.
+            start: unsafe { cosine_ops_counted() },
+            // SAFETY: reads a thread-local.
+            start_here: unsafe { cosine_ops_counted_here() },
+        })
+    }
+
+    /// Operators dispatched since [`OpCounter::start`].
+    pub fn count(&self) -> u64 {
+        // SAFETY: reads an atomic.
+        (unsafe { cosine_ops_counted() } - self.start).max(0) as u64
+    }
+
+    /// Operators dispatched since [`OpCounter::start`] by this thread (when it started the
+    /// counter).
+    pub fn count_here(&self) -> u64 {
+        // SAFETY: reads a thread-local.
+        (unsafe { cosine_ops_counted_here() } - self.start_here).max(0) as u64
+    }
+}
+
+impl Drop for OpCounter {
+    fn drop(&mut self) {
+        // SAFETY: as in `start`. Errors (none are expected) leave the counter on, harmlessly.
+        let _ = check(unsafe { cosine_count_ops(0) });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +345,30 @@ mod tests {
         zero_(&[]).unwrap();
         assert!(add(&[], &[]).unwrap().is_empty() && mul_scalar(&[], 2.0).unwrap().is_empty());
         assert!(x.iter().all(|t| t.abs().max().double_value(&[]) == 0.0));
+    }
+
+    #[test]
+    fn the_counter_sees_each_outermost_operator_once() {
+        let a = random(&[&[3], &[4], &[5]], 1);
+        let counter = OpCounter::start().unwrap();
+        let mut sum = a[0].copy();
+        // Other tests run beside this one: count this thread's operators.
+        let before = counter.count_here();
+        for _ in 0..5 {
+            sum = &sum + &a[0];
+        }
+        let loop_ops = counter.count_here() - before;
+        zero_(&a).unwrap();
+        let foreach_ops = counter.count_here() - before - loop_ops;
+        assert!(counter.count() >= loop_ops + foreach_ops);
+        assert_eq!((loop_ops, foreach_ops), (5, 1));
+        let norms = norms(&random(&[&[3, 4], &[2]], 3)).unwrap();
+        assert_eq!(norms.len(), 2);
+        assert!(
+            norms
+                .iter()
+                .all(|n| n.dim() == 0 && n.double_value(&[]) > 0.0)
+        );
     }
 
     #[test]

@@ -89,19 +89,19 @@ impl Sgd {
     }
 
     /// One update at learning rate `lr` from the parameters' own gradients. Returns the global
-    /// gradient norm before clipping (a 0-dim tensor on the parameters' device).
-    pub fn step(&mut self, lr: f64) -> Result<Tensor, ShimError> {
+    /// gradient norm before clipping (a 0-dim tensor on the parameters' device) when clipping.
+    pub fn step(&mut self, lr: f64) -> Result<Option<Tensor>, ShimError> {
         let grads = self.own_grads();
         self.step_with(lr, grads)
     }
 
     /// One update at learning rate `lr` from `grads` (one per parameter, in order; e.g. summed
     /// across ranks). L2 is added, then the global norm is clipped. Returns the norm before
-    /// clipping, as a 0-dim tensor on the parameters' device (reading it is a synchronisation
-    /// only where the caller wants the number). Each phase is one multi-tensor op over all
+    /// clipping (not computed without a limit), as a 0-dim tensor on the parameters' device
+    /// (reading it is a synchronisation only where the caller wants the number). Each phase is one multi-tensor op over all
     /// parameters (a handful of kernel launches per step on CUDA instead of four per
     /// parameter), computing exactly what the per-parameter expressions in the comments compute.
-    pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> Result<Tensor, ShimError> {
+    pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> Result<Option<Tensor>, ShimError> {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         tch::no_grad(|| {
             let mut grads = grads;
@@ -121,28 +121,40 @@ impl Sgd {
                     grads[i] = g;
                 }
             }
-            let squares: Vec<Tensor> = grads
-                .iter()
-                .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))
-                .collect();
-            let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt();
-            let steps = if self.clip_on_device {
-                // g * lr, then * limit / max(norm, limit): exactly 1 below the limit (limit /
-                // limit), and 1 for a NaN norm, as on the host.
-                let steps = foreach::mul_scalar(&grads, lr)?;
-                if let Some(limit) = self.clip_norm {
+            // The global norm, only where it is clipped: on the device one multi-tensor norm
+            // (a launch per group of tensors), on the host a sum of each tensor's squares.
+            let norm = match self.clip_norm {
+                None => None,
+                Some(_) if self.clip_on_device => {
+                    Some(Tensor::stack(&foreach::norms(&grads)?, 0).norm())
+                }
+                Some(_) => {
+                    let squares: Vec<Tensor> = (grads.iter())
+                        .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))
+                        .collect();
+                    Some(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
+                }
+            };
+            let steps = match (&norm, self.clip_norm) {
+                (Some(norm), Some(limit)) if self.clip_on_device => {
+                    // g * lr, then * limit / max(norm, limit): exactly 1 below the limit
+                    // (limit / limit), and 1 for a NaN norm, as on the host.
+                    let steps = foreach::mul_scalar(&grads, lr)?;
                     let limit_t = Tensor::full([] as [i64; 0], limit, (Kind::Float, norm.device()));
                     let factor = (limit_t / norm.clamp_min(limit)).nan_to_num(1.0, None, None);
                     foreach::mul_tensor_(&steps, &factor)?;
+                    steps
                 }
-                steps
-            } else {
-                let host_norm = f64::try_from(&norm).unwrap_or(f64::NAN);
-                let scale = match self.clip_norm {
-                    Some(limit) if host_norm >= limit => limit / host_norm,
-                    _ => 1.0,
-                };
-                foreach::mul_scalar(&grads, lr * scale)?
+                (Some(norm), Some(limit)) => {
+                    let host_norm = f64::try_from(norm).unwrap_or(f64::NAN);
+                    let scale = if host_norm >= limit {
+                        limit / host_norm
+                    } else {
+                        1.0
+                    };
+                    foreach::mul_scalar(&grads, lr * scale)?
+                }
+                _ => foreach::mul_scalar(&grads, lr)?,
             };
             // v = v * momentum; v = v - g * (lr scale); w = w + v.
             let velocities: Vec<Tensor> = (self.params.iter())

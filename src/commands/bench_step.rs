@@ -1,9 +1,15 @@
 //! `cosine-train bench-step`: the training step alone. The same model, objective and step
 //! functions as `train` (`crate::train::step`), on one synthetic batch kept on the device: no
-//! data loading. Benchmarks divide real step times by this one. Under mpirun it also times the
-//! fused gradient all-reduce after a barrier (so that the time is the transfer's, not a wait for
-//! a slower rank), to compare with a raw MPI all-reduce of the same size; `--whole-step` times
-//! `train_step` itself, as a training job sees it.
+//! data loading. Benchmarks divide real step times by this one.
+//!
+//! It reports: whole steps queued as training queues them (the host reads the step totals
+//! every `--totals-every` steps), with the share of that time the host waited for the device;
+//! each phase's median time (forward and backward, gradient all-reduce, update), the device
+//! waited for after each; and the operators libtorch dispatches per step by phase, beside the
+//! count of the same update written one operator per parameter. Under mpirun the step time is
+//! compute plus update and the all-reduce is timed after a barrier (so that the time is the
+//! transfer's, not a wait for a slower rank), to compare with a raw MPI all-reduce of the same
+//! size; `--whole-step` times whole steps there too, as a training job sees them.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -18,6 +24,7 @@ use crate::config::{Overrides, Precision, RunConfig};
 use crate::data::loader::Batch;
 use crate::dist::Communicator;
 use crate::dist::job::Job;
+use crate::libtorch_shim::OpCounter;
 use crate::model::Arch;
 use crate::network::{Network, l2_of};
 use crate::objective::LossKind;
@@ -26,6 +33,7 @@ use crate::runtime::device::DeviceChoice;
 use crate::schedule::ScheduleKind;
 use crate::train::data_parallel::DataParallel;
 use crate::train::step::{StepAt, StepSettings, forward_backward, train_step};
+use crate::train::step_totals::{PendingStep, PendingTotals};
 
 #[derive(Debug, Args)]
 pub struct BenchStepArgs {
@@ -69,6 +77,10 @@ pub struct BenchStepArgs {
     /// between them), as a training job sees them.
     #[arg(long)]
     pub whole_step: bool,
+    /// Steps between reads of the step totals in the whole-step timing (as `train
+    /// --totals-every`; 0 = auto).
+    #[arg(long, default_value_t = 0)]
+    pub totals_every: u32,
     /// Largest gradient all-reduce call in MiB (as `train --bucket-mb`).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub bucket_mb: u32,
@@ -147,69 +159,234 @@ pub fn measure(
         bn: crate::train::step::BnGroups::PerRank,
     };
     let split = dp.world() > 1 && !args.whole_step;
-    let (mut compute, mut reduce, mut calls) = (Vec::new(), Vec::new(), Vec::new());
+    let step = |i: usize| StepAt { epoch: 0, step: i };
+    // Whole steps, queued as training queues them: the host reads the totals every
+    // `totals_every` steps and waits only there. Each read ends a timed chunk.
+    let totals_every = match args.totals_every {
+        0 => crate::train::step_totals::auto_interval(device),
+        n => n as usize,
+    };
+    let (mut per_step, mut waits, mut queued) = (Vec::new(), 0.0, 0.0);
+    if !split {
+        for i in 0..args.warmup {
+            let totals = train_step(
+                &net,
+                &mut opt,
+                &mut dp,
+                &batch,
+                global,
+                LR,
+                &settings,
+                false,
+                step(i),
+            )?;
+            read_totals(&mut dp, &totals)?;
+        }
+        let mut done = 0;
+        while done < args.steps {
+            let chunk = totals_every.min(args.steps - done);
+            let start = Instant::now();
+            let mut pending = PendingTotals::new(chunk);
+            for i in 0..chunk {
+                let at = step(args.warmup + done + i);
+                let totals = train_step(
+                    &net, &mut opt, &mut dp, &batch, global, LR, &settings, false, at,
+                )?;
+                pending.push(
+                    &totals,
+                    PendingStep {
+                        at,
+                        lr: LR,
+                        images: global,
+                    },
+                );
+            }
+            let wait = Instant::now();
+            dp.wait_for_reduces("bench-step")?;
+            pending.read()?;
+            // The update of the last step is not needed by the read: wait for it too.
+            wait_for(device);
+            waits += wait.elapsed().as_secs_f64();
+            queued += start.elapsed().as_secs_f64();
+            per_step.push(start.elapsed().as_secs_f64() / chunk as f64);
+            done += chunk;
+        }
+    }
+    // The same steps phase by phase, waiting for the device after each (so each phase's time
+    // is its own) and for the other ranks before the all-reduce (so that its time is the
+    // transfer's, not a wait for a slower rank).
+    let mut phases = Phases::default();
     for i in 0..args.warmup + args.steps {
         let timed = i >= args.warmup;
-        let at = StepAt { epoch: 0, step: i };
-        if !split {
-            let start = Instant::now();
-            train_step(
-                &net, &mut opt, &mut dp, &batch, global, LR, &settings, false, at,
-            )?;
-            // The update is asynchronous on a GPU: wait for it, so the time covers the work.
-            wait_for(device);
-            if timed {
-                compute.push(start.elapsed().as_secs_f64());
-            }
-            continue;
-        }
         let start = Instant::now();
         opt.zero_grad()?;
         let loss = forward_backward(&net, &dp, &batch, global, &settings);
-        // Wait for the gradients (a GPU is asynchronous) and for the other ranks, untimed.
-        if let Some(l) = &loss {
-            let _ = f64::try_from(l)?;
-        }
+        wait_for(device);
         let computed = start.elapsed().as_secs_f64();
         dp.barrier("bench-step barrier")?;
         let start = Instant::now();
         let _ = dp.take_sync_seconds();
-        let (grads, _) = dp.reduce_gradients(&opt.params, loss.as_ref(), false)?;
+        let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), false)?;
+        dp.wait_for_reduces("bench-step")?;
         let reduced = start.elapsed().as_secs_f64();
         let call_seconds = dp.take_sync_seconds();
         let start = Instant::now();
         let _norm = opt.step_with(LR, grads)?;
         wait_for(device);
+        let updated = start.elapsed().as_secs_f64();
+        read_totals(&mut dp, &totals)?;
         if timed {
-            compute.push(computed + start.elapsed().as_secs_f64());
-            reduce.push(reduced);
-            calls.push(call_seconds);
+            phases.forward_backward.push(computed);
+            phases.all_reduce.push(reduced);
+            phases.all_reduce_calls.push(call_seconds);
+            phases.update.push(updated);
         }
     }
-    let median = median(&mut compute);
+    let ops = count_ops(&net, &mut opt, &mut dp, &batch, global, &settings)?;
+    let median_step = if split {
+        let mut sums: Vec<f64> = (phases.forward_backward.iter())
+            .zip(&phases.update)
+            .map(|(a, b)| a + b)
+            .collect();
+        median(&mut sums)
+    } else {
+        median(&mut per_step)
+    };
     let mut report = json!({
         "arch": args.arch,
         "loss": args.loss,
         "batch_size": args.batch_size,
         "image": [args.channels, args.size, args.size],
         "parameters": net.parameter_count(),
+        "parameter_tensors": opt.params.len(),
         "threads": tch::get_num_threads(),
         "device": format!("{device:?}"),
         "steps": args.steps,
-        "step_seconds_median": median,
+        "step_seconds_median": median_step,
         // All ranks together: each steps on --batch-size images.
-        "images_per_sec": (args.batch_size * dp.world()) as f64 / median,
+        "images_per_sec": (args.batch_size * dp.world()) as f64 / median_step,
         "world_size": dp.world(),
         "precision": args.precision,
         "channels_last": net.channels_last,
         "whole_step": args.whole_step,
+        "phase_seconds_median": {
+            "forward_backward": median(&mut phases.forward_backward),
+            "all_reduce": (dp.world() > 1).then(|| median(&mut phases.all_reduce)),
+            "update": median(&mut phases.update),
+        },
+        "ops_per_step": ops,
     });
+    if !split {
+        report["totals_every"] = json!(totals_every);
+        // The share of the queued steps' time the host spent waiting for the device: near 1
+        // when the device is the bottleneck, near 0 when the host's launches are.
+        report["host_wait_fraction"] = json!(waits / queued);
+    }
     if split {
-        report["sync_seconds_median"] = json!(self::median(&mut reduce));
-        report["allreduce_call_seconds_median"] = json!(self::median(&mut calls));
+        report["sync_seconds_median"] = json!(self::median(&mut phases.all_reduce));
+        report["allreduce_call_seconds_median"] = json!(self::median(&mut phases.all_reduce_calls));
         report["sync_floats"] = json!(dp.reduced_floats());
     }
     Ok(report)
+}
+
+/// Per-step times of each phase.
+#[derive(Default)]
+struct Phases {
+    forward_backward: Vec<f64>,
+    all_reduce: Vec<f64>,
+    all_reduce_calls: Vec<f64>,
+    update: Vec<f64>,
+}
+
+/// Waits for the step's all-reduce and reads its totals, as training does at a read.
+fn read_totals(dp: &mut DataParallel, totals: &Tensor) -> anyhow::Result<()> {
+    dp.wait_for_reduces("bench-step")?;
+    let _ = Vec::<f32>::try_from(totals.to_device(Device::Cpu))?;
+    Ok(())
+}
+
+/// The operators libtorch dispatches in one step, by phase, and those of the update written
+/// as one operator per parameter and phase (the form before the multi-tensor update), run on
+/// copies of the weights: the count on a GPU is roughly its kernel launches.
+fn count_ops(
+    net: &Network,
+    opt: &mut Sgd,
+    dp: &mut DataParallel,
+    batch: &Batch,
+    global: usize,
+    settings: &StepSettings,
+) -> anyhow::Result<Value> {
+    let counter = OpCounter::start()?;
+    let mark = || counter.count();
+    let start = mark();
+    opt.zero_grad()?;
+    let loss = forward_backward(net, dp, batch, global, settings);
+    let computed = mark();
+    let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), false)?;
+    let reduced = mark();
+    let copies: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+    let more_copies: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+    let before = mark();
+    let _norm = opt.step_with(LR, grads)?;
+    let updated = mark();
+    read_totals(dp, &totals)?;
+    let baseline = per_tensor_update(opt, copies, &counter);
+    // The update as CUDA runs it (the clip factor computed on the device), whatever this
+    // device is; it changes the weights, which nothing reads after this.
+    let on_device = opt.clip_on_device;
+    opt.clip_on_device = true;
+    let start_device = mark();
+    let _norm = opt.step_with(LR, more_copies)?;
+    let device_form = mark() - start_device;
+    opt.clip_on_device = on_device;
+    Ok(json!({
+        "forward_backward": computed - start,
+        "gradient_sync": reduced - computed,
+        "update": updated - before,
+        "total": updated - before + reduced - start,
+        "update_as_on_cuda": device_form,
+        "update_one_op_per_tensor": baseline,
+    }))
+}
+
+/// Counts the update of `opt` from `grads` done one parameter at a time (zero_grad, L2, norm,
+/// clip, momentum and step per tensor), on copies of the weights and velocities.
+fn per_tensor_update(opt: &Sgd, grads: Vec<Tensor>, counter: &OpCounter) -> u64 {
+    let copies: Vec<(Tensor, Tensor, f64)> = (opt.params.iter())
+        .map(|p| (p.tensor.detach().copy(), p.velocity.copy(), p.l2))
+        .collect();
+    let zeroed: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+    tch::no_grad(|| {
+        let start = counter.count();
+        for g in &zeroed {
+            let _ = g.shallow_clone().zero_();
+        }
+        let grads: Vec<Tensor> = (grads.iter().zip(&copies))
+            .map(|(g, (w, _, l2))| {
+                if *l2 > 0.0 {
+                    g + w * (2.0 * l2)
+                } else {
+                    g.shallow_clone()
+                }
+            })
+            .collect();
+        let scale = opt.clip_norm.map_or(1.0, |limit| {
+            let squares: Vec<Tensor> = (grads.iter())
+                .map(|g| g.pow_tensor_scalar(2).sum(Kind::Float))
+                .collect();
+            let norm = f64::try_from(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
+                .unwrap_or(f64::NAN);
+            if norm >= limit { limit / norm } else { 1.0 }
+        });
+        for (g, (w, v, _)) in grads.iter().zip(&copies) {
+            let step = g * (LR * scale);
+            let _ = v.shallow_clone().g_mul_scalar_(opt.momentum);
+            let _ = v.shallow_clone().g_sub_(&step);
+            let _ = w.shallow_clone().g_add_(v);
+        }
+        counter.count() - start
+    })
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -201,6 +201,13 @@ pub struct TrainArgs {
     /// Number of checkpoints kept (the newest).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_checkpoints: u32,
+    /// Steps between the host's reads of the step totals (the loss, its finiteness check, a
+    /// stop request). Until a read a GPU runs the steps without waiting for the host; a
+    /// non-finite loss or a preemption signal is acted on at the next read. Each epoch's end
+    /// and each --checkpoint-every step are read too. 0 = auto: every step on the CPU, every
+    /// 16 on a GPU. Results do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub totals_every: u32,
     /// Largest gradient all-reduce call over MPI in MiB (gradients are packed into one buffer
     /// and reduced in pieces of this size; NCCL reduces the whole buffer in one call).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
@@ -349,6 +356,10 @@ pub fn train_in(job: &Job, args: &TrainArgs, config: RunConfig) -> anyhow::Resul
         bucket_mb: args.bucket_mb as usize,
         checkpoint_every: args.checkpoint_every,
         keep_checkpoints: args.keep_checkpoints as usize,
+        totals_every: match args.totals_every {
+            0 => crate::train::step_totals::auto_interval(job.device),
+            n => n as usize,
+        },
         resume: args.resume.clone(),
         channels_last: args.channels_last.resolve(job.device),
     };

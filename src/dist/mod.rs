@@ -59,6 +59,17 @@ pub trait Communicator {
     /// Element-wise sum over all ranks of a contiguous f32 tensor, in place. The tensor must live
     /// where the backend works (CPU for MPI, the rank's GPU for NCCL).
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()>;
+    /// [`Communicator::all_reduce_sum`], but it may return before the sum is there: the
+    /// reduction is queued on the device after the work that wrote the tensor and before any
+    /// queued later (NCCL on the CUDA stream), so kernels that read it see the sum, and the host
+    /// waits only in [`Communicator::wait_queued`]. Backends that finish in the call do so.
+    fn all_reduce_sum_queued(&self, tensor: &mut Tensor) -> Result<()> {
+        self.all_reduce_sum(tensor)
+    }
+    /// Waits until every reduction queued by [`Communicator::all_reduce_sum_queued`] is done.
+    fn wait_queued(&self) -> Result<()> {
+        Ok(())
+    }
     /// Replace `bytes` on every rank by the bytes of rank `root` (any length).
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Block until every rank has arrived.

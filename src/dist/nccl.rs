@@ -145,13 +145,20 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        self.all_reduce_sum_queued(tensor)?;
+        // Wait for the result, as the MPI backend does: a collective that never completes then
+        // blocks here, where the watchdog sees it, instead of in some later unrelated copy.
+        self.wait_queued()
+    }
+
+    fn all_reduce_sum_queued(&self, tensor: &mut Tensor) -> Result<()> {
         let n = check_reducible("NCCL all-reduce", tensor, true)?;
         if n == 0 {
             return Ok(());
         }
         let ptr = tensor.data_ptr();
         // SAFETY: a contiguous CUDA f32 buffer of `n` elements, reduced in place on the default
-        // stream, which orders it after the kernels that wrote it.
+        // stream, which orders it after the kernels that wrote it and before those queued later.
         unsafe {
             self.nccl.all_reduce(
                 ptr,
@@ -163,17 +170,17 @@ impl Communicator for NcclCommunicator {
                 std::ptr::null_mut(),
             )
         }
-        .map_err(|e| nccl_error("ncclAllReduce", e))?;
-        // Wait for the result, as the MPI backend does: a collective that never completes then
-        // blocks here, where the watchdog sees it, instead of in some later unrelated copy.
+        .map_err(|e| nccl_error("ncclAllReduce", e))
+    }
+
+    fn wait_queued(&self) -> Result<()> {
         // SAFETY: synchronising the legacy default stream of the current device.
-        unsafe { cudarc::runtime::result::stream::synchronize(std::ptr::null_mut()) }.map_err(
-            |e| DistError::Failed {
+        unsafe { cudarc::runtime::result::stream::synchronize(std::ptr::null_mut()) }.map_err(|e| {
+            DistError::Failed {
                 op: "ncclAllReduce",
                 detail: format!("waiting for the result: {e:?}"),
-            },
-        )?;
-        Ok(())
+            }
+        })
     }
 
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {

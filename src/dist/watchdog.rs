@@ -185,6 +185,14 @@ impl Communicator for Watched {
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         self.guarded("all-reduce", || self.inner.all_reduce_sum(tensor))
     }
+    fn all_reduce_sum_queued(&self, tensor: &mut Tensor) -> Result<()> {
+        self.guarded("all-reduce", || self.inner.all_reduce_sum_queued(tensor))
+    }
+    fn wait_queued(&self) -> Result<()> {
+        // A queued collective that never completes keeps the device busy: this wait is where
+        // the host sees it.
+        self.guarded("queued all-reduces", || self.inner.wait_queued())
+    }
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
         self.guarded("broadcast", || self.inner.broadcast_bytes(bytes, root))
     }

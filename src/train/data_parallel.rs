@@ -11,7 +11,7 @@ use std::ops::Range;
 use anyhow::{Context, bail};
 use tch::{Device, Tensor};
 
-use super::grad_sync::{GradSync, StepTotals};
+use super::grad_sync::GradSync;
 use crate::dist::{Backend, Communicator};
 use crate::model::layers::BatchStatsReducer;
 use crate::optim::Param;
@@ -164,19 +164,32 @@ impl<'c> DataParallel<'c> {
 
     /// Sums the gradients of `params`, `loss` (this rank's share of the global-batch mean,
     /// `None` for a rank without samples) and `stop` over all ranks. Returns the gradients, in
-    /// parameter order, and the totals. With one rank nothing is copied.
+    /// parameter order, and the step totals on the device ([`GradSync::reduce`]).
     pub fn reduce_gradients(
         &mut self,
         params: &[Param],
         loss: Option<&Tensor>,
         stop: bool,
-    ) -> anyhow::Result<(Vec<Tensor>, StepTotals)> {
+    ) -> anyhow::Result<(Vec<Tensor>, Tensor)> {
         let comm = self.comm;
         let grads = self
             .grads
             .as_mut()
             .context("internal: gradients reduced before DataParallel::attach")?;
         grads.reduce(params, loss, stop, comm)
+    }
+
+    /// Waits for the gradient all-reduces queued so far (`steps` names them, for the message of
+    /// one that does not complete).
+    pub fn wait_for_reduces(&mut self, steps: &str) -> anyhow::Result<()> {
+        let comm = self.comm;
+        let Some(grads) = self.grads.as_mut() else {
+            return Ok(());
+        };
+        if comm.size() > 1 {
+            comm.set_context(steps);
+        }
+        grads.wait(comm)
     }
 
     /// Number of f32 values in one step's all-reduce (gradients and step totals).
@@ -369,7 +382,8 @@ impl DataParallel<'_> {
         } else {
             packed.to_device(Device::Cpu).contiguous()
         };
-        if let Err(e) = self.comm.all_reduce_sum(&mut reduced) {
+        // Queued: the layer's next kernels are ordered after the sum on the device.
+        if let Err(e) = self.comm.all_reduce_sum_queued(&mut reduced) {
             self.comm.abort(&format!("synchronised BatchNorm: {e}"), 1);
         }
         reduced.to_device(packed.device())

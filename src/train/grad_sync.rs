@@ -1,5 +1,7 @@
 //! The fused gradient all-reduce: every step, all gradients (and the batch's loss and the stop
-//! flag) are summed across ranks in one buffer, in as few calls as the bucket size allows.
+//! flag) are summed across ranks in one buffer, in as few calls as the bucket size allows. On
+//! NCCL the sum is only queued on the GPU: the host waits for it when it reads the step totals
+//! ([`super::step_totals`]), not every step.
 
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
@@ -28,15 +30,7 @@ pub struct GradSync {
 }
 
 /// Slots after the gradients: the global-batch loss, and how many ranks want to stop.
-const EXTRA: i64 = 2;
-
-/// What a step's all-reduce returns besides the gradients.
-pub struct StepTotals {
-    /// The global-batch loss.
-    pub loss: f64,
-    /// Whether any rank asked to stop (a preemption signal) at this step.
-    pub stop: bool,
-}
+pub const EXTRA: i64 = 2;
 
 impl GradSync {
     pub fn new(
@@ -45,6 +39,30 @@ impl GradSync {
         device: Device,
         bucket_mb: usize,
     ) -> Self {
+        let alone = comm.size() == 1;
+        let place = if alone || comm.backend() == Backend::Nccl || !device.is_cuda() {
+            device
+        } else {
+            Device::Cpu
+        };
+        // Alone, nothing is reduced: the buffer holds only the step totals.
+        let sync = GradSync::laid_out(
+            if alone { &[] } else { params },
+            place,
+            bucket_elements(comm.backend(), bucket_mb, i64::MAX),
+        );
+        let sync = GradSync {
+            same_device: place == device,
+            ..sync
+        };
+        if !alone && sync.same_device {
+            sync.alias_grads(params);
+        }
+        sync
+    }
+
+    /// The buffer for the gradients of `params` and the step totals, on `place`.
+    fn laid_out(params: &[Param], place: Device, bucket: i64) -> Self {
         let sizes: Vec<i64> = params.iter().map(|p| p.tensor.numel() as i64).collect();
         let offsets: Vec<i64> = sizes
             .iter()
@@ -54,12 +72,7 @@ impl GradSync {
                 Some(o)
             })
             .collect();
-        let total: i64 = sizes.iter().sum::<i64>() + EXTRA;
-        let place = if comm.backend() == Backend::Nccl || !device.is_cuda() {
-            device
-        } else {
-            Device::Cpu
-        };
+        let total = sizes.iter().sum::<i64>() + EXTRA;
         let flat = Tensor::zeros([total], (Kind::Float, place));
         // Each view has its parameter's strides (channels-last kernels included), so that an
         // aliased gradient has the layout backward would give it.
@@ -72,18 +85,14 @@ impl GradSync {
                 flat.as_strided(size.as_slice(), stride.as_slice(), o)
             })
             .collect();
-        let sync = GradSync {
+        GradSync {
             flat,
             offsets,
             views,
-            same_device: place == device,
-            bucket: bucket_elements(comm.backend(), bucket_mb, total),
+            same_device: true,
+            bucket: bucket.clamp(1, total),
             seconds: 0.0,
-        };
-        if comm.size() > 1 && sync.same_device {
-            sync.alias_grads(params);
         }
-        sync
     }
 
     /// Makes every parameter's gradient a view into `flat` (defining zero gradients first).
@@ -117,20 +126,33 @@ impl GradSync {
 
     /// Sums the gradients of `params`, `loss` (this rank's share of the global-batch mean,
     /// `None` for a rank without samples) and `stop` over all ranks. Returns the gradients, in
-    /// parameter order, and the totals. With one rank nothing is copied.
+    /// parameter order, and the step totals: 2 values on the device, the global-batch loss and
+    /// how many ranks asked to stop, valid until the next call. With one rank nothing is copied.
+    /// On NCCL both may still be being summed: the device orders every later use after the sum,
+    /// and [`GradSync::wait`] waits for it on the host.
     pub fn reduce(
         &mut self,
         params: &[Param],
         loss: Option<&Tensor>,
         stop: bool,
         comm: &dyn Communicator,
-    ) -> anyhow::Result<(Vec<Tensor>, StepTotals)> {
+    ) -> anyhow::Result<(Vec<Tensor>, Tensor)> {
+        let total = self.flat.numel() as i64;
+        let totals = self.flat.narrow(0, total - EXTRA, EXTRA);
+        tch::no_grad(|| {
+            let mut slot = totals.narrow(0, 0, 1);
+            match loss {
+                Some(l) => slot.copy_(&l.reshape([1])),
+                None => {
+                    let _ = slot.zero_();
+                }
+            }
+            let _ = totals.narrow(0, 1, 1).fill_(f64::from(u8::from(stop)));
+        });
         if comm.size() == 1 {
             let grads = params.iter().map(|p| defined_grad(&p.tensor)).collect();
-            let loss = loss.map_or(Ok(0.0), f64::try_from)?;
-            return Ok((grads, StepTotals { loss, stop }));
+            return Ok((grads, totals));
         }
-        let total = self.flat.numel() as i64;
         tch::no_grad(|| {
             for ((p, &o), view) in params.iter().zip(&self.offsets).zip(&self.views) {
                 if self.is_aliased(&p.tensor, o) {
@@ -144,37 +166,17 @@ impl GradSync {
                     let _ = slot.zero_();
                 }
             }
-            let mut slot = self.flat.narrow(0, total - EXTRA, 1);
-            match loss {
-                Some(l) => slot.copy_(&l.reshape([1])),
-                None => {
-                    let _ = slot.zero_();
-                }
-            }
-            let _ = self
-                .flat
-                .narrow(0, total - EXTRA + 1, 1)
-                .fill_(f64::from(u8::from(stop)));
         });
         let start = std::time::Instant::now();
         let mut at = 0i64;
         while at < total {
             let n = self.bucket.min(total - at);
             let mut piece = self.flat.narrow(0, at, n);
-            comm.all_reduce_sum(&mut piece)
+            comm.all_reduce_sum_queued(&mut piece)
                 .context("gradient all-reduce")?;
             at += n;
         }
         self.seconds += start.elapsed().as_secs_f64();
-        let totals = Vec::<f32>::try_from(
-            self.flat
-                .narrow(0, total - EXTRA, EXTRA)
-                .to_device(Device::Cpu),
-        )?;
-        let totals = StepTotals {
-            loss: f64::from(totals[0]),
-            stop: totals[1] > 0.0,
-        };
         let grads = if self.same_device {
             self.views.iter().map(Tensor::shallow_clone).collect()
         } else {
@@ -182,6 +184,14 @@ impl GradSync {
             self.views.iter().map(|v| v.to_device(device)).collect()
         };
         Ok((grads, totals))
+    }
+
+    /// Waits until the queued all-reduces are done (counted in the all-reduce seconds).
+    pub fn wait(&mut self, comm: &dyn Communicator) -> anyhow::Result<()> {
+        let start = std::time::Instant::now();
+        comm.wait_queued().context("gradient all-reduce")?;
+        self.seconds += start.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Number of f32 values in one step's all-reduce (gradients and step totals).
@@ -277,8 +287,7 @@ mod tests {
         let conv = tch::nn::conv2d(vs.root() / "conv", 3, 4, 3, Default::default());
         crate::model::to_channels_last(&vs);
         let sgd = crate::optim::Sgd::new(&vs, 0.9, None, |_, _| 0.0);
-        let comm = crate::dist::single::SingleProcess;
-        let sync = GradSync::new(&sgd.params, &comm, Device::Cpu, 64);
+        let sync = GradSync::laid_out(&sgd.params, Device::Cpu, 1 << 20);
         sync.alias_grads(&sgd.params);
         let input = Tensor::randn([2, 3, 6, 6], (Kind::Float, Device::Cpu));
         tch::nn::Module::forward(&conv, &input)

@@ -14,6 +14,7 @@ pub mod grad_sync;
 pub mod progress;
 pub mod resume;
 pub mod step;
+pub mod step_totals;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,7 +42,8 @@ use crate::runtime::fault::Fault;
 use crate::runtime::signals::{self, Stopped};
 use data_parallel::{DataParallel, share};
 use progress::{Display, Eta, Position};
-use step::{BnGroups, StepAt, StepSettings, train_step};
+use step::{BnGroups, Diverged, StepAt, StepSettings, train_step};
+use step_totals::{PendingStep, PendingTotals};
 
 /// Best and last test accuracy of a finished run: `best_top1` is the test top-1 of the epoch
 /// selected on validation when the run has a validation split, else the highest.
@@ -68,6 +70,8 @@ pub struct RunOptions {
     pub checkpoint_every: u64,
     /// Checkpoints kept (the newest).
     pub keep_checkpoints: usize,
+    /// Steps between the host's reads of the step totals (at least 1).
+    pub totals_every: usize,
     pub resume: Option<ResumeMode>,
     /// Channels-last memory order.
     pub channels_last: bool,
@@ -477,21 +481,24 @@ impl<'c> Trainer<'c> {
             .collect();
         let order = Arc::new(order);
         let schedule = self.config.schedule;
-        let lr_at = |step| schedule.lr_at(epoch, step, steps, self.config.epochs);
+        let epochs = self.config.epochs;
+        let lr_at = |step| schedule.lr_at(epoch, step, steps, epochs);
         let mut lr = lr_at(first);
         let loader = self.data.train.start_plan(epoch as u64, order, plan, true);
-        let mut last_step = Instant::now();
+        let mut last_read = Instant::now();
         // The same for every step of the epoch.
         let evals_left = self.evaluations_from(epoch);
         let steps_after = (self.config.epochs - epoch - 1) * steps;
-        for (global, batch) in globals.iter().zip(loader) {
+        let every = self.opts.checkpoint_every;
+        let mut pending = PendingTotals::new(self.opts.totals_every);
+        for ((global, batch), step) in globals.iter().zip(loader).zip(first..) {
             let batch = batch?;
-            let step = self.at.step;
+            let global_step = self.at.global_step + pending.len() as u64 + 1;
             let first_param = self.opt.params.first().map(|p| &p.tensor);
             self.fault
-                .before_step(self.dp.rank(), self.at.global_step + 1, first_param)?;
+                .before_step(self.dp.rank(), global_step, first_param)?;
             lr = lr_at(step);
-            let asked = signals::requested();
+            let at = StepAt { epoch, step };
             let totals = train_step(
                 &self.net,
                 &mut self.opt,
@@ -500,25 +507,32 @@ impl<'c> Trainer<'c> {
                 global.len(),
                 lr,
                 &self.settings,
-                asked.is_some(),
-                StepAt { epoch, step },
+                signals::requested().is_some(),
+                at,
             )?;
-            self.at.stepped(totals.loss, global.len());
-            self.eta.trained(1, last_step.elapsed().as_secs_f64());
-            last_step = Instant::now();
+            let images = global.len();
+            pending.push(&totals, PendingStep { at, lr, images });
+            let end_of_epoch = step + 1 == steps;
+            let checkpoint_due = every > 0 && global_step.is_multiple_of(every) && !end_of_epoch;
+            if !(pending.is_full() || end_of_epoch || checkpoint_due) {
+                continue;
+            }
+            let read = pending.len();
+            let stop = self.take_totals(&mut pending, at)?;
+            self.eta
+                .trained(read as u64, last_read.elapsed().as_secs_f64());
+            last_read = Instant::now();
             let images_per_sec = self.at.seen as f64 / start.elapsed().as_secs_f64();
             let left = self
                 .eta
                 .left((steps - self.at.step + steps_after) as u64, evals_left);
             self.display
                 .step(self.at.train_loss(), lr, images_per_sec, left, self.at.best);
-            if totals.stop {
-                // Every rank saw the same flag in the all-reduce: all stop after this step.
-                return Err(self.stop(asked)?.into());
+            if stop {
+                // Every rank saw the same votes in the all-reduce: all stop after this step.
+                return Err(self.stop(signals::requested())?.into());
             }
-            let end_of_epoch = self.at.step == steps;
-            let every = self.opts.checkpoint_every;
-            if every > 0 && self.at.global_step.is_multiple_of(every) && !end_of_epoch {
+            if checkpoint_due {
                 self.save_checkpoint()?;
             }
         }
@@ -527,6 +541,35 @@ impl<'c> Trainer<'c> {
             images: globals.iter().map(|g| g.len()).sum(),
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Waits for the steps queued up to `last`, reads their totals into the position and says
+    /// whether any rank asked to stop. A non-finite loss is an error naming its step.
+    fn take_totals(&mut self, pending: &mut PendingTotals, last: StepAt) -> anyhow::Result<bool> {
+        let first = last.step + 1 - pending.len();
+        self.dp.wait_for_reduces(&format!(
+            "gradient all-reduces of epoch {} steps {}-{}",
+            last.epoch + 1,
+            first + 1,
+            last.step + 1
+        ))?;
+        let mut stop = false;
+        for read in pending.read()? {
+            if !read.loss.is_finite() {
+                let step = read.step.at.step + 1;
+                return Err(Diverged {
+                    loss: read.loss,
+                    epoch: read.step.at.epoch + 1,
+                    step,
+                    lr: read.step.lr,
+                    read_at: (last.step + 1 > step).then_some(last.step + 1),
+                }
+                .into());
+            }
+            self.at.stepped(read.loss, read.step.images);
+            stop |= read.stop;
+        }
+        Ok(stop)
     }
 
     /// Evaluations still to come from `epoch` (0-based) on, that epoch's included.

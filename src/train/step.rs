@@ -5,7 +5,6 @@
 use tch::{Device, Tensor};
 
 use super::data_parallel::{DataParallel, GroupedStats};
-use super::grad_sync::StepTotals;
 use crate::data::loader::Batch;
 use crate::model::layers::Pass;
 use crate::network::Network;
@@ -93,20 +92,26 @@ pub struct StepAt {
 /// of the run fails alike (a sweep records the cell as failed and goes on).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the loss became {loss} at epoch {epoch} step {step} (lr {lr}); stopping (metrics so far are \
-     kept)"
+    "the loss became {loss} at epoch {epoch} step {step} (lr {lr}){}; stopping (metrics so far are \
+     kept)",
+    read_at.map_or(String::new(), |r| format!(
+        ", seen when the step totals were read after step {r} (--totals-every)"
+    ))
 )]
 pub struct Diverged {
     pub loss: f64,
     pub epoch: usize,
     pub step: usize,
     pub lr: f64,
+    /// The (1-based) step after which the loss was read, when later than `step`.
+    pub read_at: Option<usize>,
 }
 
 /// Runs one step: `batch` is this rank's share of a global batch of `global_size` images,
-/// `lr` the step's learning rate, `stop` whether this rank was asked to stop. Returns the
-/// totals over all ranks (the global-batch loss, whether any rank asked to stop). A
-/// non-finite loss is an error naming the step; the update is then not applied.
+/// `lr` the step's learning rate, `stop` whether this rank was asked to stop. Returns the step
+/// totals on the device (the global-batch loss, the number of ranks that asked to stop), valid
+/// until the next step: the host reads them later ([`super::step_totals`]), so on a GPU the
+/// step queues its work without waiting for it.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step(
     net: &Network,
@@ -118,20 +123,11 @@ pub fn train_step(
     settings: &StepSettings,
     stop: bool,
     at: StepAt,
-) -> anyhow::Result<StepTotals> {
+) -> anyhow::Result<Tensor> {
     opt.zero_grad()?;
     let loss = forward_backward(net, dp, batch, global_size, settings);
     dp.note_step(at.epoch, at.step);
     let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), stop)?;
-    if !totals.loss.is_finite() {
-        return Err(Diverged {
-            loss: totals.loss,
-            epoch: at.epoch + 1,
-            step: at.step + 1,
-            lr,
-        }
-        .into());
-    }
     let _norm = opt.step_with(lr, grads)?;
     Ok(totals)
 }

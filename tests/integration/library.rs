@@ -112,6 +112,7 @@ fn two_trainers_in_one_process_match_two_processes() {
             bucket_mb: 64,
             checkpoint_every: 0,
             keep_checkpoints: 3,
+            totals_every: 1,
             resume: None,
             channels_last: false,
         };

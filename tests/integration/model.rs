@@ -380,7 +380,7 @@ fn l2_and_global_norm_clip_enter_the_update() {
             opt.clip_on_device = clip_on_device;
             opt.zero_grad().unwrap();
             (&w * 20.0).sum(Kind::Float).backward();
-            let norm = f64::try_from(opt.step(0.1).unwrap()).unwrap();
+            let norm = f64::try_from(opt.step(0.1).unwrap().expect("a norm")).unwrap();
             // Gradient 20 + 2 * 0.5 * 3 = 23 per element; norm 23 sqrt 2: above 10, so scaled
             // to 10, below 100, so kept.
             let n = 23.0 * 2f64.sqrt();

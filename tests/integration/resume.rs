@@ -189,6 +189,44 @@ fn sigterm_checkpoints_exits_75_and_resume_completes_identically() {
     assert!(log.contains("(world size 2 then, 1 now)"), "{log}");
 }
 
+/// Reading the step totals every 3 steps instead of every step (a GPU reads every 16, so that
+/// it never waits for the host) changes no result. A stop request is acted on at the next read,
+/// by every rank alike: rank 1 signalled before step 11 stops both after step 13 (the read
+/// after the checkpoint of step 10 comes 3 steps later), and the run resumes to the result of
+/// the uninterrupted one.
+#[test]
+fn step_totals_read_every_few_steps_change_no_result_only_when_a_stop_is_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let every_3 = [&RUN[..], &["--totals-every", "3"]].concat();
+    let reference = tmp.path().join("every-step");
+    let o = train_ranks(2, &data(), &reference, &RUN);
+    assert!(o.status.success(), "{}", show(&o));
+    let batched = tmp.path().join("every-3");
+    let o = train_ranks(2, &data(), &batched, &every_3);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&batched, &reference);
+
+    let out = tmp.path().join("signalled");
+    let o = with_fault(
+        2,
+        &out,
+        "rank=1,step=11,kind=signal",
+        &["--totals-every", "3"],
+    );
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    let checkpoint = |step: u32| out.join(format!("checkpoints/step-{step:012}/state.json"));
+    assert!(checkpoint(13).is_file(), "{}", show(&o));
+    assert!(!checkpoint(11).exists() && !checkpoint(12).exists());
+    let o = train_ranks(
+        2,
+        &data(),
+        &out,
+        &[&every_3[..], &["--resume", "auto"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out, &reference);
+}
+
 /// Ctrl-C (SIGINT) checkpoints like SIGTERM but exits 130; `--resume` with nothing but the run
 /// directory takes every setting from the run and completes it identically; a larger `--epochs`
 /// then extends the finished run, whose first epochs stay as they were.

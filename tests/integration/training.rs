@@ -575,4 +575,34 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
         "{err}"
     );
     assert!(nan.join("config.json").exists());
+    // Read every 4 steps, the same step is named, and when the loss was seen.
+    let position = |err: &str| {
+        let at = err.find(" at epoch").expect("a position");
+        err[at..]
+            .split(" (lr")
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let o = train(
+        &data,
+        &tmp.path().join("nan-every-4"),
+        &[
+            "--loss",
+            "ce",
+            "--lr-max",
+            "1e30",
+            "--clip-norm",
+            "0",
+            "--epochs",
+            "3",
+            "--threads",
+            "1",
+            "--totals-every",
+            "4",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let late = stderr(&o);
+    assert_eq!(position(&late), position(&err), "{late}");
 }
