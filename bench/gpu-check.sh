@@ -19,7 +19,11 @@
 #      in PyTorch eager (bench/train_step_pytorch.py), bf16 autocast and fp32, each with
 #      channels-last and without; a table of images/s and the ratio ours / PyTorch; then the
 #      same for ResNet-110-wfc at 32 px, batch CIFAR_BATCH (100): many small kernels per step,
-#      where launch overhead (the multi-tensor optimiser) shows;
+#      where launch overhead (the multi-tensor optimiser) shows; after each, where the time goes:
+#      each phase alone (ours and PyTorch's), the share of time our host waited for the GPU,
+#      and the operators our step dispatches (beside the update written one per parameter);
+#   3b. the same step under `mpirun -np 1` with NCCL bootstrapped over MPI (when the machine has
+#      mpirun: the bundle does not carry Open MPI's launcher and plugins);
 #   4. sweep grid throughput on one GPU (needs `mpirun` on the machine; skipped without): the
 #      8-cell grid of bench/sweep.sh (resnet20, Fashion-MNIST 20/class packed into the bundle,
 #      2 losses x 4 rates, SWEEP_EPOCHS epochs) as 8 runs one after another, then as one
@@ -122,11 +126,15 @@ sweep_step() {
 }
 
 # One table: our training step (`bench-step`) against PyTorch eager's, per precision and
-# channels-last setting. Uses bin, py, device, steps, warmup, report and say from `run`.
+# channels-last setting, then where each step's time goes (each phase timed alone, the device
+# waited for after it) and how many operators our step dispatches. Uses bin, py, device, steps,
+# warmup, report and say from `run`.
 step_table() {
   local arch="$1" size="$2" batch="$3" classes="$4" layouts="$5"
+  local breakdown
+  breakdown=$(mktemp)
   say
-  say "$arch training step, ${size}x${size}, batch $batch, median of $steps steps after $warmup, device $device"
+  say "$arch training step, ${size}x${size}, batch $batch, $steps steps after $warmup, device $device"
   say
   say "| precision | channels-last | ours images/s | PyTorch images/s | ours / PyTorch |"
   say "| --- | --- | ---: | ---: | ---: |"
@@ -137,14 +145,60 @@ step_table() {
       local ours theirs py_cl=()
       [ "$cl" = on ] && py_cl=(--channels-last)
       ours=$(timeout 300 "$bin" bench-step "${common[@]}" --precision "$precision" \
-        --channels-last "$cl" --dist single | field images_per_sec) || ours=
+        --channels-last "$cl" --dist single | tail -n 1) || ours='{}'
       theirs=$(env -u LD_LIBRARY_PATH timeout 300 "$py" bench/train_step_pytorch.py "${common[@]}" \
-        --precision "$precision" "${py_cl[@]}" | field images_per_sec) || theirs=
-      awk -v p="$precision" -v c="$cl" -v o="${ours:-0}" -v t="${theirs:-0}" 'BEGIN {
-        printf "| %s | %s | %.1f | %.1f | %s |\n", p, c, o, t, (o > 0 && t > 0) ? sprintf("%.3f", o / t) : "failed" }' |
-        tee -a "$report"
+        --precision "$precision" "${py_cl[@]}" | tail -n 1) || theirs='{}'
+      OURS="$ours" THEIRS="$theirs" "$py" - "$precision" "$cl" "$breakdown" <<'PY' | tee -a "$report"
+import json, os, sys
+precision, cl, breakdown = sys.argv[1:4]
+def load(name):
+    try:
+        return json.loads(os.environ[name] or "{}")
+    except ValueError:
+        return {}
+o, t = load("OURS"), load("THEIRS")
+oi, ti = o.get("images_per_sec", 0), t.get("images_per_sec", 0)
+ratio = f"{oi / ti:.3f}" if oi and ti else "failed"
+print(f"| {precision} | {cl} | {oi:.1f} | {ti:.1f} | {ratio} |")
+ms = lambda d, k: f"{1e3 * d[k]:.2f}" if isinstance(d.get(k), (int, float)) else "-"
+op, tp, ops = o.get("phase_seconds_median", {}), t.get("phase_seconds_median", {}), o.get("ops_per_step", {})
+with open(breakdown, "a") as f:
+    f.write(f"| {precision} | {cl} | {ms(o, 'step_seconds_median')} | {ms(op, 'forward_backward')} | "
+            f"{ms(op, 'update')} | {o.get('host_wait_fraction', float('nan')):.2f} | "
+            f"{ops.get('forward_backward', '-')} + {ops.get('gradient_sync', '-')} + {ops.get('update', '-')} "
+            f"(per-tensor update: {ops.get('update_one_op_per_tensor', '-')}) | "
+            f"{ms(t, 'step_seconds_median')} | {ms(tp, 'forward_backward')} | {ms(tp, 'update')} |\n")
+PY
     done
   done
+  say
+  say "Where the time goes (ms per step; a phase alone is timed with the device waited for after it;"
+  say "host wait: the share of queued steps' time the host waited for the device, near 1 when the GPU"
+  say "is the bottleneck; operators: forward+backward + totals + update):"
+  say
+  say "| precision | channels-last | ours step | ours fwd+bwd | ours update | ours host wait | ours operators | PyTorch step | PyTorch fwd+bwd | PyTorch update |"
+  say "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+  tee -a "$report" <"$breakdown"
+  rm -f "$breakdown"
+}
+
+# The training step on one GPU under `mpirun -np 1` (NCCL bootstrapped over MPI, as a cluster
+# job runs), when the machine has mpirun; the bundle does not carry Open MPI's launcher.
+mpi_step() {
+  say
+  if ! command -v mpirun >/dev/null; then
+    say "One-rank MPI + NCCL step: skipped (no mpirun on this machine)"
+    return 0
+  fi
+  local mpi=(mpirun -np 1 --bind-to none) out
+  [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
+  if out=$(timeout 300 "${mpi[@]}" -x LD_LIBRARY_PATH "$bin" bench-step --arch resnet110-wfc --size 32 \
+    --batch-size "$cifar_batch" --classes 100 --steps "$steps" --warmup "$warmup" --device "$device" \
+    --dist nccl --whole-step 2>&1); then
+    say "One-rank MPI + NCCL step (resnet110-wfc, batch $cifar_batch): $(echo "$out" | tail -n 1 | field images_per_sec) images/s"
+  else
+    say "FAILED: one-rank MPI + NCCL step: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
+  fi
 }
 
 run() {
@@ -203,6 +257,7 @@ run() {
   step_table resnet50 "$size" "$batch" 200 "on off"
   # The CIFAR ResNets are launch-bound on a large GPU: many small kernels per step.
   step_table resnet110-wfc 32 "$cifar_batch" 100 "off"
+  [ "$device" = cuda ] && mpi_step
   sweep_step "$bin" "$device" "$bundle/data/fashion-k20" "$report"
   if [ -n "${OUT:-}" ]; then
     cp "$report" "$OUT/gpu-check.md"

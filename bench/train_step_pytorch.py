@@ -152,13 +152,16 @@ def main():
     images = images.contiguous(memory_format=fmt)
     labels = torch.randint(a.classes, (a.batch_size,), device=device)
     lr, times = 0.01, []
-    for i in range(a.warmup + a.steps):
-        start = time.perf_counter()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def forward_backward():
         for p in params:
             p.grad = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
             loss = F.cross_entropy(model(images).float(), labels)
         loss.backward()
+
+    def update():
         with torch.no_grad():
             grads = [p.grad + (2 * l2) * p if (l2 and p.dim() >= 2) else p.grad for p in params]
             norm = torch.sqrt(sum((g * g).sum() for g in grads)).item()
@@ -166,8 +169,21 @@ def main():
             for p, v, g in zip(params, velocity, grads):
                 v.mul_(0.9).sub_(g, alpha=lr * scale)
                 p.add_(v)
+
+    for i in range(a.warmup + a.steps):
+        start = time.perf_counter()
+        forward_backward()
+        update()
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
+    # The phases alone, the device waited for after each (as bench-step's breakdown).
+    phases = {"forward_backward": [], "update": []}
+    for i in range(a.steps):
+        for name, phase in (("forward_backward", forward_backward), ("update", update)):
+            start = time.perf_counter()
+            phase()
+            sync()
+            phases[name].append(time.perf_counter() - start)
     median = statistics.median(times)
     if rank == 0:
         print(json.dumps({
@@ -176,6 +192,7 @@ def main():
             "torch": torch.__version__, "steps": a.steps, "step_seconds_median": median,
             "images_per_sec": world * a.batch_size / median, "world_size": world,
             "device": a.device, "precision": a.precision, "channels_last": a.channels_last,
+            "phase_seconds_median": {k: statistics.median(v) for k, v in phases.items()},
         }))
     if a.ddp:
         dist.destroy_process_group()
