@@ -10,6 +10,8 @@
 #include <exception>
 #include <mutex>
 #include <optional>
+#include <string_view>
+#include <unordered_set>
 #include <vector>
 
 namespace {
@@ -59,16 +61,33 @@ void hand_out(std::vector<at::Tensor> results, at::Tensor **out) {
 
 // The operator counter: the outermost dispatched operators (those not called by another
 // operator), on every thread, while it is on.
+// Also counted apart: those that only make a new view or handle of existing memory (no
+// kernel on a GPU).
 std::atomic<int64_t> outer_ops{0};
+std::atomic<int64_t> outer_views{0};
 thread_local int depth = 0;
 thread_local int64_t outer_ops_here = 0;
 std::mutex counter_lock;
 std::optional<at::CallbackHandle> counter;
 
-std::unique_ptr<at::ObserverContext> op_started(const at::RecordFunction &) {
+bool is_view_only(const char *name) {
+  static const std::unordered_set<std::string_view> views = {
+      "aten::detach",    "aten::detach_",     "aten::alias",     "aten::view",
+      "aten::_unsafe_view", "aten::reshape",  "aten::_reshape_alias", "aten::as_strided",
+      "aten::narrow",    "aten::slice",       "aten::select",    "aten::t",
+      "aten::transpose", "aten::permute",     "aten::expand",    "aten::unsqueeze",
+      "aten::squeeze",   "aten::split_with_sizes", "aten::unbind", "aten::lift_fresh",
+      "aten::empty",     "aten::empty_strided", "aten::empty_like", "aten::set_",
+      "aten::resize_",   "aten::flatten",     "aten::numpy_T",   "aten::chunk",
+      "aten::split",     "aten::unflatten",   "aten::expand_as", "aten::view_as"};
+  return name != nullptr && views.count(name) != 0;
+}
+
+std::unique_ptr<at::ObserverContext> op_started(const at::RecordFunction &fn) {
   if (depth++ == 0) {
     outer_ops.fetch_add(1, std::memory_order_relaxed);
     ++outer_ops_here;
+    if (is_view_only(fn.name())) outer_views.fetch_add(1, std::memory_order_relaxed);
   }
   return nullptr;
 }
@@ -127,6 +146,14 @@ char *cosine_foreach_add_list_(at::Tensor **a, at::Tensor **b, int64_t n) {
   return guarded([&] { at::_foreach_add_(list(a, n), list(b, n)); });
 }
 
+// Leaves each tensor without a gradient (PyTorch's zero_grad(set_to_none=True)): backward
+// then stores the new gradient instead of adding it to zeros.
+char *cosine_clear_grads(at::Tensor **a, int64_t n) {
+  return guarded([&] {
+    for (int64_t i = 0; i < n; ++i) a[i]->mutable_grad().reset();
+  });
+}
+
 // The 2-norm of each tensor (0-dim tensors on their device).
 char *cosine_foreach_norm(at::Tensor **a, int64_t n, at::Tensor **out) {
   return guarded([&] { hand_out(at::_foreach_norm(list(a, n), 2), out); });
@@ -154,6 +181,9 @@ char *cosine_count_ops(int on) {
 // Outermost operators dispatched while counting was on, since the process started.
 int64_t cosine_ops_counted() { return outer_ops.load(std::memory_order_relaxed); }
 
-// The same, on the calling thread only.
+// Of those, the ones that only make a view or handle of existing memory.
+int64_t cosine_view_ops_counted() { return outer_views.load(std::memory_order_relaxed); }
+
+// The same as cosine_ops_counted, on the calling thread only.
 int64_t cosine_ops_counted_here() { return outer_ops_here; }
 }

@@ -49,9 +49,11 @@ unsafe extern "C" {
     ) -> *mut c_char;
     fn cosine_foreach_norm(a: *const *mut C_tensor, n: i64, out: *mut *mut C_tensor)
     -> *mut c_char;
+    fn cosine_clear_grads(a: *const *mut C_tensor, n: i64) -> *mut c_char;
     fn cosine_count_ops(on: c_int) -> *mut c_char;
     fn cosine_ops_counted() -> i64;
     fn cosine_ops_counted_here() -> i64;
+    fn cosine_view_ops_counted() -> i64;
     fn cosine_foreach_sub_list_(
         a: *const *mut C_tensor,
         b: *const *mut C_tensor,
@@ -210,6 +212,14 @@ pub fn sub_(a: &[Tensor], b: &[Tensor]) -> Result<()> {
     check(unsafe { cosine_foreach_sub_list_(ha.as_ptr(), hb.as_ptr(), ha.len() as i64) })
 }
 
+/// Leaves each tensor without a gradient, so that backward stores the next one instead of
+/// adding it to zeros (PyTorch's `zero_grad(set_to_none=True)`).
+pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
+    let a = handles(tensors);
+    // SAFETY: as in `zero_`; each handle's gradient slot is reset in place.
+    check(unsafe { cosine_clear_grads(a.as_ptr(), a.len() as i64) })
+}
+
 /// The 2-norm of each tensor, as 0-dim tensors on their device (on CUDA one launch per group
 /// of tensors; on the CPU libtorch's `linalg_vector_norm` of each, not a sum of squares).
 pub fn norms(tensors: &[Tensor]) -> Result<Vec<Tensor>> {
@@ -224,11 +234,14 @@ pub fn norms(tensors: &[Tensor]) -> Result<Vec<Tensor>> {
 }
 
 /// Counts the operators libtorch dispatches, on every thread, while it lives: the outermost
-/// ones only (an operator that another calls is part of that one). On a GPU each is roughly a
+/// ones only (an operator that another calls is part of that one). Autograd's accumulation of
+/// each parameter's gradient is not seen (measured: a backward pass counts the same with a
+/// gradient to add to and without). On a GPU each is roughly a
 /// kernel launch, so the count per step is what the host must issue. Counting slows each
 /// operator slightly; benchmarks use it, training does not. Counters may overlap.
 pub struct OpCounter {
     start: i64,
+    start_views: i64,
     start_here: i64,
 }
 
@@ -239,6 +252,8 @@ impl OpCounter {
         Ok(OpCounter {
             // SAFETY: reads an atomic.
             start: unsafe { cosine_ops_counted() },
+            // SAFETY: reads an atomic.
+            start_views: unsafe { cosine_view_ops_counted() },
             // SAFETY: reads a thread-local.
             start_here: unsafe { cosine_ops_counted_here() },
         })
@@ -248,6 +263,13 @@ impl OpCounter {
     pub fn count(&self) -> u64 {
         // SAFETY: reads an atomic.
         (unsafe { cosine_ops_counted() } - self.start).max(0) as u64
+    }
+
+    /// Of [`OpCounter::count`], those that only make a view or a new handle of existing memory
+    /// (`detach`, `view`, `narrow`, `empty`...): no kernel on a GPU.
+    pub fn views(&self) -> u64 {
+        // SAFETY: reads an atomic.
+        (unsafe { cosine_view_ops_counted() } - self.start_views).max(0) as u64
     }
 
     /// Operators dispatched since [`OpCounter::start`] by this thread (when it started the
@@ -360,6 +382,9 @@ mod tests {
         let loop_ops = counter.count_here() - before;
         zero_(&a).unwrap();
         let foreach_ops = counter.count_here() - before - loop_ops;
+        let views = counter.views();
+        let _ = a[1].narrow(0, 1, 2).detach();
+        assert!(counter.views() >= views + 2);
         assert!(counter.count() >= loop_ops + foreach_ops);
         assert_eq!((loop_ops, foreach_ops), (5, 1));
         let norms = norms(&random(&[&[3, 4], &[2]], 3)).unwrap();
@@ -369,6 +394,16 @@ mod tests {
                 .iter()
                 .all(|n| n.dim() == 0 && n.double_value(&[]) > 0.0)
         );
+    }
+
+    #[test]
+    fn cleared_gradients_are_undefined_and_backward_stores_the_next() {
+        let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        (&w * 3.0).sum(tch::Kind::Float).backward();
+        clear_grads(std::slice::from_ref(&w)).unwrap();
+        assert!(!w.grad().defined());
+        (&w * 5.0).sum(tch::Kind::Float).backward();
+        assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), [5.0, 5.0]);
     }
 
     #[test]

@@ -63,14 +63,26 @@ impl Sgd {
         }
     }
 
-    /// Zeroes every defined gradient, in one multi-tensor op.
+    /// Zeroes every defined gradient, in one multi-tensor op. (Gradients here never have a
+    /// graph of their own, so unlike PyTorch's `zero_grad` nothing is detached first: that
+    /// would be one more dispatched operator per parameter.)
     pub fn zero_grad(&mut self) -> Result<(), ShimError> {
         let grads: Vec<Tensor> = (self.params.iter())
             .map(|p| p.tensor.grad())
             .filter(Tensor::defined)
-            .map(|mut g| g.detach_())
             .collect();
         foreach::zero_(&grads)
+    }
+
+    /// Leaves every parameter without a gradient: backward then stores the next gradients
+    /// instead of adding them to zeros (one operator fewer per parameter, and no zeroing). Only
+    /// where nothing holds the gradients' memory: not with gradients aliased into an
+    /// all-reduce buffer.
+    pub fn clear_grads(&mut self) -> Result<(), ShimError> {
+        let params: Vec<Tensor> = (self.params.iter())
+            .map(|p| p.tensor.shallow_clone())
+            .collect();
+        foreach::clear_grads(&params)
     }
 
     /// The parameters' own gradients (undefined ones as zeros).

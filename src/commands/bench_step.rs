@@ -219,7 +219,7 @@ pub fn measure(
     for i in 0..args.warmup + args.steps {
         let timed = i >= args.warmup;
         let start = Instant::now();
-        opt.zero_grad()?;
+        dp.reset_gradients(&mut opt)?;
         let loss = forward_backward(&net, &dp, &batch, global, &settings);
         wait_for(device);
         let computed = start.elapsed().as_secs_f64();
@@ -306,9 +306,10 @@ fn read_totals(dp: &mut DataParallel, totals: &Tensor) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The operators libtorch dispatches in one step, by phase, and those of the update written
-/// as one operator per parameter and phase (the form before the multi-tensor update), run on
-/// copies of the weights: the count on a GPU is roughly its kernel launches.
+/// The operators libtorch dispatches in one step that compute (views and new handles of
+/// existing memory left out: no kernel on a GPU), by phase, and those of the update written as
+/// one operator per parameter and phase (the form before the multi-tensor update), run on
+/// copies of the weights: on a GPU the count is roughly the step's kernel launches.
 fn count_ops(
     net: &Network,
     opt: &mut Sgd,
@@ -318,9 +319,10 @@ fn count_ops(
     settings: &StepSettings,
 ) -> anyhow::Result<Value> {
     let counter = OpCounter::start()?;
-    let mark = || counter.count();
+    let mark = || counter.count() - counter.views();
     let start = mark();
-    opt.zero_grad()?;
+    let views = counter.views();
+    dp.reset_gradients(opt)?;
     let loss = forward_backward(net, dp, batch, global, settings);
     let computed = mark();
     let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), false)?;
@@ -330,6 +332,7 @@ fn count_ops(
     let before = mark();
     let _norm = opt.step_with(LR, grads)?;
     let updated = mark();
+    let views = counter.views() - views;
     read_totals(dp, &totals)?;
     let baseline = per_tensor_update(opt, copies, &counter);
     // The update as CUDA runs it (the clip factor computed on the device), whatever this
@@ -347,6 +350,7 @@ fn count_ops(
         "total": updated - before + reduced - start,
         "update_as_on_cuda": device_form,
         "update_one_op_per_tensor": baseline,
+        "views_and_handles": views,
     }))
 }
 
@@ -358,7 +362,8 @@ fn per_tensor_update(opt: &Sgd, grads: Vec<Tensor>, counter: &OpCounter) -> u64 
         .collect();
     let zeroed: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
     tch::no_grad(|| {
-        let start = counter.count();
+        let work = || counter.count() - counter.views();
+        let start = work();
         for g in &zeroed {
             let _ = g.shallow_clone().zero_();
         }
@@ -385,7 +390,7 @@ fn per_tensor_update(opt: &Sgd, grads: Vec<Tensor>, counter: &OpCounter) -> u64 
             let _ = v.shallow_clone().g_sub_(&step);
             let _ = w.shallow_clone().g_add_(v);
         }
-        counter.count() - start
+        work() - start
     })
 }
 

@@ -179,6 +179,17 @@ impl<'c> DataParallel<'c> {
         grads.reduce(params, loss, stop, comm)
     }
 
+    /// Prepares `opt`'s gradients for the next backward pass: zeroed where they are views into
+    /// the all-reduce buffer (several ranks), else cleared, so that backward stores them.
+    pub fn reset_gradients(&self, opt: &mut crate::optim::Sgd) -> anyhow::Result<()> {
+        if self.world() > 1 {
+            opt.zero_grad()?;
+        } else {
+            opt.clear_grads()?;
+        }
+        Ok(())
+    }
+
     /// Waits for the gradient all-reduces queued so far (`steps` names them, for the message of
     /// one that does not complete).
     pub fn wait_for_reduces(&mut self, steps: &str) -> anyhow::Result<()> {

@@ -124,7 +124,7 @@ pub fn train_step(
     stop: bool,
     at: StepAt,
 ) -> anyhow::Result<Tensor> {
-    opt.zero_grad()?;
+    dp.reset_gradients(opt)?;
     let loss = forward_backward(net, dp, batch, global_size, settings);
     dp.note_step(at.epoch, at.step);
     let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), stop)?;
