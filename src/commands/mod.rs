@@ -182,7 +182,9 @@ pub struct JobArgs {
     #[arg(long, value_parser = choice::<Backend>(), default_value = "auto")]
     pub dist: Backend,
     /// Seconds a collective may wait for the other ranks before the whole job is ended (exit
-    /// status 3) with a message naming the collective; 0 waits forever.
+    /// status 3) with a message naming the collective; 0 waits forever. On NCCL, whose
+    /// gradient all-reduces are queued on the GPU, it also bounds the steps queued between two
+    /// reads of the step totals (--totals-every).
     #[arg(long, value_parser = seconds, default_value = "300")]
     pub collective_timeout: Duration,
 }

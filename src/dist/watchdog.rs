@@ -24,6 +24,10 @@ pub const EXIT_COLLECTIVE_TIMEOUT: i32 = 3;
 struct State {
     /// Milliseconds since `origin` at which the pending collective started, 0 when none is.
     started_ms: AtomicU64,
+    /// Milliseconds since `origin` at which the oldest collective still queued on the device
+    /// (NCCL) was queued, 0 when none is: the host waits for it only later, and a GPU stuck in
+    /// it can block the host anywhere (a full launch queue), so the limit bounds the queue's age.
+    queued_ms: AtomicU64,
     /// Collectives entered so far, and when the last one returned (ms since `origin`).
     seq: AtomicU64,
     returned_ms: AtomicU64,
@@ -46,6 +50,7 @@ impl Watched {
     pub fn new(inner: Box<dyn Communicator>, timeout: Duration) -> Self {
         let state = Arc::new(State {
             started_ms: AtomicU64::new(0),
+            queued_ms: AtomicU64::new(0),
             seq: AtomicU64::new(0),
             returned_ms: AtomicU64::new(0),
             operation: Mutex::new(""),
@@ -89,7 +94,34 @@ impl Watched {
     }
 }
 
+/// Which limit a rank has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Overdue {
+    /// A collective the host is inside.
+    Pending,
+    /// A collective queued on the device and not yet waited for.
+    Queued,
+}
+
 impl State {
+    /// Whether a collective has been pending, or queued, for more than `limit_ms` at `now`.
+    fn overdue(&self, now: u64, limit_ms: u64) -> Option<Overdue> {
+        let late = |since: u64| since != 0 && now.saturating_sub(since) > limit_ms;
+        if late(self.started_ms.load(Ordering::SeqCst)) {
+            Some(Overdue::Pending)
+        } else if late(self.queued_ms.load(Ordering::SeqCst)) {
+            Some(Overdue::Queued)
+        } else {
+            None
+        }
+    }
+
+    /// Notes that a collective was queued on the device (the oldest one counts).
+    fn queued(&self) {
+        let now = (self.origin.elapsed().as_millis() as u64).max(1);
+        let _ = (self.queued_ms).compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
     /// This rank's heartbeat report.
     fn report(&self) -> Report {
         let now = self.origin.elapsed().as_millis() as u64;
@@ -125,10 +157,12 @@ fn watch(
     let tick = Duration::from_millis((limit_ms / 10).clamp(10, 1000));
     while !state.stop.load(Ordering::SeqCst) {
         std::thread::sleep(tick);
-        let started = state.started_ms.load(Ordering::SeqCst);
         let now = state.origin.elapsed().as_millis() as u64;
-        if started != 0 && now.saturating_sub(started) > limit_ms {
-            let op = state.operation.lock().map(|o| *o).unwrap_or("collective");
+        if let Some(overdue) = state.overdue(now, limit_ms) {
+            let op = match overdue {
+                Overdue::Pending => state.operation.lock().map(|o| *o).unwrap_or("collective"),
+                Overdue::Queued => "a queued all-reduce (the steps since the last read)",
+            };
             let context = state.context.lock().map(|c| c.clone()).unwrap_or_default();
             let seq = state.seq.load(Ordering::SeqCst);
             let message = format!(
@@ -183,15 +217,32 @@ impl Communicator for Watched {
         self.guarded("all-reduce", || self.inner.all_reduce_sum_f64(buf))
     }
     fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
-        self.guarded("all-reduce", || self.inner.all_reduce_sum(tensor))
+        self.guarded("all-reduce", || self.inner.all_reduce_sum(tensor))?;
+        if self.inner.backend() == Backend::Nccl {
+            // NCCL's blocking sum waits for the whole stream, the queued sums included.
+            self.state.queued_ms.store(0, Ordering::SeqCst);
+        }
+        Ok(())
     }
     fn all_reduce_sum_queued(&self, tensor: &mut Tensor) -> Result<()> {
-        self.guarded("all-reduce", || self.inner.all_reduce_sum_queued(tensor))
+        self.guarded("all-reduce", || self.inner.all_reduce_sum_queued(tensor))?;
+        // Only NCCL leaves the sum queued; the others have finished it.
+        if self.inner.backend() == Backend::Nccl {
+            self.state.queued();
+        }
+        Ok(())
     }
     fn wait_queued(&self) -> Result<()> {
         // A queued collective that never completes keeps the device busy: this wait is where
-        // the host sees it.
-        self.guarded("queued all-reduces", || self.inner.wait_queued())
+        // the host sees it (or the queue's age, if the host blocks before it).
+        // Only NCCL has anything to wait for; elsewhere the wait is not counted as a collective.
+        if self.inner.backend() == Backend::Nccl {
+            self.guarded("queued all-reduces", || self.inner.wait_queued())?;
+        } else {
+            self.inner.wait_queued()?;
+        }
+        self.state.queued_ms.store(0, Ordering::SeqCst);
+        Ok(())
     }
     fn broadcast_bytes(&self, bytes: &mut Vec<u8>, root: usize) -> Result<()> {
         self.guarded("broadcast", || self.inner.broadcast_bytes(bytes, root))
@@ -210,5 +261,38 @@ impl Communicator for Watched {
             c.clear();
             c.push_str(context);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_collective_is_overdue_once_pending_or_queued_past_the_limit() {
+        let comm = Watched::new(
+            Box::new(crate::dist::single::SingleProcess),
+            Duration::from_secs(1),
+        );
+        let state = &comm.state;
+        assert_eq!(state.overdue(10_000, 1000), None);
+        state.started_ms.store(500, Ordering::SeqCst);
+        assert_eq!(state.overdue(1400, 1000), None);
+        assert_eq!(state.overdue(1600, 1000), Some(Overdue::Pending));
+        state.started_ms.store(0, Ordering::SeqCst);
+        // The oldest queued collective counts; a wait clears it.
+        state.queued();
+        let first = state.queued_ms.load(Ordering::SeqCst);
+        assert!(first > 0);
+        std::thread::sleep(Duration::from_millis(5));
+        state.queued();
+        assert_eq!(state.queued_ms.load(Ordering::SeqCst), first);
+        assert_eq!(state.overdue(first + 1001, 1000), Some(Overdue::Queued));
+        comm.wait_queued().unwrap();
+        assert_eq!(state.overdue(first + 1001, 1000), None);
+        // One process finishes its sums in the call: nothing stays queued.
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        comm.all_reduce_sum_queued(&mut t).unwrap();
+        assert_eq!(state.queued_ms.load(Ordering::SeqCst), 0);
     }
 }

@@ -197,7 +197,7 @@ impl<'c> DataParallel<'c> {
         let Some(grads) = self.grads.as_mut() else {
             return Ok(());
         };
-        if comm.size() > 1 {
+        if comm.size() > 1 && comm.backend() == Backend::Nccl {
             comm.set_context(steps);
         }
         grads.wait(comm)
