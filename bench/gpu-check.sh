@@ -4,11 +4,15 @@
 #
 #   bash bench/gpu-check.sh build   here, with Rust: builds cosine-train with --features cuda
 #                                   against the torch 2.11.0 CUDA wheel set and gathers it with
-#                                   the shared libraries it needs besides libtorch/CUDA (Open MPI,
-#                                   the C++ runtime) into target/gpu-check/ (about 30 MiB)
+#                                   the shared libraries it needs besides libtorch/CUDA and the
+#                                   C++ runtime (Open MPI's, and Open MPI's launcher with its
+#                                   plugins) into target/gpu-check/ (about 40 MiB)
+#   bash bench/gpu-check.sh mpi-rehearsal
+#                                   here, as root: the bundled launcher without the system's
 #   bash bench/gpu-check.sh run     on the GPU machine, from the repository root, with
 #                                   target/gpu-check/ copied along and Python's torch 2.11 (CUDA)
 #                                   installed: runs the checks below against that libtorch
+#                                   Open MPI (see mpi_rehearsal)
 #   bash bench/gpu-check.sh         both, on a machine that has everything
 #
 # The run (about 2 minutes on one H200; every step is bounded by `timeout`):
@@ -22,8 +26,10 @@
 #      where launch overhead (the multi-tensor optimiser) shows; after each, where the time goes:
 #      each phase alone (ours and PyTorch's), the share of time our host waited for the GPU,
 #      and the operators our step dispatches (beside the update written one per parameter);
-#   3b. the same step under `mpirun -np 1` with NCCL bootstrapped over MPI (when the machine has
-#      mpirun: the bundle does not carry Open MPI's launcher and plugins);
+#   3b. the same step under `mpirun -np 1` with NCCL bootstrapped over MPI: the machine's mpirun,
+#      else the bundle's (Open MPI's launcher, plugins and help texts, relocated with OPAL_* and
+#      PMIX_* variables; `bash bench/gpu-check.sh mpi-rehearsal` checks that relocation here, as
+#      root, with the system's Open MPI hidden in a private mount namespace);
 #   4. sweep grid throughput on one GPU (needs `mpirun` on the machine; skipped without): the
 #      8-cell grid of bench/sweep.sh (resnet20, Fashion-MNIST 20/class packed into the bundle,
 #      2 losses x 4 rates, SWEEP_EPOCHS epochs) as 8 runs one after another, then as one
@@ -65,13 +71,98 @@ build() {
       esac
       cp -L "$lib" "$bundle.partial/lib/"
     done
+    # Open MPI's launcher, for the one-rank MPI step on a machine without Open MPI.
+    bundle_mpi "$bundle.partial"
     # The newest glibc any file needs, checked first by `run`.
-    objdump -T "$bundle.partial"/bin/cosine-train "$bundle.partial"/lib/* 2>/dev/null |
+    objdump -T "$bundle.partial"/bin/cosine-train "$bundle.partial"/lib/* "$bundle.partial"/mpi/bin/* \
+      "$bundle.partial"/mpi/lib/*/*.so 2>/dev/null |
       grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1 > "$bundle.partial/glibc"
     rm -rf "$bundle"
     mv "$bundle.partial" "$bundle"
   )
   echo "gpu-check: bundle in $bundle ($(du -sh "$bundle" | cut -f1)); needs glibc >= $(cat "$bundle/glibc")"
+}
+
+# Open MPI's launcher, its plugins, help texts and configuration, relocated under "$1/mpi"
+# (libraries into "$1/lib" beside the binary's), so that `mpirun -np 1` runs on a machine
+# without Open MPI: `mpi_env` points Open MPI and PMIx there. The fast-network transports
+# (UCX, libfabric, verbs, PSM) are left out: one node needs only shared memory and TCP.
+bundle_mpi() {
+  local dest="$1" orterun plugins=/usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3
+  local pmix=/usr/lib/x86_64-linux-gnu/pmix2
+  orterun=$(readlink -f "$(command -v mpirun)")
+  mkdir -p "$dest/mpi/bin" "$dest/mpi/lib/openmpi3" "$dest/mpi/lib/pmix" "$dest/mpi/share" "$dest/mpi/etc" "$dest/lib"
+  cp -L "$orterun" "$dest/mpi/bin/mpirun"
+  local p
+  for p in "$plugins"/*.so; do
+    case "$(basename "$p")" in
+      *ucx*|*ofi*|*psm*|*openib*|*verbs*|*usnic*|*uct*|*portals*|*java*) continue ;;
+    esac
+    cp -L "$p" "$dest/mpi/lib/openmpi3/"
+  done
+  cp -L "$pmix"/lib/pmix/*.so "$dest/mpi/lib/pmix/"
+  cp -rL /usr/share/openmpi "$dest/mpi/share/openmpi"
+  [ -d "$pmix/share/pmix" ] && cp -rL "$pmix/share/pmix" "$dest/mpi/share/pmix"
+  cp -L /etc/openmpi/openmpi-mca-params.conf "$dest/mpi/etc/"
+  ldd "$dest/mpi/bin/mpirun" "$dest"/mpi/lib/openmpi3/*.so "$dest"/mpi/lib/pmix/*.so |
+    awk '/=> \// { print $3 }' | sort -u | while read -r lib; do
+      case "$(basename "$lib")" in
+        libc.so.*|libm.so.*|libdl.so.*|libpthread.so.*|librt.so.*|libutil.so.*|ld-linux*|libresolv.so.*) continue ;;
+        libstdc++.so.*|libgcc_s.so.*) continue ;;
+      esac
+      [ -e "$dest/lib/$(basename "$lib")" ] || cp -L "$lib" "$dest/lib/"
+    done
+}
+
+# The environment that makes the bundled Open MPI find itself under "$1/mpi".
+mpi_env() {
+  local b="$1/mpi"
+  export OPAL_PREFIX="$b" OPAL_EXEC_PREFIX="$b" OPAL_BINDIR="$b/bin" OPAL_LIBDIR="$1/lib"
+  export OPAL_PKGLIBDIR="$b/lib/openmpi3" OPAL_DATADIR="$b/share" OPAL_DATAROOTDIR="$b/share"
+  export OPAL_PKGDATADIR="$b/share/openmpi" OPAL_SYSCONFDIR="$b/etc"
+  export PMIX_PREFIX="$b" PMIX_LIBDIR="$1/lib" PMIX_PKGLIBDIR="$b/lib/pmix"
+  export PMIX_PKGDATADIR="$b/share/pmix" PMIX_DATADIR="$b/share" PMIX_SYSCONFDIR="$b/etc"
+  export PATH="$b/bin:$PATH" LD_LIBRARY_PATH="$1/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+}
+
+# Rehearses the bundled mpirun here: bundles it with this machine's CPU binary ($COSINE_TRAIN,
+# else a release build), hides the
+# system's Open MPI and PMIx in a private mount namespace (root), and runs a one-rank
+# check-dist and bench-step under the bundled mpirun.
+mpi_rehearsal() {
+  local work bin="${COSINE_TRAIN:-}"
+  if [ -z "$bin" ]; then
+    cargo build --release -q -p cosine-train
+    bin=target/release/cosine-train
+  fi
+  work=$(mktemp -d)
+  mkdir -p "$work/bin"
+  cp "$bin" "$work/bin/cosine-train"
+  ldd "$bin" | awk '/=> \// { print $3 }' | grep -E 'libmpi|libopen-|libpmix|libhwloc|libevent' |
+    while read -r lib; do mkdir -p "$work/lib" && cp -L "$lib" "$work/lib/"; done
+  bundle_mpi "$work"
+  echo "gpu-check: Open MPI bundle $(du -sh "$work/mpi" | cut -f1), libraries $(du -sh "$work/lib" | cut -f1)"
+  local torch_lib
+  torch_lib=$(dirname "$(ldd "$bin" | awk '/libtorch_cpu/ { print $3 }')")
+  export -f mpi_env
+  WORK="$work" TORCH_LIB="$torch_lib" unshare -m bash -c '
+    set -euo pipefail
+    for d in /usr/lib/x86_64-linux-gnu/openmpi /usr/lib/x86_64-linux-gnu/pmix2 /usr/share/openmpi /etc/openmpi; do
+      mount -t tmpfs none "$d"
+    done
+    for f in /usr/bin/orterun /usr/lib/x86_64-linux-gnu/lib{mpi,open-pal,open-rte}.so.*; do
+      [ -f "$f" ] && mount --bind /dev/null "$f"
+    done
+    ! command -v ompi_info >/dev/null || ! ompi_info >/dev/null 2>&1 || { echo "the system Open MPI is still visible" >&2; exit 1; }
+    mpi_env "$WORK"
+    export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$TORCH_LIB"
+    allow=(); [ "$(id -u)" = 0 ] && allow=(--allow-run-as-root)
+    mpirun -np 1 "${allow[@]}" --bind-to none "$WORK/bin/cosine-train" check-dist --dist mpi
+    mpirun -np 2 "${allow[@]}" --oversubscribe --bind-to none "$WORK/bin/cosine-train" bench-step \
+      --arch resnet8 --batch-size 4 --size 16 --steps 2 --warmup 1 --threads 1 | tail -n 1
+  '
+  rm -rf "$work"
+  echo "gpu-check: the bundled mpirun ran without the system Open MPI"
 }
 
 # The sweep step's data (Fashion-MNIST, 20 training images per class, the whole test split).
@@ -186,16 +277,21 @@ PY
 # job runs), when the machine has mpirun; the bundle does not carry Open MPI's launcher.
 mpi_step() {
   say
+  local launcher="the machine's mpirun"
   if ! command -v mpirun >/dev/null; then
-    say "One-rank MPI + NCCL step: skipped (no mpirun on this machine)"
-    return 0
+    if [ ! -x "$bundle/mpi/bin/mpirun" ]; then
+      say "One-rank MPI + NCCL step: skipped (no mpirun on this machine or in the bundle)"
+      return 0
+    fi
+    mpi_env "$PWD/$bundle"
+    launcher="the bundled mpirun"
   fi
   local mpi=(mpirun -np 1 --bind-to none) out
   [ "$(id -u)" = 0 ] && mpi+=(--allow-run-as-root)
   if out=$(timeout 300 "${mpi[@]}" -x LD_LIBRARY_PATH "$bin" bench-step --arch resnet110-wfc --size 32 \
     --batch-size "$cifar_batch" --classes 100 --steps "$steps" --warmup "$warmup" --device "$device" \
     --dist nccl --whole-step 2>&1); then
-    say "One-rank MPI + NCCL step (resnet110-wfc, batch $cifar_batch): $(echo "$out" | tail -n 1 | field images_per_sec) images/s"
+    say "One-rank MPI + NCCL step under $launcher (resnet110-wfc, batch $cifar_batch): $(echo "$out" | tail -n 1 | field images_per_sec) images/s"
   else
     say "FAILED: one-rank MPI + NCCL step: $(echo "$out" | tail -n 3 | tr '\n' ' ')"
   fi
@@ -266,6 +362,7 @@ run() {
 }
 
 case "${1:-all}" in
+  mpi-rehearsal) mpi_rehearsal ;;
   build) build ;;
   run) run ;;
   all) build && run ;;
@@ -275,5 +372,5 @@ case "${1:-all}" in
     report=$(mktemp)
     sweep_step "${COSINE_TRAIN:-$bundle/bin/cosine-train}" "${GPU_CHECK_DEVICE:-cuda}" "$data" "$report"
     rm -f "$report" ;;
-  *) echo "usage: bash bench/gpu-check.sh [build|run|sweep]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu-check.sh [build|run|sweep|mpi-rehearsal]" >&2; exit 2 ;;
 esac

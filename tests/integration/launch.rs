@@ -167,6 +167,35 @@ fn lr_sweep_is_a_sweep_over_the_rates_that_reports_the_best_and_continues() {
     assert!(stderr(&o).contains("do not pass --lr-max"), "{}", show(&o));
 }
 
+/// The GPU check carries Open MPI's launcher for machines without one: relocated into a
+/// bundle, it runs a one-rank and a two-rank job with the system's Open MPI hidden (a private
+/// mount namespace, so only as root).
+#[test]
+fn the_gpu_checks_bundled_mpirun_runs_without_the_systems_open_mpi() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: hiding the system's Open MPI needs root");
+        return;
+    }
+    let o = run(
+        Command::new("bash")
+            .arg(repo_root().join("bench/gpu-check.sh"))
+            .arg("mpi-rehearsal")
+            .env("COSINE_TRAIN", cosine_train_path()),
+        LIMIT,
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    let out = stdout(&o);
+    let lines: Vec<Value> = (out.lines())
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", show(&o));
+    assert_eq!(lines[0]["all_reduce_exact"], true, "{}", show(&o));
+    assert_eq!(lines[1]["world_size"], 2, "{}", show(&o));
+    assert!(out.contains("ran without the system Open MPI"), "{}", show(&o));
+}
+
 #[test]
 fn sbatch_template_is_valid_bash_and_launches_with_pmix() {
     let path = repo_root().join("launch/sbatch.sh");
