@@ -7,11 +7,11 @@
 #                                   the shared libraries it needs besides libtorch/CUDA and the
 #                                   C++ runtime (Open MPI's, and Open MPI's launcher with its
 #                                   plugins) into target/gpu-check/ (about 40 MiB)
-#   bash bench/gpu-check.sh mpi-rehearsal
-#                                   here, as root: the bundled launcher without the system's
 #   bash bench/gpu-check.sh run     on the GPU machine, from the repository root, with
 #                                   target/gpu-check/ copied along and Python's torch 2.11 (CUDA)
 #                                   installed: runs the checks below against that libtorch
+#   bash bench/gpu-check.sh mpi-rehearsal
+#                                   here, as root: the bundled launcher without the system's
 #                                   Open MPI (see mpi_rehearsal)
 #   bash bench/gpu-check.sh         both, on a machine that has everything
 #
