@@ -118,176 +118,88 @@ pub fn measure(
     device: tch::Device,
     comm: &dyn Communicator,
 ) -> anyhow::Result<Value> {
-    let given = Overrides {
-        arch: Some(args.arch),
-        loss: Some(args.loss),
-        batch_size: Some(args.batch_size),
-        lr_max: Some(LR),
-        lr_min: Some(LR),
-        schedule: Some(ScheduleKind::CosineSteps),
-        epochs: Some(1),
-        device: Some(args.device),
-        precision: Some(args.precision),
-        ..Default::default()
-    };
-    let config = RunConfig::resolve(Path::new(""), &given, None)?;
-    let classes: Vec<datasets_prep::manifest::ClassInfo> = (0..args.classes)
-        .map(|i| datasets_prep::manifest::ClassInfo {
-            id: i.to_string(),
-            name: format!("class {i}"),
-        })
-        .collect();
-    let mut net = Network::build(&config, args.channels, &classes, device)?;
-    if args.channels_last.resolve(device) {
-        net.use_channels_last();
-    }
-    let mut opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(&config));
-    let mut dp = DataParallel::new(comm);
-    dp.attach(&opt.params, device, args.bucket_mb as usize);
-    let b = args.batch_size as i64;
-    let batch = Batch {
-        images: Tensor::randn(
-            [b, args.channels, args.size, args.size],
-            (Kind::Float, device),
-        ),
-        labels: Tensor::randint(args.classes as i64, [b], (Kind::Int64, device)),
-    };
-    let global = args.batch_size * dp.world();
-    let settings = StepSettings {
-        device,
-        bf16: config.precision == Precision::Bf16,
-        bn: crate::train::step::BnGroups::PerRank,
-    };
-    let split = dp.world() > 1 && !args.whole_step;
-    let step = |i: usize| StepAt { epoch: 0, step: i };
-    // Whole steps, queued as training queues them: the host reads the totals every
-    // `totals_every` steps and waits only there. Each read ends a timed chunk.
+    let mut bench = Bench::new(args, device, comm)?;
+    let split = bench.dp.world() > 1 && !args.whole_step;
     let totals_every = match args.totals_every {
         0 => crate::train::step_totals::auto_interval(device),
         n => n as usize,
     };
-    let (mut per_step, mut waits, mut queued) = (Vec::new(), 0.0, 0.0);
-    if !split {
-        for i in 0..args.warmup {
-            let totals = train_step(
-                &net,
-                &mut opt,
-                &mut dp,
-                &batch,
-                global,
-                LR,
-                &settings,
-                false,
-                step(i),
-            )?;
-            read_totals(&mut dp, &totals)?;
-        }
-        let mut done = 0;
-        while done < args.steps {
-            let chunk = totals_every.min(args.steps - done);
-            let start = Instant::now();
-            let mut pending = PendingTotals::new(chunk);
-            for i in 0..chunk {
-                let at = step(args.warmup + done + i);
-                let totals = train_step(
-                    &net, &mut opt, &mut dp, &batch, global, LR, &settings, false, at,
-                )?;
-                pending.push(
-                    &totals,
-                    PendingStep {
-                        at,
-                        lr: LR,
-                        images: global,
-                    },
-                );
-            }
-            let wait = Instant::now();
-            dp.wait_for_reduces("bench-step")?;
-            pending.read()?;
-            // The update of the last step is not needed by the read: wait for it too.
-            wait_for(device);
-            waits += wait.elapsed().as_secs_f64();
-            queued += start.elapsed().as_secs_f64();
-            per_step.push(start.elapsed().as_secs_f64() / chunk as f64);
-            done += chunk;
-        }
-    }
-    // The same steps phase by phase, waiting for the device after each (so each phase's time
-    // is its own) and for the other ranks before the all-reduce (so that its time is the
-    // transfer's, not a wait for a slower rank).
-    let mut phases = Phases::default();
-    for i in 0..args.warmup + args.steps {
-        let timed = i >= args.warmup;
-        let start = Instant::now();
-        dp.reset_gradients(&mut opt)?;
-        let loss = forward_backward(&net, &dp, &batch, global, &settings);
-        wait_for(device);
-        let computed = start.elapsed().as_secs_f64();
-        dp.barrier("bench-step barrier")?;
-        let start = Instant::now();
-        let _ = dp.take_sync_seconds();
-        let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), false)?;
-        dp.wait_for_reduces("bench-step")?;
-        let reduced = start.elapsed().as_secs_f64();
-        let call_seconds = dp.take_sync_seconds();
-        let start = Instant::now();
-        let _norm = opt.step_with(LR, grads)?;
-        wait_for(device);
-        let updated = start.elapsed().as_secs_f64();
-        read_totals(&mut dp, &totals)?;
-        if timed {
-            phases.forward_backward.push(computed);
-            phases.all_reduce.push(reduced);
-            phases.all_reduce_calls.push(call_seconds);
-            phases.update.push(updated);
-        }
-    }
-    let ops = count_ops(&net, &mut opt, &mut dp, &batch, global, &settings)?;
-    let median_step = if split {
-        let mut sums: Vec<f64> = (phases.forward_backward.iter())
-            .zip(&phases.update)
-            .map(|(a, b)| a + b)
-            .collect();
-        median(&mut sums)
+    let queued = if split {
+        None
     } else {
-        median(&mut per_step)
+        Some(bench.queued_steps(args, totals_every)?)
     };
+    let mut phases = bench.phases(args)?;
+    let ops = count_ops(&mut bench)?;
+    let median_step = match &queued {
+        Some(q) => median(&mut q.per_step.clone()),
+        None => {
+            let mut sums: Vec<f64> = (phases.forward_backward.iter())
+                .zip(&phases.update)
+                .map(|(a, b)| a + b)
+                .collect();
+            median(&mut sums)
+        }
+    };
+    let world = bench.dp.world();
     let mut report = json!({
         "arch": args.arch,
         "loss": args.loss,
         "batch_size": args.batch_size,
         "image": [args.channels, args.size, args.size],
-        "parameters": net.parameter_count(),
-        "parameter_tensors": opt.params.len(),
+        "parameters": bench.net.parameter_count(),
+        "parameter_tensors": bench.opt.params.len(),
         "threads": tch::get_num_threads(),
         "device": format!("{device:?}"),
         "steps": args.steps,
         "step_seconds_median": median_step,
         // All ranks together: each steps on --batch-size images.
-        "images_per_sec": (args.batch_size * dp.world()) as f64 / median_step,
-        "world_size": dp.world(),
+        "images_per_sec": (args.batch_size * world) as f64 / median_step,
+        "world_size": world,
         "precision": args.precision,
-        "channels_last": net.channels_last,
+        "channels_last": bench.net.channels_last,
         "whole_step": args.whole_step,
         "phase_seconds_median": {
             "forward_backward": median(&mut phases.forward_backward),
-            "all_reduce": (dp.world() > 1).then(|| median(&mut phases.all_reduce)),
+            "all_reduce": (world > 1).then(|| median(&mut phases.all_reduce)),
             "update": median(&mut phases.update),
         },
         "ops_per_step": ops,
     });
-    if !split {
-        report["totals_every"] = json!(totals_every);
-        // The share of the queued steps' time the host spent waiting for the device: near 1
-        // when the device is the bottleneck, near 0 when the host's launches are.
-        report["host_wait_fraction"] = json!(waits / queued);
-    }
-    if split {
-        report["sync_seconds_median"] = json!(self::median(&mut phases.all_reduce));
-        report["allreduce_call_seconds_median"] = json!(self::median(&mut phases.all_reduce_calls));
-        report["sync_floats"] = json!(dp.reduced_floats());
+    match queued {
+        Some(q) => {
+            report["totals_every"] = json!(totals_every);
+            // The share of the queued steps' time the host spent waiting for the device: near
+            // 1 when the device is the bottleneck, near 0 when the host's launches are.
+            report["host_wait_fraction"] = json!(q.waiting / q.total);
+        }
+        None => {
+            report["sync_seconds_median"] = json!(median(&mut phases.all_reduce));
+            report["allreduce_call_seconds_median"] = json!(median(&mut phases.all_reduce_calls));
+            report["sync_floats"] = json!(bench.dp.reduced_floats());
+        }
     }
     Ok(report)
+}
+
+/// What every measurement steps: the model, its optimiser and data parallelism, one batch.
+struct Bench<'c> {
+    net: Network,
+    opt: Sgd,
+    dp: DataParallel<'c>,
+    batch: Batch,
+    /// Images per step over all ranks.
+    global: usize,
+    settings: StepSettings,
+}
+
+/// Whole steps, queued as training queues them.
+struct Queued {
+    /// Seconds per step of each chunk of steps between two reads.
+    per_step: Vec<f64>,
+    /// Seconds the host waited at the reads, and in all.
+    waiting: f64,
+    total: f64,
 }
 
 /// Per-step times of each phase.
@@ -297,6 +209,163 @@ struct Phases {
     all_reduce: Vec<f64>,
     all_reduce_calls: Vec<f64>,
     update: Vec<f64>,
+}
+
+impl<'c> Bench<'c> {
+    fn new(
+        args: &BenchStepArgs,
+        device: Device,
+        comm: &'c dyn Communicator,
+    ) -> anyhow::Result<Self> {
+        let given = Overrides {
+            arch: Some(args.arch),
+            loss: Some(args.loss),
+            batch_size: Some(args.batch_size),
+            lr_max: Some(LR),
+            lr_min: Some(LR),
+            schedule: Some(ScheduleKind::CosineSteps),
+            epochs: Some(1),
+            device: Some(args.device),
+            precision: Some(args.precision),
+            ..Default::default()
+        };
+        let config = RunConfig::resolve(Path::new(""), &given, None)?;
+        let classes: Vec<datasets_prep::manifest::ClassInfo> = (0..args.classes)
+            .map(|i| datasets_prep::manifest::ClassInfo {
+                id: i.to_string(),
+                name: format!("class {i}"),
+            })
+            .collect();
+        let mut net = Network::build(&config, args.channels, &classes, device)?;
+        if args.channels_last.resolve(device) {
+            net.use_channels_last();
+        }
+        let opt = Sgd::new(&net.vs, config.momentum, config.clip_norm, l2_of(&config));
+        let mut dp = DataParallel::new(comm);
+        dp.attach(&opt.params, device, args.bucket_mb as usize);
+        let b = args.batch_size as i64;
+        let batch = Batch {
+            images: Tensor::randn(
+                [b, args.channels, args.size, args.size],
+                (Kind::Float, device),
+            ),
+            labels: Tensor::randint(args.classes as i64, [b], (Kind::Int64, device)),
+        };
+        let global = args.batch_size * dp.world();
+        let settings = StepSettings {
+            device,
+            bf16: config.precision == Precision::Bf16,
+            bn: crate::train::step::BnGroups::PerRank,
+        };
+        Ok(Bench {
+            net,
+            opt,
+            dp,
+            batch,
+            global,
+            settings,
+        })
+    }
+
+    fn step(&mut self, i: usize) -> anyhow::Result<Tensor> {
+        let at = StepAt { epoch: 0, step: i };
+        train_step(
+            &self.net,
+            &mut self.opt,
+            &mut self.dp,
+            &self.batch,
+            self.global,
+            LR,
+            &self.settings,
+            false,
+            at,
+        )
+    }
+
+    /// Whole steps as training runs them: the host reads the totals every `totals_every` steps
+    /// and waits only there; each read ends a timed chunk.
+    fn queued_steps(
+        &mut self,
+        args: &BenchStepArgs,
+        totals_every: usize,
+    ) -> anyhow::Result<Queued> {
+        for i in 0..args.warmup {
+            let totals = self.step(i)?;
+            read_totals(&mut self.dp, &totals)?;
+        }
+        let mut queued = Queued {
+            per_step: Vec::new(),
+            waiting: 0.0,
+            total: 0.0,
+        };
+        let mut done = 0;
+        while done < args.steps {
+            let chunk = totals_every.min(args.steps - done);
+            let start = Instant::now();
+            let mut pending = PendingTotals::new(chunk);
+            for i in 0..chunk {
+                let step = args.warmup + done + i;
+                let totals = self.step(step)?;
+                let at = StepAt { epoch: 0, step };
+                let images = self.global;
+                pending.push(&totals, PendingStep { at, lr: LR, images });
+            }
+            let wait = Instant::now();
+            self.dp.wait_for_reduces("bench-step")?;
+            pending.read()?;
+            // The update of the last step is not needed by the read: wait for it too.
+            wait_for(self.settings.device);
+            queued.waiting += wait.elapsed().as_secs_f64();
+            queued.total += start.elapsed().as_secs_f64();
+            queued
+                .per_step
+                .push(start.elapsed().as_secs_f64() / chunk as f64);
+            done += chunk;
+        }
+        Ok(queued)
+    }
+
+    /// The steps phase by phase, waiting for the device after each (so each phase's time is
+    /// its own) and for the other ranks before the all-reduce (so that its time is the
+    /// transfer's, not a wait for a slower rank).
+    fn phases(&mut self, args: &BenchStepArgs) -> anyhow::Result<Phases> {
+        let device = self.settings.device;
+        let mut phases = Phases::default();
+        for i in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            self.dp.reset_gradients(&mut self.opt)?;
+            let loss = forward_backward(
+                &self.net,
+                &self.dp,
+                &self.batch,
+                self.global,
+                &self.settings,
+            );
+            wait_for(device);
+            let computed = start.elapsed().as_secs_f64();
+            self.dp.barrier("bench-step barrier")?;
+            let start = Instant::now();
+            let _ = self.dp.take_sync_seconds();
+            let (grads, totals) =
+                self.dp
+                    .reduce_gradients(&self.opt.params, loss.as_ref(), false)?;
+            self.dp.wait_for_reduces("bench-step")?;
+            let reduced = start.elapsed().as_secs_f64();
+            let call_seconds = self.dp.take_sync_seconds();
+            let start = Instant::now();
+            let _norm = self.opt.step_with(LR, grads)?;
+            wait_for(device);
+            let updated = start.elapsed().as_secs_f64();
+            read_totals(&mut self.dp, &totals)?;
+            if i >= args.warmup {
+                phases.forward_backward.push(computed);
+                phases.all_reduce.push(reduced);
+                phases.all_reduce_calls.push(call_seconds);
+                phases.update.push(updated);
+            }
+        }
+        Ok(phases)
+    }
 }
 
 /// Waits for the step's all-reduce and reads its totals, as training does at a read.
@@ -310,14 +379,16 @@ fn read_totals(dp: &mut DataParallel, totals: &Tensor) -> anyhow::Result<()> {
 /// existing memory left out: no kernel on a GPU), by phase, and those of the update written as
 /// one operator per parameter and phase (the form before the multi-tensor update), run on
 /// copies of the weights: on a GPU the count is roughly the step's kernel launches.
-fn count_ops(
-    net: &Network,
-    opt: &mut Sgd,
-    dp: &mut DataParallel,
-    batch: &Batch,
-    global: usize,
-    settings: &StepSettings,
-) -> anyhow::Result<Value> {
+fn count_ops(bench: &mut Bench) -> anyhow::Result<Value> {
+    let Bench {
+        net,
+        opt,
+        dp,
+        batch,
+        global,
+        settings,
+    } = bench;
+    let (global, settings) = (*global, &*settings);
     let counter = OpCounter::start()?;
     let mark = || counter.count() - counter.views();
     let start = mark();

@@ -233,6 +233,22 @@ fn bench_helpers_measure_steps_sync_and_loader() {
     let one = parse(&o);
     assert!(one["step_seconds_median"].as_f64().unwrap() > 0.0, "{one}");
     assert_eq!(one["world_size"], 1);
+    // Operators per step: the multi-tensor update as CUDA runs it is a handful whatever the
+    // parameter count; written one operator per parameter it is several per tensor.
+    let ops = &one["ops_per_step"];
+    let count = |k: &str| ops[k].as_u64().unwrap_or_else(|| panic!("{k}: {one}"));
+    let tensors = one["parameter_tensors"].as_u64().unwrap();
+    assert!(tensors > 10, "{one}");
+    assert!(count("update_as_on_cuda") <= 16, "{one}");
+    assert!(count("update_one_op_per_tensor") >= 4 * tensors, "{one}");
+    assert!(count("update") < count("update_one_op_per_tensor"), "{one}");
+    assert!(count("forward_backward") > tensors, "{one}");
+    let phases = &one["phase_seconds_median"];
+    assert!(phases["forward_backward"].as_f64().unwrap() > 0.0, "{one}");
+    assert!(phases["update"].as_f64().unwrap() > 0.0, "{one}");
+    assert!(phases["all_reduce"].is_null(), "{one}");
+    let waited = one["host_wait_fraction"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&waited), "{one}");
     let o = run(
         crate::util::mpirun(2)
             .arg(crate::util::cosine_train_path())
@@ -248,6 +264,10 @@ fn bench_helpers_measure_steps_sync_and_loader() {
         "{two}"
     );
     assert!(two["sync_seconds_median"].as_f64().unwrap() > 0.0);
+    assert!(
+        two["phase_seconds_median"]["all_reduce"].as_f64().unwrap() > 0.0,
+        "{two}"
+    );
 
     let data = crate::training::fashion(10);
     let o = run(

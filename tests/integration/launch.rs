@@ -193,7 +193,11 @@ fn the_gpu_checks_bundled_mpirun_runs_without_the_systems_open_mpi() {
     assert_eq!(lines.len(), 2, "{}", show(&o));
     assert_eq!(lines[0]["all_reduce_exact"], true, "{}", show(&o));
     assert_eq!(lines[1]["world_size"], 2, "{}", show(&o));
-    assert!(out.contains("ran without the system Open MPI"), "{}", show(&o));
+    assert!(
+        out.contains("ran without the system Open MPI"),
+        "{}",
+        show(&o)
+    );
 }
 
 #[test]
