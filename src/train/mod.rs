@@ -490,7 +490,8 @@ impl<'c> Trainer<'c> {
         let evals_left = self.evaluations_from(epoch);
         let steps_after = (self.config.epochs - epoch - 1) * steps;
         let every = self.opts.checkpoint_every;
-        let mut pending = PendingTotals::new(self.opts.totals_every);
+        // Read at the epoch's end anyway: a larger table would only take memory.
+        let mut pending = PendingTotals::new(self.opts.totals_every.min(steps));
         for ((global, batch), step) in globals.iter().zip(loader).zip(first..) {
             let batch = batch?;
             let global_step = self.at.global_step + pending.len() as u64 + 1;
