@@ -69,6 +69,7 @@ thread_local int depth = 0;
 thread_local int64_t outer_ops_here = 0;
 std::mutex counter_lock;
 std::optional<at::CallbackHandle> counter;
+int counters_alive = 0;  // under counter_lock: the callback goes when the last counter does
 
 bool is_view_only(const char *name) {
   static const std::unordered_set<std::string_view> views = {
@@ -163,15 +164,18 @@ char *cosine_foreach_sub_list_(at::Tensor **a, at::Tensor **b, int64_t n) {
   return guarded([&] { at::_foreach_sub_(list(a, n), list(b, n)); });
 }
 
-// Starts (on != 0) or stops counting dispatched operators. Counting slows every operator a
-// little: it is for benchmarks, not training.
+// A counter starts (on != 0) or ends: operators are counted while any counter lives. Counting
+// slows every operator a little: it is for benchmarks, not training.
 char *cosine_count_ops(int on) {
   return guarded([&] {
     std::lock_guard<std::mutex> guard(counter_lock);
-    if (on != 0 && !counter) {
-      counter = at::addGlobalCallback(
-          at::RecordFunctionCallback(op_started, op_ended).scopes({at::RecordScope::FUNCTION}));
-    } else if (on == 0 && counter) {
+    if (on != 0) {
+      if (!counter) {
+        counter = at::addGlobalCallback(
+            at::RecordFunctionCallback(op_started, op_ended).scopes({at::RecordScope::FUNCTION}));
+      }
+      ++counters_alive;
+    } else if (counters_alive > 0 && --counters_alive == 0 && counter) {
       at::removeCallback(*counter);
       counter.reset();
     }

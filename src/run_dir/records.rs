@@ -71,7 +71,8 @@ pub struct EpochMetrics {
     /// Seconds of this epoch's evaluation (BatchNorm statistics included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_seconds: Option<f64>,
-    /// Seconds in gradient all-reduce calls (multi-rank runs).
+    /// Seconds in gradient all-reduce calls (multi-rank runs); on NCCL, whose all-reduces are
+    /// queued on the GPU, also the host's waits for the queued steps at each read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_seconds: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

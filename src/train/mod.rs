@@ -483,7 +483,9 @@ impl<'c> Trainer<'c> {
         let schedule = self.config.schedule;
         let epochs = self.config.epochs;
         let lr_at = |step| schedule.lr_at(epoch, step, steps, epochs);
-        let mut lr = lr_at(first);
+        // The rate of the epoch's last step, also when a resume finds every step done (a stop
+        // read at the epoch's end).
+        let mut lr = lr_at(first.min(steps.saturating_sub(1)));
         let loader = self.data.train.start_plan(epoch as u64, order, plan, true);
         let mut last_read = Instant::now();
         // The same for every step of the epoch.

@@ -225,6 +225,29 @@ fn step_totals_read_every_few_steps_change_no_result_only_when_a_stop_is_seen() 
     );
     assert!(o.status.success(), "{}", show(&o));
     assert_same_run(&out, &reference);
+
+    // A stop read at an epoch's end (signal before step 6, reads after steps 5 and 8): the
+    // resumed run has no step of that epoch left, and still records the epoch's last rate
+    // (a rate that changes every step shows it).
+    let per_step = [&every_3[..], &["--schedule", "cosine-steps"]].concat();
+    let reference = tmp.path().join("per-step-rates");
+    let o = train_ranks(0, &data(), &reference, &per_step);
+    assert!(o.status.success(), "{}", show(&o));
+    let out = tmp.path().join("stopped-at-epoch-end");
+    let o = with_fault(0, &out, "rank=0,step=6,kind=signal", &per_step[RUN.len()..]);
+    assert_eq!(o.status.code(), Some(75), "{}", show(&o));
+    assert!(
+        out.join("checkpoints/step-000000000008/state.json")
+            .is_file()
+    );
+    let o = train_ranks(
+        0,
+        &data(),
+        &out,
+        &[&per_step[..], &["--resume", "auto"]].concat(),
+    );
+    assert!(o.status.success(), "{}", show(&o));
+    assert_same_run(&out, &reference);
 }
 
 /// Ctrl-C (SIGINT) checkpoints like SIGTERM but exits 130; `--resume` with nothing but the run
