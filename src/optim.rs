@@ -108,11 +108,13 @@ impl Sgd {
     }
 
     /// One update at learning rate `lr` from `grads` (one per parameter, in order; e.g. summed
-    /// across ranks). L2 is added, then the global norm is clipped. Returns the norm before
-    /// clipping (not computed without a limit), as a 0-dim tensor on the parameters' device
-    /// (reading it is a synchronisation only where the caller wants the number). Each phase is one multi-tensor op over all
+    /// across ranks), which it consumes: they are scaled in place. L2 is added, then the
+    /// global norm is clipped. Returns the norm before clipping (not computed without a
+    /// limit), as a 0-dim tensor on the parameters' device (reading it is a synchronisation
+    /// only where the caller wants the number). Each phase is one multi-tensor op over all
     /// parameters (a handful of kernel launches per step on CUDA instead of four per
-    /// parameter), computing exactly what the per-parameter expressions in the comments compute.
+    /// parameter), computing exactly what the per-parameter expressions in the comments
+    /// compute.
     pub fn step_with(&mut self, lr: f64, grads: Vec<Tensor>) -> Result<Option<Tensor>, ShimError> {
         assert_eq!(grads.len(), self.params.len(), "one gradient per parameter");
         tch::no_grad(|| {
@@ -147,15 +149,14 @@ impl Sgd {
                     Some(Tensor::stack(&squares, 0).sum(Kind::Float).sqrt())
                 }
             };
-            let steps = match (&norm, self.clip_norm) {
+            // g = g * (lr scale), in place: one pass over the gradients, no copy of them.
+            match (&norm, self.clip_norm) {
                 (Some(norm), Some(limit)) if self.clip_on_device => {
-                    // g * lr, then * limit / max(norm, limit): exactly 1 below the limit
-                    // (limit / limit), and 1 for a NaN norm, as on the host.
-                    let steps = foreach::mul_scalar(&grads, lr)?;
+                    // scale = limit / max(norm, limit): exactly 1 below the limit (limit /
+                    // limit), and 1 for a NaN norm, as on the host.
                     let limit_t = Tensor::full([] as [i64; 0], limit, (Kind::Float, norm.device()));
-                    let factor = (limit_t / norm.clamp_min(limit)).nan_to_num(1.0, None, None);
-                    foreach::mul_tensor_(&steps, &factor)?;
-                    steps
+                    let scale = (limit_t / norm.clamp_min(limit)).nan_to_num(1.0, None, None);
+                    foreach::mul_tensor_(&grads, &(scale * lr))?;
                 }
                 (Some(norm), Some(limit)) => {
                     let host_norm = f64::try_from(norm).unwrap_or(f64::NAN);
@@ -164,11 +165,11 @@ impl Sgd {
                     } else {
                         1.0
                     };
-                    foreach::mul_scalar(&grads, lr * scale)?
+                    foreach::mul_scalar_(&grads, lr * scale)?;
                 }
-                _ => foreach::mul_scalar(&grads, lr)?,
-            };
-            // v = v * momentum; v = v - g * (lr scale); w = w + v.
+                _ => foreach::mul_scalar_(&grads, lr)?,
+            }
+            // v = v * momentum; v = v - g; w = w + v.
             let velocities: Vec<Tensor> = (self.params.iter())
                 .map(|p| p.velocity.shallow_clone())
                 .collect();
@@ -176,7 +177,7 @@ impl Sgd {
                 .map(|p| p.tensor.shallow_clone())
                 .collect();
             foreach::mul_scalar_(&velocities, self.momentum)?;
-            foreach::sub_(&velocities, &steps)?;
+            foreach::sub_(&velocities, &grads)?;
             foreach::add_(&weights, &velocities)?;
             Ok(norm)
         })
