@@ -120,17 +120,14 @@ pub fn measure(
 ) -> anyhow::Result<Value> {
     let mut bench = Bench::new(args, device, comm)?;
     let split = bench.dp.world() > 1 && !args.whole_step;
-    let totals_every = match args.totals_every {
-        0 => crate::train::step_totals::auto_interval(device),
-        n => n as usize,
-    };
+    let totals_every = crate::train::step_totals::interval(args.totals_every, device);
     let queued = if split {
         None
     } else {
         Some(bench.queued_steps(args, totals_every)?)
     };
     let mut phases = bench.phases(args)?;
-    let ops = count_ops(&mut bench)?;
+    let ops = bench.count_ops()?;
     let median_step = match &queued {
         Some(q) => median(&mut q.per_step.clone()),
         None => {
@@ -366,6 +363,53 @@ impl<'c> Bench<'c> {
         }
         Ok(phases)
     }
+
+    /// The operators libtorch dispatches in one step that compute (views and new handles of
+    /// existing memory left out: no kernel on a GPU), by phase, and those of the update written
+    /// as one operator per parameter and phase (the form before the multi-tensor update), run
+    /// on copies of the weights: on a GPU the count is roughly the step's kernel launches.
+    fn count_ops(&mut self) -> anyhow::Result<Value> {
+        let counter = OpCounter::start()?;
+        let mark = || counter.count() - counter.views();
+        let start = mark();
+        let views = counter.views();
+        self.dp.reset_gradients(&mut self.opt)?;
+        let loss = forward_backward(
+            &self.net,
+            &self.dp,
+            &self.batch,
+            self.global,
+            &self.settings,
+        );
+        let computed = mark();
+        let (grads, totals) = (self.dp).reduce_gradients(&self.opt.params, loss.as_ref(), false)?;
+        let reduced = mark();
+        let copies: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+        let more_copies: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
+        let before = mark();
+        let _norm = self.opt.step_with(LR, grads)?;
+        let updated = mark();
+        let views = counter.views() - views;
+        read_totals(&mut self.dp, &totals)?;
+        let baseline = per_tensor_update(&self.opt, copies, &counter);
+        // The update as CUDA runs it (the clip factor computed on the device), whatever this
+        // device is; it changes the weights, which nothing reads after this.
+        let on_device = self.opt.clip_on_device;
+        self.opt.clip_on_device = true;
+        let start_device = mark();
+        let _norm = self.opt.step_with(LR, more_copies)?;
+        let device_form = mark() - start_device;
+        self.opt.clip_on_device = on_device;
+        Ok(json!({
+            "forward_backward": computed - start,
+            "gradient_sync": reduced - computed,
+            "update": updated - before,
+            "total": updated - before + reduced - start,
+            "update_as_on_cuda": device_form,
+            "update_one_op_per_tensor": baseline,
+            "views_and_handles": views,
+        }))
+    }
 }
 
 /// Waits for the step's all-reduce and reads its totals, as training does at a read.
@@ -373,56 +417,6 @@ fn read_totals(dp: &mut DataParallel, totals: &Tensor) -> anyhow::Result<()> {
     dp.wait_for_reduces("bench-step")?;
     let _ = Vec::<f32>::try_from(totals.to_device(Device::Cpu))?;
     Ok(())
-}
-
-/// The operators libtorch dispatches in one step that compute (views and new handles of
-/// existing memory left out: no kernel on a GPU), by phase, and those of the update written as
-/// one operator per parameter and phase (the form before the multi-tensor update), run on
-/// copies of the weights: on a GPU the count is roughly the step's kernel launches.
-fn count_ops(bench: &mut Bench) -> anyhow::Result<Value> {
-    let Bench {
-        net,
-        opt,
-        dp,
-        batch,
-        global,
-        settings,
-    } = bench;
-    let (global, settings) = (*global, &*settings);
-    let counter = OpCounter::start()?;
-    let mark = || counter.count() - counter.views();
-    let start = mark();
-    let views = counter.views();
-    dp.reset_gradients(opt)?;
-    let loss = forward_backward(net, dp, batch, global, settings);
-    let computed = mark();
-    let (grads, totals) = dp.reduce_gradients(&opt.params, loss.as_ref(), false)?;
-    let reduced = mark();
-    let copies: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
-    let more_copies: Vec<Tensor> = grads.iter().map(Tensor::copy).collect();
-    let before = mark();
-    let _norm = opt.step_with(LR, grads)?;
-    let updated = mark();
-    let views = counter.views() - views;
-    read_totals(dp, &totals)?;
-    let baseline = per_tensor_update(opt, copies, &counter);
-    // The update as CUDA runs it (the clip factor computed on the device), whatever this
-    // device is; it changes the weights, which nothing reads after this.
-    let on_device = opt.clip_on_device;
-    opt.clip_on_device = true;
-    let start_device = mark();
-    let _norm = opt.step_with(LR, more_copies)?;
-    let device_form = mark() - start_device;
-    opt.clip_on_device = on_device;
-    Ok(json!({
-        "forward_backward": computed - start,
-        "gradient_sync": reduced - computed,
-        "update": updated - before,
-        "total": updated - before + reduced - start,
-        "update_as_on_cuda": device_form,
-        "update_one_op_per_tensor": baseline,
-        "views_and_handles": views,
-    }))
 }
 
 /// Counts the update of `opt` from `grads` done one parameter at a time (zero_grad, L2, norm,

@@ -356,10 +356,7 @@ pub fn train_in(job: &Job, args: &TrainArgs, config: RunConfig) -> anyhow::Resul
         bucket_mb: args.bucket_mb as usize,
         checkpoint_every: args.checkpoint_every,
         keep_checkpoints: args.keep_checkpoints as usize,
-        totals_every: match args.totals_every {
-            0 => crate::train::step_totals::auto_interval(job.device),
-            n => n as usize,
-        },
+        totals_every: crate::train::step_totals::interval(args.totals_every, job.device),
         resume: args.resume.clone(),
         channels_last: args.channels_last.resolve(job.device),
     };

@@ -105,11 +105,16 @@ impl PendingTotals {
     }
 }
 
-/// Steps between reads when `--totals-every` is 0 (auto): every step on the CPU, where reading
-/// costs nothing; on a GPU enough to keep the host well ahead of the device (a stop request or
-/// a non-finite loss is then acted on at most this many steps later).
-pub fn auto_interval(device: Device) -> usize {
-    if device.is_cuda() { 16 } else { 1 }
+/// Steps between reads for `--totals-every requested`: as asked, or with 0 (auto) every step
+/// on the CPU, where reading costs nothing, and on a GPU enough to keep the host well ahead of
+/// the device (a stop request or a non-finite loss is then acted on at most this many steps
+/// later).
+pub fn interval(requested: u32, device: Device) -> usize {
+    match requested {
+        0 if device.is_cuda() => 16,
+        0 => 1,
+        n => n as usize,
+    }
 }
 
 #[cfg(test)]
