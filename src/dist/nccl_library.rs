@@ -123,6 +123,20 @@ pub fn open_first(candidates: &[OsString]) -> std::result::Result<NcclLibrary, S
     ))
 }
 
+/// The function `name` (NUL-terminated) of `library`, as a `T`.
+///
+/// # Safety
+/// `T` must be the function's exact signature.
+unsafe fn symbol<T: Copy>(
+    library: &libloading::Library,
+    name: &[u8],
+) -> std::result::Result<T, String> {
+    // SAFETY: the caller vouches for `T`.
+    unsafe { library.get::<T>(name) }
+        .map(|s| *s)
+        .map_err(|e| e.to_string())
+}
+
 fn open(candidate: &OsString) -> std::result::Result<NcclLibrary, String> {
     // SAFETY: loading libnccl runs only its initialisers, which set up no process state that
     // outlives a failed symbol lookup.
@@ -130,23 +144,13 @@ fn open(candidate: &OsString) -> std::result::Result<NcclLibrary, String> {
     // SAFETY: each symbol is NCCL's C entry point with exactly the signature declared above
     // (nccl.h, 2.x); the pointers stay valid because `library` is kept in the result.
     unsafe {
-        let get_version: GetVersion = *library
-            .get(b"ncclGetVersion\0")
-            .map_err(|e| e.to_string())?;
-        let get_unique_id: GetUniqueId = *library
-            .get(b"ncclGetUniqueId\0")
-            .map_err(|e| e.to_string())?;
-        let comm_init_rank: CommInitRank = *library
-            .get(b"ncclCommInitRank\0")
-            .map_err(|e| e.to_string())?;
-        let all_reduce: AllReduce = *library.get(b"ncclAllReduce\0").map_err(|e| e.to_string())?;
-        let comm_abort: CommFree = *library.get(b"ncclCommAbort\0").map_err(|e| e.to_string())?;
-        let comm_destroy: CommFree = *library
-            .get(b"ncclCommDestroy\0")
-            .map_err(|e| e.to_string())?;
-        let get_error_string: GetErrorString = *library
-            .get(b"ncclGetErrorString\0")
-            .map_err(|e| e.to_string())?;
+        let get_version: GetVersion = symbol(&library, b"ncclGetVersion\0")?;
+        let get_unique_id: GetUniqueId = symbol(&library, b"ncclGetUniqueId\0")?;
+        let comm_init_rank: CommInitRank = symbol(&library, b"ncclCommInitRank\0")?;
+        let all_reduce: AllReduce = symbol(&library, b"ncclAllReduce\0")?;
+        let comm_abort: CommFree = symbol(&library, b"ncclCommAbort\0")?;
+        let comm_destroy: CommFree = symbol(&library, b"ncclCommDestroy\0")?;
+        let get_error_string: GetErrorString = symbol(&library, b"ncclGetErrorString\0")?;
         Ok(NcclLibrary {
             origin: candidate.to_string_lossy().into_owned(),
             get_version,
