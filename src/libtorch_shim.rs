@@ -192,24 +192,27 @@ pub fn add(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
 
 /// `a[i].add_(b[i])` for each pair.
 pub fn add_(a: &[Tensor], b: &[Tensor]) -> Result<()> {
-    assert_eq!(a.len(), b.len(), "lists of equal length");
-    if a.is_empty() {
-        return Ok(());
-    }
-    let (ha, hb) = (handles(a), handles(b));
-    // SAFETY: as in `zero_`.
-    check(unsafe { cosine_foreach_add_list_(ha.as_ptr(), hb.as_ptr(), ha.len() as i64) })
+    in_place_pairs(a, b, cosine_foreach_add_list_)
 }
 
 /// `a[i].sub_(b[i])` for each pair.
 pub fn sub_(a: &[Tensor], b: &[Tensor]) -> Result<()> {
+    in_place_pairs(a, b, cosine_foreach_sub_list_)
+}
+
+/// Runs the shim's in-place list-list `op` on `a` and `b`.
+fn in_place_pairs(
+    a: &[Tensor],
+    b: &[Tensor],
+    op: unsafe extern "C" fn(*const *mut C_tensor, *const *mut C_tensor, i64) -> *mut c_char,
+) -> Result<()> {
     assert_eq!(a.len(), b.len(), "lists of equal length");
     if a.is_empty() {
-        return Ok(());
+        return Ok(()); // libtorch refuses empty lists
     }
     let (ha, hb) = (handles(a), handles(b));
-    // SAFETY: as in `zero_`.
-    check(unsafe { cosine_foreach_sub_list_(ha.as_ptr(), hb.as_ptr(), ha.len() as i64) })
+    // SAFETY: `ha` and `hb` hold live handles, as many as `op` is told, for the call.
+    check(unsafe { op(ha.as_ptr(), hb.as_ptr(), ha.len() as i64) })
 }
 
 /// Leaves each tensor without a gradient, so that backward stores the next one instead of
