@@ -222,6 +222,7 @@ pub struct Connection {
 /// then the device of the local rank (`--device cuda` = GPU `local_rank`), then NCCL on that
 /// GPU when the backend is NCCL. Works the same under `mpirun`, `srun` and as a plain process
 /// (an MPI singleton).
+///
 /// Creating an NCCL communicator that has not finished within `join_timeout` (a rank failed to
 /// join) ends the job; zero waits forever.
 pub fn connect(

@@ -30,7 +30,7 @@ pub struct GradSync {
 }
 
 /// Slots after the gradients: the global-batch loss, and how many ranks want to stop.
-pub const EXTRA: i64 = 2;
+const EXTRA: i64 = 2;
 
 impl GradSync {
     pub fn new(
@@ -212,7 +212,7 @@ impl GradSync {
 
 /// Elements per all-reduce call: MPI counts are C ints, so large buffers go in pieces of
 /// `--bucket-mb`; NCCL counts are size_t, so it takes the whole buffer in one call (each call
-/// is a launch, and the CUDA backend waits for each).
+/// is a launch).
 fn bucket_elements(backend: Backend, bucket_mb: usize, total: i64) -> i64 {
     match backend {
         Backend::Nccl => total.max(1),

@@ -551,23 +551,20 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
     );
 
     // A non-finite loss stops the run, naming epoch and step, and keeps what was written.
+    let diverging = [
+        "--loss",
+        "ce",
+        "--lr-max",
+        "1e30",
+        "--clip-norm",
+        "0",
+        "--epochs",
+        "3",
+        "--threads",
+        "1",
+    ];
     let nan = tmp.path().join("nan");
-    let o = train(
-        &data,
-        &nan,
-        &[
-            "--loss",
-            "ce",
-            "--lr-max",
-            "1e30",
-            "--clip-norm",
-            "0",
-            "--epochs",
-            "3",
-            "--threads",
-            "1",
-        ],
-    );
+    let o = train(&data, &nan, &diverging);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let err = stderr(&o);
     assert!(
@@ -587,20 +584,7 @@ fn bad_options_and_data_are_refused_with_the_valid_choices() {
     let o = train(
         &data,
         &tmp.path().join("nan-every-4"),
-        &[
-            "--loss",
-            "ce",
-            "--lr-max",
-            "1e30",
-            "--clip-norm",
-            "0",
-            "--epochs",
-            "3",
-            "--threads",
-            "1",
-            "--totals-every",
-            "4",
-        ],
+        &[&diverging[..], &["--totals-every", "4"]].concat(),
     );
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     let late = stderr(&o);
