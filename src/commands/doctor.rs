@@ -52,6 +52,7 @@ pub struct EnvReport {
 pub fn collect() -> EnvReport {
     let cuda_available = tch::Cuda::is_available();
     let libtorch_dir = crate::runtime::libraries::loaded_libtorch_dir();
+    let nccl_library = crate::dist::nccl::library_origin();
     EnvReport {
         cosine_train_version: env!("CARGO_PKG_VERSION"),
         git_revision: env!("COSINE_GIT_REVISION"),
@@ -68,8 +69,8 @@ pub fn collect() -> EnvReport {
         cudnn_version: (cuda_available && tch::Cuda::cudnn_is_available())
             .then(tch::utils::version_cudnn),
         mpi_library: crate::dist::mpi::library_version(),
-        nccl_loadable: crate::dist::nccl::library_origin().is_some(),
-        nccl_library: crate::dist::nccl::library_origin(),
+        nccl_loadable: nccl_library.is_some(),
+        nccl_library,
         nccl_version: crate::dist::nccl::library_version(),
         nccl_unavailable_reason: crate::dist::nccl::unavailable_reason(),
         torch_threads: tch::get_num_threads(),
